@@ -1,0 +1,1 @@
+"""Inferencing layer: chat and embedding models behind one contract (see ``contracts``)."""

@@ -1,0 +1,174 @@
+"""Public contract of the inferencing layer.
+
+Callers (the intelligence layer) import only this module. Every model call goes
+through a :class:`ChatModel`; providers live in ``inferencing.providers`` and
+are wired by the composition root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call requested by the model. ``arguments`` is the raw JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """A function the model may call: name, description and JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class GroundingDocument:
+    """A source the answer may cite as ``[ref]``.
+
+    The intelligence layer also renders these into the prompt for generative
+    models; answerers that need no model (the extractive one) read them here.
+    """
+
+    ref: int
+    title: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: Sequence[ChatMessage]
+    tools: Sequence[ToolDefinition] = ()
+    documents: Sequence[GroundingDocument] = ()
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResponse:
+    message: ChatMessage
+    finish_reason: str
+    model: str
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDelta:
+    """One piece of a streamed answer.
+
+    ``content`` carries text as it arrives. Tool calls are delivered whole, once
+    the model has finished them, in a delta of their own. The last delta has a
+    ``finish_reason`` and, where the provider reports it, ``usage``.
+    """
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCapabilities:
+    streaming: bool = True
+    tool_calls: bool = False
+    json_schema: bool = False
+    generative: bool = True
+    """False for answerers that only extract from the grounding documents."""
+
+
+class InferenceCaller(Protocol):
+    """What inferencing needs to know of the caller (quotas, metering)."""
+
+    @property
+    def tenant_id(self) -> str: ...
+
+    @property
+    def user_id(self) -> str: ...
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """A chat model, local or remote. Implementations never leak raw provider errors:
+    they raise :class:`InferenceError` subclasses."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> ModelCapabilities: ...
+
+    async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse: ...
+
+    def stream(self, request: ChatRequest, caller: InferenceCaller) -> AsyncIterator[ChatDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- errors ------------------------------------------------------------------
+
+
+@dataclass
+class InferenceError(Exception):
+    """Base of every inferencing failure. ``message`` is safe to show a user."""
+
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProviderUnavailable(InferenceError):
+    """The provider failed or could not be reached (5xx, connection error)."""
+
+
+@dataclass
+class ProviderRateLimited(InferenceError):
+    retry_after_s: float | None = None
+
+
+class ProviderTimeout(InferenceError):
+    """The provider did not answer in time."""
+
+
+class StreamInterrupted(InferenceError):
+    """The provider's stream broke after it had started."""
+
+
+class InvalidModelRequest(InferenceError):
+    """The provider refused the request as malformed or too long."""
+
+
+class ProviderAuthenticationFailed(InferenceError):
+    """Credentials for the provider were missing or refused."""

@@ -1,0 +1,1 @@
+"""Intelligence layer: orchestrator, planning, conversations and prompts (see ``contracts``)."""

@@ -1,0 +1,315 @@
+"""Public contract of the intelligence layer.
+
+The client API talks to an :class:`Assistant` and a :class:`ConversationStore`
+and passes a :class:`Principal` explicitly on every call. A ``Principal``
+satisfies each lower layer's caller protocol (knowledge, tools, inferencing),
+so the same identity travels all the way down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+from inferencing.contracts import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The authenticated caller. Built at the edge, never looked up from a global."""
+
+    tenant_id: str
+    user_id: str
+    groups: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    name: str | None = None
+
+
+# --- plans ---------------------------------------------------------------------
+
+
+class StepKind(StrEnum):
+    RETRIEVE = "retrieve"
+    CALL_TOOL = "call_tool"
+    ANSWER = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    id: str
+    kind: StepKind
+    description: str
+    query: str | None = None
+    tool: str | None = None
+    arguments: Mapping[str, Any] | None = None
+    tool_call_id: str | None = None
+    """The model's id for this call, when a model planned it (echoed back with the result)."""
+    depends_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    steps: tuple[PlanStep, ...]
+    planner: str
+    """Which planner produced the plan: ``deterministic`` or ``model:<name>``."""
+    rationale: str = ""
+
+
+class StepStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    REFUSED = "refused"
+    NEEDS_APPROVAL = "needs_approval"
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    step_id: str
+    status: StepStatus
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class Citation:
+    ref: int
+    chunk_id: str
+    document_id: str
+    source: str
+    title: str
+    snippet: str
+    page: int | None = None
+    section: str | None = None
+
+
+class PlanningContext(Protocol):
+    """What a planner is given: the question, the recent history, the caller."""
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def history(self) -> Sequence[ConversationMessage]: ...
+
+    @property
+    def principal(self) -> Principal: ...
+
+
+class Planner(Protocol):
+    async def plan(self, context: PlanningContext) -> Plan: ...
+
+
+# --- conversations ------------------------------------------------------------
+
+
+class MessageStatus(StrEnum):
+    COMPLETE = "complete"
+    STREAMING = "streaming"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationMessage:
+    id: str
+    conversation_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    created_at: datetime
+    status: MessageStatus = MessageStatus.COMPLETE
+    citations: tuple[Citation, ...] = ()
+    plan: Plan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    tenant_id: str
+    user_id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    items: tuple[Conversation, ...]
+    next_cursor: str | None = None
+
+
+class ConversationStore(Protocol):
+    """Conversations scoped to (tenant, user). A caller never reads, lists or deletes
+    another user's conversation: such a lookup behaves as if it did not exist."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(self, principal: Principal, title: str) -> Conversation: ...
+
+    async def get(self, principal: Principal, conversation_id: str) -> Conversation | None: ...
+
+    async def list_conversations(
+        self, principal: Principal, *, limit: int = 20, cursor: str | None = None
+    ) -> ConversationPage: ...
+
+    async def delete(self, principal: Principal, conversation_id: str) -> bool: ...
+
+    async def add_message(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        role: Literal["user", "assistant"],
+        content: str,
+        *,
+        status: MessageStatus = MessageStatus.COMPLETE,
+    ) -> ConversationMessage: ...
+
+    async def finish_message(
+        self,
+        principal: Principal,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+        *,
+        citations: Sequence[Citation] = (),
+        plan: Plan | None = None,
+    ) -> None: ...
+
+    async def messages(
+        self, principal: Principal, conversation_id: str, *, last: int | None = None
+    ) -> list[ConversationMessage]: ...
+
+
+# --- audit ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    event: str
+    tenant_id: str
+    user_id: str
+    correlation_id: str | None
+    data: Mapping[str, Any]
+    at: datetime
+
+
+class AuditLog(Protocol):
+    """Append-only record of who asked what, with which plan and sources."""
+
+    async def append(self, record: AuditRecord) -> None: ...
+
+
+# --- turns ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    message: str
+    conversation_id: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanEvent:
+    plan: Plan
+    type: Literal["plan"] = "plan"
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    step: PlanStep
+    outcome: StepOutcome | None = None
+    """``None`` when the step starts; set when it ends."""
+    type: Literal["step"] = "step"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDelta:
+    text: str
+    type: Literal["delta"] = "delta"
+
+
+@dataclass(frozen=True, slots=True)
+class CitationsEvent:
+    citations: tuple[Citation, ...]
+    type: Literal["citations"] = "citations"
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    conversation_id: str
+    message_id: str
+    usage: Usage | None = None
+    type: Literal["done"] = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    code: str
+    message: str
+    retryable: bool = False
+    type: Literal["error"] = "error"
+
+
+TurnEvent = PlanEvent | StepEvent | AnswerDelta | CitationsEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(frozen=True, slots=True)
+class StartedTurn:
+    """A turn whose user message is already durable; ``events`` streams the answer."""
+
+    conversation_id: str
+    user_message_id: str
+    events: AsyncGenerator[TurnEvent, None]
+    """Close it (``aclose``) to abandon the turn; what was answered so far is kept."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    conversation_id: str
+    message_id: str
+    answer: str
+    citations: tuple[Citation, ...]
+    plan: Plan
+    steps: tuple[StepOutcome, ...] = field(default=())
+    usage: Usage | None = None
+
+
+class Assistant(Protocol):
+    async def start_turn(self, request: TurnRequest, principal: Principal) -> StartedTurn:
+        """Validate the input and persist the user message, then return the event stream.
+
+        Raises :class:`IntelligenceError` before anything streams."""
+        ...
+
+    async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
+        """The same turn, collected into one result."""
+        ...
+
+
+# --- errors ---------------------------------------------------------------------
+
+
+@dataclass
+class IntelligenceError(Exception):
+    """Base of intelligence failures; ``message`` is safe to show a user."""
+
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConversationNotFound(IntelligenceError):
+    pass
+
+
+class InputRejected(IntelligenceError):
+    """The message is empty, too long, or fails an input check."""
+
+
+class AnswerFailed(IntelligenceError):
+    """The turn could not be answered (model or retrieval failure after retries)."""

@@ -1,0 +1,1 @@
+"""Knowledge layer: ingestion, index backends and security-trimmed retrieval (see ``contracts``)."""
