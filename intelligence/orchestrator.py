@@ -1,0 +1,483 @@
+"""The orchestrator: plan a turn, execute its steps with the caller's identity, answer.
+
+It sees only the lower layers' contracts: a security-trimmed ``Retriever``, a
+policy-wrapped ``Toolset`` and a ``ChatModel``. The user's message is durable
+before anything streams; the answer is persisted when the stream ends, as
+complete, interrupted or failed, and never silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from inferencing.contracts import (
+    ChatDelta,
+    ChatMessage,
+    ChatModel,
+    ChatRequest,
+    GroundingDocument,
+    InferenceError,
+    Role,
+    ToolCall,
+    Usage,
+)
+from intelligence.contracts import (
+    AnswerDelta,
+    AnswerFailed,
+    AuditLog,
+    AuditRecord,
+    Citation,
+    CitationsEvent,
+    ConversationMessage,
+    ConversationNotFound,
+    ConversationStore,
+    DoneEvent,
+    ErrorEvent,
+    InputRejected,
+    MessageStatus,
+    Plan,
+    PlanEvent,
+    Planner,
+    PlanStep,
+    Principal,
+    StartedTurn,
+    StepEvent,
+    StepKind,
+    StepOutcome,
+    StepStatus,
+    TurnEvent,
+    TurnRequest,
+    TurnResult,
+)
+from intelligence.prompts import Prompt, PromptLibrary
+from intelligence.settings import IntelligenceSettings
+from knowledge.contracts import KnowledgeError, RetrievalQuery, RetrievedPassage, Retriever
+from tools.contracts import (
+    InvalidToolArguments,
+    ToolApprovalRequired,
+    ToolError,
+    ToolPermissionDenied,
+    Toolset,
+    UnknownTool,
+)
+
+log = logging.getLogger(__name__)
+
+_CITATION = re.compile(r"\[(\d{1,3})\]")
+_SNIPPET_CHARS = 280
+
+
+@dataclass(frozen=True, slots=True)
+class _PlanningContext:
+    question: str
+    history: Sequence[ConversationMessage]
+    principal: Principal
+
+
+@dataclass
+class _Execution:
+    """What the steps produced, gathered for the answer."""
+
+    passages: list[RetrievedPassage] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ChatMessage] = field(default_factory=list)
+    outcomes: list[StepOutcome] = field(default_factory=list)
+    trimmed: int = 0
+    indexes: set[str] = field(default_factory=set)
+
+
+class Orchestrator:
+    """Implements :class:`intelligence.contracts.Assistant`."""
+
+    def __init__(
+        self,
+        *,
+        retriever: Retriever,
+        toolset: Toolset,
+        chat_model: ChatModel,
+        planner: Planner,
+        conversations: ConversationStore,
+        audit: AuditLog,
+        prompts: PromptLibrary,
+        settings: IntelligenceSettings,
+        top_k: int = 5,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        assistant_name: str = "Lamina",
+    ) -> None:
+        self._retriever = retriever
+        self._toolset = toolset
+        self._model = chat_model
+        self._planner = planner
+        self._conversations = conversations
+        self._audit = audit
+        self._prompts = prompts
+        self._settings = settings
+        self._top_k = top_k
+        self._max_output_tokens = max_output_tokens
+        self._temperature = temperature
+        self._assistant_name = assistant_name
+        self._answer_prompt: Prompt = prompts.get(settings.answer_prompt)
+
+    # --- public API ----------------------------------------------------------
+
+    async def start_turn(self, request: TurnRequest, principal: Principal) -> StartedTurn:
+        question = request.message.strip()
+        if not question:
+            raise InputRejected("The message is empty.")
+        if len(question) > self._settings.max_message_chars:
+            raise InputRejected(
+                f"The message is {len(question)} characters long; "
+                f"the limit is {self._settings.max_message_chars}."
+            )
+        if request.conversation_id is None:
+            conversation = await self._conversations.create(principal, _title_from(question))
+        else:
+            found = await self._conversations.get(principal, request.conversation_id)
+            if found is None:
+                raise ConversationNotFound("No such conversation.")
+            conversation = found
+        history = await self._conversations.messages(
+            principal, conversation.id, last=self._settings.history_turns
+        )
+        user_message = await self._conversations.add_message(
+            principal, conversation.id, "user", question
+        )
+        events = self._run(conversation.id, question, history, principal, request.correlation_id)
+        return StartedTurn(conversation.id, user_message.id, events)
+
+    async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
+        started = await self.start_turn(request, principal)
+        parts: list[str] = []
+        plan: Plan | None = None
+        citations: tuple[Citation, ...] = ()
+        outcomes: list[StepOutcome] = []
+        async with aclosing(started.events) as events:
+            async for event in events:
+                match event:
+                    case PlanEvent():
+                        plan = event.plan
+                    case StepEvent(outcome=StepOutcome() as outcome):
+                        outcomes.append(outcome)
+                    case AnswerDelta():
+                        parts.append(event.text)
+                    case CitationsEvent():
+                        citations = event.citations
+                    case ErrorEvent():
+                        raise AnswerFailed(event.message)
+                    case DoneEvent():
+                        assert plan is not None
+                        return TurnResult(
+                            conversation_id=event.conversation_id,
+                            message_id=event.message_id,
+                            answer="".join(parts),
+                            citations=citations,
+                            plan=plan,
+                            steps=tuple(outcomes),
+                            usage=event.usage,
+                        )
+        raise AnswerFailed("The answer ended unexpectedly.")
+
+    # --- the turn --------------------------------------------------------------
+
+    async def _run(
+        self,
+        conversation_id: str,
+        question: str,
+        history: Sequence[ConversationMessage],
+        principal: Principal,
+        correlation_id: str | None,
+    ) -> AsyncGenerator[TurnEvent, None]:
+        reply = await self._conversations.add_message(
+            principal, conversation_id, "assistant", "", status=MessageStatus.STREAMING
+        )
+        answer: list[str] = []
+        plan: Plan | None = None
+        citations: tuple[Citation, ...] = ()
+        execution = _Execution()
+        status = MessageStatus.FAILED
+        error: ErrorEvent | None = None
+        stored = False
+
+        async def finish() -> None:
+            await self._finish(
+                reply,
+                principal,
+                conversation_id,
+                question,
+                answer,
+                status,
+                plan,
+                citations,
+                execution,
+                correlation_id,
+                error,
+            )
+
+        try:
+            plan = await self._planner.plan(_PlanningContext(question, history, principal))
+            yield PlanEvent(plan)
+            async for event in self._execute(plan, principal, execution):
+                yield event
+            sources = _number_sources(execution.passages)
+            answer_step = next(s for s in plan.steps if s.kind is StepKind.ANSWER)
+            yield StepEvent(answer_step)
+            usage: Usage | None = None
+            request = self._answer_request(question, history, principal, sources, execution)
+            async for delta in self._model.stream(request, principal):
+                if delta.content:
+                    answer.append(delta.content)
+                    yield AnswerDelta(delta.content)
+                usage = _last_usage(delta, usage)
+            citations = _cited("".join(answer), sources)
+            outcome = StepOutcome(answer_step.id, StepStatus.OK, f"{len(citations)} citation(s)")
+            execution.outcomes.append(outcome)
+            status = MessageStatus.COMPLETE
+            # "done" promises a stored answer: persist before saying so.
+            await finish()
+            stored = True
+            yield StepEvent(answer_step, outcome)
+            yield CitationsEvent(citations)
+            yield DoneEvent(conversation_id, reply.id, usage)
+            return
+        except InferenceError as exc:
+            log.warning("model call failed: %s", exc, extra={"details": exc.details})
+            status = MessageStatus.INTERRUPTED if answer else MessageStatus.FAILED
+            error = ErrorEvent("model_unavailable", exc.message, exc.retryable)
+        except KnowledgeError as exc:
+            log.warning("retrieval failed: %s", exc)
+            error = ErrorEvent("retrieval_failed", "The documents could not be searched.", True)
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: keep what was said, marked interrupted.
+            if not stored:
+                status = MessageStatus.INTERRUPTED
+            raise
+        except Exception:
+            log.exception("turn failed")
+            error = ErrorEvent("internal_error", "The answer could not be completed.", True)
+        finally:
+            if not stored:
+                await asyncio.shield(finish())
+        if error is not None:
+            yield error
+
+    async def _finish(
+        self,
+        reply: ConversationMessage,
+        principal: Principal,
+        conversation_id: str,
+        question: str,
+        answer: list[str],
+        status: MessageStatus,
+        plan: Plan | None,
+        citations: tuple[Citation, ...],
+        execution: _Execution,
+        correlation_id: str | None,
+        error: ErrorEvent | None,
+    ) -> None:
+        await self._conversations.finish_message(
+            principal, reply.id, "".join(answer), status, citations=citations, plan=plan
+        )
+        await self._audit.append(
+            AuditRecord(
+                event="chat.turn",
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                correlation_id=correlation_id,
+                at=datetime.now(UTC),
+                data={
+                    "conversation_id": conversation_id,
+                    "message_id": reply.id,
+                    "question": question,
+                    "status": status.value,
+                    "error": error.code if error else None,
+                    "plan": _plan_summary(plan),
+                    "steps": [
+                        {"step": o.step_id, "status": o.status.value, "summary": o.summary}
+                        for o in execution.outcomes
+                    ],
+                    "sources": sorted({p.chunk.chunk_id for p in execution.passages}),
+                    "cited": [c.chunk_id for c in citations],
+                    "trimmed_candidates": execution.trimmed,
+                    "indexes": sorted(execution.indexes),
+                    "prompt": self._answer_prompt.id,
+                    "model": self._model.name,
+                },
+            )
+        )
+
+    # --- steps -----------------------------------------------------------------
+
+    async def _execute(
+        self, plan: Plan, principal: Principal, execution: _Execution
+    ) -> AsyncIterator[TurnEvent]:
+        """Run every retrieve and tool step. They do not depend on one another, so
+        they run concurrently; events report each as it starts and ends."""
+        steps = [s for s in plan.steps if s.kind is not StepKind.ANSWER]
+        for step in steps:
+            yield StepEvent(step)
+        tasks = [asyncio.create_task(self._run_step(s, principal, execution)) for s in steps]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                step, outcome = await finished
+                execution.outcomes.append(outcome)
+                yield StepEvent(step, outcome)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _run_step(
+        self, step: PlanStep, principal: Principal, execution: _Execution
+    ) -> tuple[PlanStep, StepOutcome]:
+        if step.kind is StepKind.RETRIEVE:
+            result = await self._retriever.retrieve(
+                RetrievalQuery(step.query or "", top_k=self._top_k), principal
+            )
+            execution.passages.extend(result.passages)
+            execution.trimmed += result.trimmed_count
+            execution.indexes.add(result.index)
+            if step.tool_call_id:
+                titles = ", ".join(sorted({p.chunk.title for p in result.passages})) or "none"
+                self._record_call(step, execution, f"Found passages from: {titles}.")
+            return step, StepOutcome(
+                step.id, StepStatus.OK, f"{len(result.passages)} passage(s) found"
+            )
+        return step, await self._call_tool(step, principal, execution)
+
+    async def _call_tool(
+        self, step: PlanStep, principal: Principal, execution: _Execution
+    ) -> StepOutcome:
+        name = step.tool or ""
+        try:
+            result = await self._toolset.call(name, step.arguments or {}, principal)
+        except ToolApprovalRequired as exc:
+            outcome = StepOutcome(step.id, StepStatus.NEEDS_APPROVAL, exc.message)
+        except (ToolPermissionDenied, UnknownTool) as exc:
+            outcome = StepOutcome(step.id, StepStatus.REFUSED, exc.message)
+        except InvalidToolArguments as exc:
+            detail = "; ".join(exc.errors) or exc.message
+            outcome = StepOutcome(step.id, StepStatus.FAILED, f"Invalid arguments: {detail}")
+        except ToolError as exc:
+            outcome = StepOutcome(step.id, StepStatus.FAILED, exc.message)
+        else:
+            self._record_call(step, execution, json.dumps(result.output, default=str))
+            return StepOutcome(step.id, StepStatus.OK, f"{name} returned a result")
+        self._record_call(step, execution, f"Error ({outcome.status.value}): {outcome.summary}")
+        return outcome
+
+    @staticmethod
+    def _record_call(step: PlanStep, execution: _Execution, content: str) -> None:
+        """Echo a model-planned call and its result back to the model, as a tool round trip."""
+        if not step.tool_call_id:
+            return
+        name = step.tool or "search_knowledge"
+        arguments = step.arguments if step.kind is StepKind.CALL_TOOL else {"query": step.query}
+        execution.tool_calls.append(ToolCall(step.tool_call_id, name, json.dumps(arguments)))
+        execution.tool_results.append(
+            ChatMessage(Role.TOOL, content=content, tool_call_id=step.tool_call_id)
+        )
+
+    # --- the answer --------------------------------------------------------------
+
+    def _answer_request(
+        self,
+        question: str,
+        history: Sequence[ConversationMessage],
+        principal: Principal,
+        sources: Sequence[tuple[int, RetrievedPassage]],
+        execution: _Execution,
+    ) -> ChatRequest:
+        system = self._prompts.render(
+            self._answer_prompt,
+            assistant_name=self._assistant_name,
+            tenant=principal.tenant_id,
+            today=datetime.now(UTC).date().isoformat(),
+            sources=[
+                {
+                    "ref": ref,
+                    "title": p.chunk.title,
+                    "section": p.chunk.section,
+                    "page": p.chunk.page,
+                    "text": p.chunk.text,
+                }
+                for ref, p in sources
+            ],
+        )
+        messages = [ChatMessage(Role.SYSTEM, system)]
+        messages += [
+            ChatMessage(Role(m.role), m.content)
+            for m in history
+            if m.content and m.status is MessageStatus.COMPLETE
+        ]
+        messages.append(ChatMessage(Role.USER, question))
+        if execution.tool_calls:
+            messages.append(ChatMessage(Role.ASSISTANT, tool_calls=tuple(execution.tool_calls)))
+            messages += execution.tool_results
+        documents = [GroundingDocument(ref, p.chunk.title, p.chunk.text) for ref, p in sources]
+        return ChatRequest(
+            messages=messages,
+            documents=documents,
+            max_tokens=self._max_output_tokens,
+            temperature=self._temperature,
+        )
+
+
+def _title_from(question: str) -> str:
+    line = " ".join(question.split())
+    return line if len(line) <= 60 else line[:57].rstrip() + "..."
+
+
+def _number_sources(passages: Sequence[RetrievedPassage]) -> list[tuple[int, RetrievedPassage]]:
+    """Deduplicate by chunk, best first, numbered from 1 for ``[n]`` citations."""
+    best: dict[str, RetrievedPassage] = {}
+    for p in passages:
+        seen = best.get(p.chunk.chunk_id)
+        if seen is None or p.score > seen.score:
+            best[p.chunk.chunk_id] = p
+    ranked = sorted(best.values(), key=lambda p: p.score, reverse=True)
+    return list(enumerate(ranked, start=1))
+
+
+def _cited(text: str, sources: Sequence[tuple[int, RetrievedPassage]]) -> tuple[Citation, ...]:
+    by_ref = dict(sources)
+    refs = sorted({int(m) for m in _CITATION.findall(text)} & by_ref.keys())
+    return tuple(_citation(ref, by_ref[ref]) for ref in refs)
+
+
+def _citation(ref: int, passage: RetrievedPassage) -> Citation:
+    chunk = passage.chunk
+    snippet = " ".join(chunk.text.split())
+    if len(snippet) > _SNIPPET_CHARS:
+        snippet = snippet[: _SNIPPET_CHARS - 3].rstrip() + "..."
+    return Citation(
+        ref=ref,
+        chunk_id=chunk.chunk_id,
+        document_id=chunk.document_id,
+        source=chunk.source,
+        title=chunk.title,
+        snippet=snippet,
+        page=chunk.page,
+        section=chunk.section,
+    )
+
+
+def _last_usage(delta: ChatDelta, previous: Usage | None) -> Usage | None:
+    return delta.usage if delta.usage is not None else previous
+
+
+def _plan_summary(plan: Plan | None) -> dict[str, object] | None:
+    if plan is None:
+        return None
+    return {
+        "planner": plan.planner,
+        "steps": [
+            {"id": s.id, "kind": s.kind.value, "query": s.query, "tool": s.tool} for s in plan.steps
+        ],
+    }

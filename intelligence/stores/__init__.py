@@ -1,0 +1,1 @@
+"""Store adapters behind the intelligence layer's ports; only the composition root imports them."""
