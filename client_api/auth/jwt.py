@@ -1,0 +1,127 @@
+"""Bearer-token validation against OpenID Connect metadata and its JWKS.
+
+RS256 only; issuer, audience and expiry are always checked. Metadata and keys
+are cached and refreshed when a token names a key id we do not know yet (key
+rotation), at most once per ``_REFRESH_FLOOR_S`` so a flood of forged kids
+cannot hammer the identity provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+
+from client_api.settings import AuthSettings
+from intelligence.contracts import Principal
+
+_ALGORITHMS = ["RS256"]
+_REFRESH_FLOOR_S = 30.0
+
+
+class AuthenticationError(Exception):
+    """The request carries no valid credentials; the message is safe to return."""
+
+
+class IdentityProviderUnavailable(Exception):
+    """OpenID metadata or keys could not be fetched: fail closed (503, not 401)."""
+
+
+@dataclass
+class _Keys:
+    issuer: str
+    keys: dict[str, jwt.PyJWK]
+    fetched_at: float
+
+
+class JwtValidator:
+    def __init__(self, settings: AuthSettings, http: httpx.AsyncClient) -> None:
+        if not settings.openid_config_url or not settings.audience:
+            raise ValueError("openid_config_url and audience are required")
+        self._config_url = settings.openid_config_url
+        self._audience = settings.audience
+        self._issuer = settings.issuer
+        self._leeway = settings.leeway_s
+        self._ttl = settings.metadata_ttl_s
+        self._http = http
+        self._keys: _Keys | None = None
+        self._lock = asyncio.Lock()
+
+    async def principal(self, token: str) -> Principal:
+        claims = await self.validate(token)
+        return principal_from_claims(claims)
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthenticationError("The bearer token is malformed.") from None
+        if header.get("alg") not in _ALGORITHMS:
+            raise AuthenticationError("The token's signing algorithm is not accepted.")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AuthenticationError("The token names no signing key.")
+        keys = await self._key_set(kid)
+        key = keys.keys.get(kid)
+        if key is None:
+            raise AuthenticationError("The token was signed by an unknown key.")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=_ALGORITHMS,
+                audience=self._audience,
+                issuer=self._issuer or keys.issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationError("The token has expired.") from None
+        except jwt.PyJWTError as exc:
+            raise AuthenticationError(f"The token is not valid: {exc}.") from None
+        return claims
+
+    async def _key_set(self, kid: str) -> _Keys:
+        async with self._lock:
+            now = time.monotonic()
+            cached = self._keys
+            stale = cached is None or now - cached.fetched_at > self._ttl
+            unknown_kid = cached is not None and kid not in cached.keys
+            if stale or (unknown_kid and now - cached.fetched_at > _REFRESH_FLOOR_S):  # type: ignore[union-attr]
+                self._keys = await self._fetch()
+            assert self._keys is not None
+            return self._keys
+
+    async def _fetch(self) -> _Keys:
+        try:
+            meta = (await self._http.get(self._config_url)).raise_for_status().json()
+            jwks = (await self._http.get(meta["jwks_uri"])).raise_for_status().json()
+            key_set = jwt.PyJWKSet.from_dict(jwks)
+        except (httpx.HTTPError, KeyError, ValueError, jwt.PyJWTError) as exc:
+            raise IdentityProviderUnavailable(str(exc)) from exc
+        keys = {k.key_id: k for k in key_set.keys if k.key_id}
+        return _Keys(issuer=str(meta["issuer"]), keys=keys, fetched_at=time.monotonic())
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    user = claims.get("oid") or claims.get("sub")
+    tenant = claims.get("tid")
+    if not isinstance(user, str) or not user:
+        raise AuthenticationError("The token identifies no user (oid/sub).")
+    if not isinstance(tenant, str) or not tenant:
+        raise AuthenticationError("The token names no tenant (tid).")
+    return Principal(
+        tenant_id=tenant,
+        user_id=user,
+        groups=frozenset(_strings(claims.get("groups"))),
+        roles=frozenset(_strings(claims.get("roles"))),
+        name=claims.get("name") or claims.get("preferred_username"),
+    )
+
+
+def _strings(value: object) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
