@@ -87,7 +87,8 @@ class RetrievalResult:
     passages: tuple[RetrievedPassage, ...]
     index: str
     trimmed_count: int = 0
-    """How many matching candidates the ACL filter excluded: a count for audit, never the chunks."""
+    """How many matches in the caller's tenant the ACL filter excluded: a count for audit,
+    never the chunks."""
 
 
 class Retriever(Protocol):
@@ -119,7 +120,8 @@ class KnowledgeIndex(Protocol):
     async def search(
         self, text: str, access: AccessFilter, top_k: int
     ) -> tuple[list[RetrievedPassage], int]:
-        """Best ``top_k`` permitted passages and the count of matches the filter excluded."""
+        """Best ``top_k`` permitted passages, and how many matches in the caller's tenant the
+        filter excluded."""
         ...
 
     async def get_chunk(self, chunk_id: str, access: AccessFilter) -> Chunk | None: ...

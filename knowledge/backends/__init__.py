@@ -1,0 +1,1 @@
+"""Index backends implementing ``knowledge.contracts.KnowledgeIndex``."""

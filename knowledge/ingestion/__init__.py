@@ -1,0 +1,1 @@
+"""Ingestion: parse documents, attach access rules, chunk and index them."""

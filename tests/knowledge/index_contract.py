@@ -1,0 +1,381 @@
+"""The contract every ``KnowledgeIndex`` backend passes.
+
+Mix :class:`KnowledgeIndexContract` into a ``Test...`` class and override the
+``index`` fixture to yield an opened, empty index of the backend under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from knowledge.contracts import AccessControl, AccessFilter, KnowledgeIndex
+from tests.knowledge.factories import access, caller_filter, make_chunks
+
+HR = access(groups=["hr"])
+FINANCE = access(groups=["finance"], users=["ceo@contoso.com"])
+PUBLIC = access(public=True)
+
+ALICE_HR = caller_filter("contoso", "alice@contoso.com", "hr", "employees")
+BOB_ENGINEER = caller_filter("contoso", "bob@contoso.com", "engineering")
+CEO = caller_filter("contoso", "ceo@contoso.com")
+NOBODY = caller_filter("contoso", "guest@contoso.com")
+
+SECRET_TEXT = (
+    "Project Falcon has an approved FY2026 budget of USD 4.85 million, booked to cost "
+    "centre CC-4471. Do not share these figures outside Finance."
+)
+SECRET_TITLE = "Project Falcon budget memo"
+
+HOSTILE_QUERIES = [
+    '"',
+    '""',
+    '"unbalanced',
+    "'",
+    "*",
+    "falcon*",
+    "^falcon",
+    "-falcon",
+    "+",
+    "NOT",
+    "AND",
+    "OR",
+    "falcon AND",
+    "OR falcon",
+    "NEAR(falcon budget, 2)",
+    "NEAR/3",
+    "title:falcon",
+    "{text title}: falcon",
+    "text : falcon",
+    "(",
+    "())",
+    "falcon)) OR ((",
+    ":",
+    "\\",
+    "\x00",
+    "falcon\x00budget",
+    "'; DROP TABLE chunks; --",
+    "1=1 OR 'a'='a'",
+    "🦅🦅🦅",
+    "Ünïcödé Zürich 東京 ✓",
+    "\u202eevil\u202c",
+    "café AND naïve OR *",
+    "   \t\n  ",
+    "a " * 500,
+    "falcon " * 300,
+]
+
+
+class KnowledgeIndexContract:
+    """Shared behaviour of index backends: storage, ranking and, above all, ACL trimming."""
+
+    @pytest.fixture
+    def index(self) -> KnowledgeIndex:
+        """Overridden by each backend's test class: an opened, empty index."""
+        raise NotImplementedError("a backend's test class must provide the index fixture")
+
+    # --- storage -------------------------------------------------------------
+
+    async def test_has_a_name(self, index: KnowledgeIndex) -> None:
+        assert isinstance(index.name, str)
+        assert index.name
+
+    async def test_a_new_index_is_empty(self, index: KnowledgeIndex) -> None:
+        assert await index.count_chunks() == 0
+        assert await index.search("anything at all", ALICE_HR, 5) == ([], 0)
+
+    async def test_chunks_round_trip_with_every_field(self, index: KnowledgeIndex) -> None:
+        stored = make_chunks(
+            "guide",
+            "Press Ctrl+K to open the command palette.",
+            "Anomaly alerts fire at three standard deviations.",
+            acl=access(public=True, users=["u@contoso.com"], groups=["g1", "g2"]),
+            title="Atlas guide",
+            page=3,
+            section="Alerts",
+        )
+        await index.replace_document("guide", stored)
+
+        assert await index.count_chunks() == 2
+        for chunk in stored:
+            assert await index.get_chunk(chunk.chunk_id, NOBODY) == chunk
+        passages, _ = await index.search("palette", NOBODY, 5)
+        assert [p.chunk for p in passages] == [stored[0]]
+
+    async def test_replace_document_replaces_rather_than_appends(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document(
+            "leave", make_chunks("leave", "27 days of leave", "carry over five days", acl=HR)
+        )
+        await index.replace_document("other", make_chunks("other", "unrelated text", acl=HR))
+        await index.replace_document(
+            "leave", make_chunks("leave", "30 days of leave from next year", acl=HR)
+        )
+
+        assert await index.count_chunks() == 2
+        assert await index.get_chunk("leave-1", ALICE_HR) is None
+        assert (await index.search("carry", ALICE_HR, 5))[0] == []
+        passages, _ = await index.search("leave", ALICE_HR, 5)
+        assert [p.chunk.text for p in passages] == ["30 days of leave from next year"]
+
+    async def test_replacing_with_no_chunks_removes_the_document(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document("leave", make_chunks("leave", "27 days of leave", acl=HR))
+        await index.replace_document("leave", [])
+        assert await index.count_chunks() == 0
+        assert await index.search("leave", ALICE_HR, 5) == ([], 0)
+
+    async def test_delete_document_removes_only_that_document(self, index: KnowledgeIndex) -> None:
+        await index.replace_document("a", make_chunks("a", "falcon one", "falcon two", acl=HR))
+        await index.replace_document("b", make_chunks("b", "falcon three", acl=HR))
+        await index.delete_document("a")
+        await index.delete_document("never-indexed")
+
+        assert await index.count_chunks() == 1
+        assert await index.get_chunk("a-0", ALICE_HR) is None
+        passages, trimmed = await index.search("falcon", ALICE_HR, 5)
+        assert [p.chunk.chunk_id for p in passages] == ["b-0"]
+        assert trimmed == 0
+
+    async def test_concurrent_writes_and_searches_stay_consistent(
+        self, index: KnowledgeIndex
+    ) -> None:
+        async def write(n: int) -> None:
+            await index.replace_document(
+                f"doc{n}", make_chunks(f"doc{n}", f"shared term {n}", "shared again", acl=HR)
+            )
+
+        await asyncio.gather(
+            *(write(n) for n in range(10)),
+            *(index.search("shared", ALICE_HR, 3) for _ in range(10)),
+        )
+        assert await index.count_chunks() == 20
+        passages, trimmed = await index.search("shared", ALICE_HR, 50)
+        assert len(passages) == 20
+        assert trimmed == 0
+
+    # --- ranking -------------------------------------------------------------
+
+    async def test_better_matches_rank_first_with_higher_scores(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document(
+            "runbook",
+            make_chunks(
+                "runbook",
+                "The office kitchen is cleaned on Fridays.",
+                "The Kestrel rotation hands over on Monday; Kestrel pages go to the primary.",
+                "Kestrel is mentioned once here among many other words about the weather.",
+                acl=PUBLIC,
+            ),
+        )
+        passages, _ = await index.search("Kestrel rotation hand-over", NOBODY, 5)
+
+        assert [p.chunk.chunk_id for p in passages] == ["runbook-1", "runbook-2"]
+        assert passages[0].score > passages[1].score
+
+    async def test_top_k_limits_the_passages(self, index: KnowledgeIndex) -> None:
+        texts = [f"expense rule number {n}" for n in range(8)]
+        await index.replace_document("expenses", make_chunks("expenses", *texts, acl=PUBLIC))
+        passages, trimmed = await index.search("expense", NOBODY, 3)
+        assert len(passages) == 3
+        assert trimmed == 0
+
+    async def test_queries_without_terms_return_nothing(self, index: KnowledgeIndex) -> None:
+        await index.replace_document("faq", make_chunks("faq", "anything", acl=PUBLIC))
+        for text in ["", "   ", "?!", "***", '""']:
+            assert await index.search(text, NOBODY, 5) == ([], 0)
+
+    async def test_unicode_text_is_searchable(self, index: KnowledgeIndex) -> None:
+        await index.replace_document(
+            "offices",
+            make_chunks("offices", "Offices in Zürich and 東京 open at nine.", acl=PUBLIC),
+        )
+        for query in ["zürich", "ZÜRICH", "東京"]:
+            passages, _ = await index.search(query, NOBODY, 5)
+            assert [p.chunk.chunk_id for p in passages] == ["offices-0"], query
+
+    # --- access control ------------------------------------------------------
+
+    async def test_tenants_are_isolated(self, index: KnowledgeIndex) -> None:
+        text = "The travel policy allows premium economy on long flights."
+        await index.replace_document(
+            "contoso-travel", make_chunks("contoso-travel", text, acl=PUBLIC)
+        )
+        await index.replace_document(
+            "fabrikam-travel",
+            make_chunks(
+                "fabrikam-travel", text, acl=access("fabrikam", public=True, groups=["hr"])
+            ),
+        )
+        await index.replace_document(
+            "fabrikam-hr",
+            make_chunks("fabrikam-hr", text, acl=access("fabrikam", users=["alice@contoso.com"])),
+        )
+
+        # Same user id and group names in another tenant grant nothing here.
+        passages, trimmed = await index.search("travel policy", ALICE_HR, 10)
+        assert [p.chunk.chunk_id for p in passages] == ["contoso-travel-0"]
+        assert trimmed == 0  # other tenants' matches are not this tenant's to count
+        assert await index.get_chunk("fabrikam-hr-0", ALICE_HR) is None
+
+        fabrikam = caller_filter("fabrikam", "carol@fabrikam.com", "hr")
+        passages, trimmed = await index.search("travel policy", fabrikam, 10)
+        assert [p.chunk.chunk_id for p in passages] == ["fabrikam-travel-0"]
+        assert trimmed == 1
+
+    @pytest.mark.parametrize(
+        ("acl", "caller", "visible"),
+        [
+            pytest.param(PUBLIC, NOBODY, True, id="public-to-any-tenant-member"),
+            pytest.param(access("fabrikam", public=True), NOBODY, False, id="public-other-tenant"),
+            pytest.param(HR, ALICE_HR, True, id="group-member"),
+            pytest.param(HR, BOB_ENGINEER, False, id="not-a-group-member"),
+            pytest.param(HR, NOBODY, False, id="caller-without-groups"),
+            pytest.param(access(groups=["x", "hr"]), ALICE_HR, True, id="one-group-of-many"),
+            pytest.param(access(groups=["HR"]), ALICE_HR, False, id="group-names-are-exact"),
+            pytest.param(FINANCE, CEO, True, id="listed-user"),
+            pytest.param(FINANCE, ALICE_HR, False, id="unlisted-user"),
+            pytest.param(
+                access(users=["hr"]),
+                caller_filter("contoso", "alice@contoso.com", "hr"),
+                False,
+                id="group-named-like-a-listed-user",
+            ),
+            pytest.param(
+                access(groups=["ceo@contoso.com"]), CEO, False, id="user-named-like-a-listed-group"
+            ),
+            pytest.param(
+                access("fabrikam", users=["ceo@contoso.com"]), CEO, False, id="user-other-tenant"
+            ),
+        ],
+    )
+    async def test_access_semantics(
+        self, index: KnowledgeIndex, acl: AccessControl, caller: AccessFilter, visible: bool
+    ) -> None:
+        assert caller.allows(acl) is visible, "the case contradicts the reference rule"
+        (chunk,) = make_chunks("doc", "quarterly figures for the board", acl=acl)
+        await index.replace_document("doc", [chunk])
+
+        passages, trimmed = await index.search("quarterly figures", caller, 5)
+        assert [p.chunk for p in passages] == ([chunk] if visible else [])
+        same_tenant = acl.tenant_id == caller.tenant_id
+        assert trimmed == (1 if same_tenant and not visible else 0)
+        assert await index.get_chunk(chunk.chunk_id, caller) == (chunk if visible else None)
+
+    @pytest.mark.parametrize(
+        "query",
+        [
+            SECRET_TEXT,
+            SECRET_TITLE,
+            "Falcon",
+            "falcon budget 4.85 million CC-4471",
+            "What is the budget for Project Falcon?",
+            '"Project Falcon"',
+            "falcon*",
+            "title:falcon",
+            "NEAR(project falcon)",
+            "falcon OR 1=1",
+            "*",
+            "FALCON",
+            "falcon\x00budget",
+            "Falcon 🦅 Zürich",
+        ],
+    )
+    async def test_a_forbidden_chunk_is_never_returned_whatever_the_query(
+        self, index: KnowledgeIndex, query: str
+    ) -> None:
+        secret = make_chunks("memo", SECRET_TEXT, acl=FINANCE, title=SECRET_TITLE, section="Falcon")
+        await index.replace_document("memo", secret)
+        await index.replace_document(
+            "expenses",
+            make_chunks("expenses", "Meal allowance is 60 USD a day; budget carefully.", acl=HR),
+        )
+
+        for caller in (
+            ALICE_HR,
+            BOB_ENGINEER,
+            NOBODY,
+            caller_filter("fabrikam", "ceo@contoso.com", "finance"),
+        ):
+            passages, _ = await index.search(query, caller, 50)
+            assert all(p.chunk.document_id != "memo" for p in passages)
+            assert await index.get_chunk("memo-0", caller) is None
+
+        passages, _ = await index.search(SECRET_TEXT, CEO, 5)
+        assert [p.chunk.chunk_id for p in passages] == ["memo-0"]
+
+    async def test_filtering_happens_before_ranking_so_recall_is_kept(
+        self, index: KnowledgeIndex
+    ) -> None:
+        # Forty forbidden chunks that outscore everything, and one weak permitted match.
+        for n in range(40):
+            await index.replace_document(
+                f"secret{n}",
+                make_chunks(f"secret{n}", "falcon falcon falcon budget falcon", acl=FINANCE),
+            )
+        filler = " ".join(f"word{n}" for n in range(120))
+        await index.replace_document(
+            "newsletter",
+            make_chunks(
+                "newsletter", f"{filler} a falcon was seen near the office {filler}", acl=HR
+            ),
+        )
+
+        passages, trimmed = await index.search("falcon budget", ALICE_HR, 3)
+
+        assert [p.chunk.chunk_id for p in passages] == ["newsletter-0"]
+        assert trimmed == 40
+
+    async def test_trimmed_count_counts_only_matches_the_filter_excluded(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document(
+            "f1", make_chunks("f1", "falcon a", "falcon b", "falcon c", acl=FINANCE)
+        )
+        await index.replace_document("f2", make_chunks("f2", "unrelated", "words", acl=FINANCE))
+        await index.replace_document("h1", make_chunks("h1", "falcon d", "falcon e", acl=HR))
+        await index.replace_document(
+            "x1", make_chunks("x1", "falcon f", acl=access("fabrikam", public=True))
+        )
+
+        passages, trimmed = await index.search("falcon", ALICE_HR, 1)
+        # Permitted matches cut by top_k are not "trimmed": only ACL exclusions in the
+        # caller's tenant count (the fabrikam chunk is not contoso's to count).
+        assert len(passages) == 1
+        assert trimmed == 3
+        _, trimmed_for_ceo = await index.search("falcon", CEO, 10)
+        assert trimmed_for_ceo == 2
+        assert await index.search("no such term", ALICE_HR, 5) == ([], 0)
+
+    # --- hostile input -------------------------------------------------------
+
+    @pytest.mark.parametrize("query", HOSTILE_QUERIES)
+    async def test_hostile_queries_never_raise(self, index: KnowledgeIndex, query: str) -> None:
+        await index.replace_document(
+            "doc", make_chunks("doc", "falcon budget café naïve Zürich 東京", acl=PUBLIC)
+        )
+        passages, trimmed = await index.search(query, NOBODY, 5)
+        assert len(passages) <= 1
+        assert trimmed == 0
+
+    async def test_random_punctuation_never_raises(self, index: KnowledgeIndex) -> None:
+        await index.replace_document(
+            "doc", make_chunks("doc", "near and or not falcon", acl=PUBLIC)
+        )
+        alphabet = [*"\"'*^:+-()[]{}<>|&!?.,;/\\ ", "NEAR", "AND", "OR", "NOT", "falcon"]
+        generator = random.Random(20250303)
+        for _ in range(200):
+            query = "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 12)))
+            await index.search(query, NOBODY, 3)
+
+    async def test_operators_in_a_query_are_plain_words(self, index: KnowledgeIndex) -> None:
+        await index.replace_document(
+            "leave", make_chunks("leave", "27 days of annual leave", acl=PUBLIC)
+        )
+        passages, _ = await index.search('"leave" AND (days OR', NOBODY, 5)
+        assert [p.chunk.chunk_id for p in passages] == ["leave-0"]
