@@ -17,12 +17,15 @@ class InferencingSettings(BaseModel):
     base_url: str | None = Field(default=None, description="OpenAI-compatible server URL")
     api_key: SecretStr | None = Field(default=None, description="API key (OpenAI or Azure)")
     azure_endpoint: str | None = Field(default=None, description="https://<name>.openai.azure.com")
-    azure_api_version: str = Field(default="2024-10-21")
-    azure_ad_scope: str = Field(default="https://cognitiveservices.azure.com/.default")
-    timeout_s: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=2, ge=0, le=10)
-    max_output_tokens: int = Field(default=800, ge=1)
-    temperature: float = Field(default=0.2, ge=0, le=2)
+    azure_api_version: str = Field(default="2024-10-21", description="Azure OpenAI API version")
+    azure_ad_scope: str = Field(
+        default="https://cognitiveservices.azure.com/.default",
+        description="Entra token scope, used when no api_key is set",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Per model call")
+    max_retries: int = Field(default=2, ge=0, le=10, description="Retries of a failed call")
+    max_output_tokens: int = Field(default=800, ge=1, description="Cap on answer length")
+    temperature: float = Field(default=0.2, ge=0, le=2, description="Sampling temperature")
     supports_tools: bool = Field(default=True, description="The model can call functions")
 
     @model_validator(mode="after")

@@ -1,0 +1,305 @@
+"""The simulator's HTTP surface: OpenAI and Azure OpenAI routes plus ``/_sim/`` controls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Send
+
+from inferencing.simulator.completions import (
+    PlannedReply,
+    check_chat_request,
+    completion_body,
+    completion_chunks,
+    plan_reply,
+)
+from inferencing.simulator.config import (
+    ConfigUpdate,
+    Fault,
+    RecordedRequest,
+    ScriptUpdate,
+    SimulatorConfig,
+)
+from inferencing.simulator.embeddings import embedding_inputs, embeddings_body
+from inferencing.simulator.state import SimulatorState
+
+log = logging.getLogger(__name__)
+
+
+class _EventStream(StreamingResponse):
+    """A streamed body that, when ``complete`` is False, ends by dropping the connection:
+    the last chunk of the HTTP body is never sent, as when a server dies mid-answer."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        status_code: int = 200,
+        media_type: str,
+        complete: bool,
+        state: SimulatorState,
+    ) -> None:
+        super().__init__(content, status_code=status_code, media_type=media_type)
+        self.complete = complete
+        self._state = state
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self.body_iterator:
+            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        if self.complete:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            log.info("simulator: dropping the connection mid-response (scripted stream_cut)")
+            self._state.note_dropped_connection()
+
+
+def create_app(
+    config: SimulatorConfig | None = None, *, state: SimulatorState | None = None
+) -> FastAPI:
+    """The simulator as an ASGI app. Pass ``state`` to share it with the caller."""
+    sim = state or SimulatorState(config or SimulatorConfig())
+    app = FastAPI(title="Lamina OpenAI-compatible simulator", docs_url=None, redoc_url=None)
+    app.state.simulator = sim
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _chat(request, sim, deployment=None)
+
+    @app.post("/openai/deployments/{deployment}/chat/completions")
+    async def azure_chat_completions(deployment: str, request: Request) -> Response:
+        if "api-version" not in request.query_params:
+            await _record(request, sim)
+            return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
+        return await _chat(request, sim, deployment=deployment)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await _embeddings(request, sim, deployment=None)
+
+    @app.post("/openai/deployments/{deployment}/embeddings")
+    async def azure_embeddings(deployment: str, request: Request) -> Response:
+        if "api-version" not in request.query_params:
+            await _record(request, sim)
+            return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
+        return await _embeddings(request, sim, deployment=deployment)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        model = sim.config.model
+        return {
+            "object": "list",
+            "data": [{"id": model, "object": "model", "created": 0, "owned_by": "lamina"}],
+        }
+
+    @app.post("/_sim/script")
+    async def script(update: ScriptUpdate) -> dict[str, int]:
+        return {"pending_replies": sim.enqueue(update.replies, update.embedding_faults)}
+
+    @app.post("/_sim/config")
+    async def configure(update: ConfigUpdate) -> SimulatorConfig:
+        return sim.configure(update)
+
+    @app.post("/_sim/reset")
+    async def reset() -> dict[str, str]:
+        sim.reset()
+        return {"status": "reset"}
+
+    @app.get("/_sim/requests")
+    async def received() -> list[RecordedRequest]:
+        return sim.requests()
+
+    return app
+
+
+# --- chat ----------------------------------------------------------------------------
+
+
+async def _chat(request: Request, sim: SimulatorState, *, deployment: str | None) -> Response:
+    body = await _record(request, sim)
+    config = sim.config
+    if refused := _check_credentials(request, config):
+        return refused
+    problem = check_chat_request(body)
+    if problem is not None:
+        return _error(400, problem, "invalid_request_error")
+    scripted = sim.next_reply()
+    fault = scripted.fault if scripted else None
+    if fault is not None and fault.kind != "stream_cut":
+        return await _play_fault(fault, request, sim)
+    model = deployment or body.get("model") or config.model
+    reply = plan_reply(scripted, body, model=model, config=config)
+    await _pause(config.first_token_latency_s, sim)
+    if not body.get("stream"):
+        await _pause(_generation_time(reply, config), sim)
+        if fault is not None:
+            payload = json.dumps(completion_body(reply)).encode()
+            return _EventStream(
+                _one(payload[: len(payload) // 2]),
+                media_type="application/json",
+                complete=False,
+                state=sim,
+            )
+        return JSONResponse(completion_body(reply))
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = completion_chunks(
+        reply, include_usage=include_usage, argument_chunk_chars=config.tool_argument_chunk_chars
+    )
+    cut_after = fault.after_chunks if fault is not None else None
+    return _EventStream(
+        _sse(chunks, cut_after, config, sim),
+        media_type="text/event-stream",
+        complete=cut_after is None,
+        state=sim,
+    )
+
+
+async def _sse(
+    chunks: list[dict[str, Any]],
+    cut_after: int | None,
+    config: SimulatorConfig,
+    sim: SimulatorState,
+) -> AsyncIterator[bytes]:
+    delay = 1.0 / config.tokens_per_second if config.tokens_per_second else 0.0
+    for position, chunk in enumerate(chunks):
+        if cut_after is not None and position >= cut_after:
+            return
+        if position and delay:
+            await _pause(delay, sim)
+        if sim.closing.is_set():
+            return
+        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+def _generation_time(reply: PlannedReply, config: SimulatorConfig) -> float:
+    if not config.tokens_per_second:
+        return 0.0
+    return reply.completion_tokens / config.tokens_per_second
+
+
+# --- embeddings ----------------------------------------------------------------------
+
+
+async def _embeddings(request: Request, sim: SimulatorState, *, deployment: str | None) -> Response:
+    body = await _record(request, sim)
+    config = sim.config
+    if refused := _check_credentials(request, config):
+        return refused
+    texts = embedding_inputs(body)
+    if isinstance(texts, str):
+        return _error(400, texts, "invalid_request_error")
+    fault = sim.next_embedding_fault()
+    if fault is not None and fault.kind != "stream_cut":
+        return await _play_fault(fault, request, sim)
+    model = deployment or body.get("model") or config.model
+    await _pause(config.first_token_latency_s, sim)
+    payload = embeddings_body(texts, body, model=model, dims=config.embedding_dims)
+    if fault is not None:
+        raw = json.dumps(payload).encode()
+        return _EventStream(
+            _one(raw[: len(raw) // 2]), media_type="application/json", complete=False, state=sim
+        )
+    return JSONResponse(payload)
+
+
+# --- shared --------------------------------------------------------------------------
+
+
+async def _record(request: Request, sim: SimulatorState) -> Any:
+    raw = await request.body()
+    try:
+        body: Any = json.loads(raw) if raw else None
+    except ValueError:
+        body = raw.decode("utf-8", errors="replace")
+    sim.record(
+        RecordedRequest(
+            method=request.method,
+            path=request.url.path,
+            query=dict(request.query_params),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+        )
+    )
+    return body
+
+
+def _check_credentials(request: Request, config: SimulatorConfig) -> Response | None:
+    if not config.accepted_credentials:
+        return None
+    presented = request.headers.get("api-key")
+    authorization = request.headers.get("authorization", "")
+    if presented is None and authorization.lower().startswith("bearer "):
+        presented = authorization[len("bearer ") :]
+    if presented in config.accepted_credentials:
+        return None
+    return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+
+async def _play_fault(fault: Fault, request: Request, sim: SimulatorState) -> Response:
+    if fault.kind == "rate_limited":
+        seconds = fault.retry_after_s
+        retry_after = str(int(seconds)) if seconds == int(seconds) else str(seconds)
+        return _error(
+            429,
+            fault.message or "Rate limit reached for requests. Please retry later.",
+            "requests",
+            "rate_limit_exceeded",
+            headers={"retry-after": retry_after},
+        )
+    if fault.kind == "unavailable":
+        return _error(
+            503, fault.message or "The server is overloaded.", "server_error", "overloaded"
+        )
+    if fault.kind == "timeout":
+        await _hang(request, sim, fault.hang_s)
+        return _error(504, fault.message or "Gateway timeout.", "server_error", "timeout")
+    return _error(
+        fault.status_code, fault.message or f"Simulated error {fault.status_code}.", "api_error"
+    )
+
+
+async def _hang(request: Request, sim: SimulatorState, seconds: float) -> None:
+    """Wait ``seconds``, or less if the client gives up or the server stops."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not sim.closing.is_set():
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _pause(seconds: float, sim: SimulatorState) -> None:
+    if seconds <= 0:
+        return
+    deadline = time.monotonic() + seconds
+    while not sim.closing.is_set():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        await asyncio.sleep(min(remaining, 0.05))
+
+
+async def _one(payload: bytes) -> AsyncIterator[bytes]:
+    yield payload
+
+
+def _error(
+    status: int,
+    message: str,
+    error_type: str,
+    code: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
