@@ -12,5 +12,9 @@ class ToolsSettings(BaseModel):
     enabled: list[str] | None = Field(
         default=None, description="Only these tools (by name); default all discovered"
     )
-    default_timeout_s: float = Field(default=10.0, gt=0, le=600)
-    max_output_chars: int = Field(default=20_000, ge=100)
+    default_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Per-call timeout of tools that set none"
+    )
+    max_output_chars: int = Field(
+        default=20_000, ge=100, description="Longer tool output is truncated"
+    )
