@@ -42,7 +42,10 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
 
-def problem_response(problem: Problem) -> JSONResponse:
+def problem_response(problem: Problem, *, outside_middleware: bool = False) -> JSONResponse:
+    """The problem as a response. Handlers of unhandled exceptions run outside the
+    correlation middleware (in Starlette's outermost error middleware), so only they
+    set the header themselves."""
     cid = correlation_id.get()
     body: dict[str, Any] = {
         "type": "about:blank",
@@ -54,7 +57,7 @@ def problem_response(problem: Problem) -> JSONResponse:
         body["detail"] = problem.detail
     body.update(problem.extra)
     headers = dict(problem.headers)
-    if cid:
+    if cid and outside_middleware:
         headers[CORRELATION_HEADER] = cid
     return JSONResponse(body, status_code=problem.status, headers=headers, media_type=PROBLEM_JSON)
 
@@ -111,7 +114,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return problem_response(
-            Problem(500, "Internal error", "Something went wrong; quote the correlation id.")
+            Problem(500, "Internal error", "Something went wrong; quote the correlation id."),
+            outside_middleware=True,
         )
 
     app.add_exception_handler(Problem, on_problem)

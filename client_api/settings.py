@@ -38,8 +38,8 @@ class AuthSettings(BaseModel):
 
 
 class ApiSettings(BaseModel):
-    host: str = Field(default="127.0.0.1")
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Bind address of lamina serve")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port of lamina serve")
 
 
 class LaminaSettings(BaseSettings):
@@ -51,7 +51,9 @@ class LaminaSettings(BaseSettings):
     )
 
     data_dir: Path = Field(default=Path(".lamina"), description="Where embedded stores live")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of the server"
+    )
     auth: AuthSettings = AuthSettings()
     api: ApiSettings = ApiSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
@@ -100,3 +102,21 @@ def require_serving_settings(settings: LaminaSettings) -> None:
                 + "\n".join(f"  {m}: required when LAMINA_AUTH__MODE=jwt" for m in missing)
                 + "\n  (or set LAMINA_AUTH__MODE=dev for a local demo)"
             )
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """Every setting as (environment variable, default, description), for docs and the CLI."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, (*prefix, name))
+                continue
+            default = info.get_default(call_default_factory=True)
+            shown = "" if default is None else str(default)
+            rows.append((env_name((*prefix, name)), shown, info.description or ""))
+
+    walk(LaminaSettings, ())
+    return rows

@@ -71,3 +71,11 @@ def test_serving_with_jwt_needs_openid_metadata_and_audience() -> None:
     assert "LAMINA_AUTH__OPENID_CONFIG_URL" in str(caught.value)
     assert "LAMINA_AUTH__AUDIENCE" in str(caught.value)
     require_serving_settings(LaminaSettings(auth={"mode": "dev"}))  # type: ignore[arg-type]
+
+
+def test_readme_documents_every_setting() -> None:
+    from client_api.settings import describe_settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [env for env, _, _ in describe_settings() if f"`{env}`" not in readme]
+    assert missing == []

@@ -1,0 +1,1 @@
+"""Client API layer: the FastAPI app, edge policies, CLI and the composition root."""

@@ -1,0 +1,54 @@
+"""The FastAPI app factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from asgi_correlation_id import CorrelationIdMiddleware
+from fastapi import FastAPI
+
+from client_api.auth.dependencies import Authenticator
+from client_api.auth.jwt import JwtValidator
+from client_api.composition import build_services
+from client_api.problems import CORRELATION_HEADER, install_problem_handlers
+from client_api.routes import chat, conversations, health
+from client_api.settings import LaminaSettings, load_settings, require_serving_settings
+
+
+def create_app(settings: LaminaSettings | None = None) -> FastAPI:
+    """Build the app; invalid settings fail here, before the server listens."""
+    settings = settings or load_settings()
+    require_serving_settings(settings)
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=10.0) as http:
+            validator = JwtValidator(settings.auth, http) if settings.auth.mode == "jwt" else None
+            app.state.authenticator = Authenticator(settings.auth, validator)
+            services = await build_services(settings)
+            app.state.services = services
+            try:
+                yield
+            finally:
+                await services.aclose()
+
+    app = FastAPI(
+        title="Lamina",
+        version="0.1.0",
+        summary="Enterprise assistant backend: grounded, security-trimmed answers with citations.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name=CORRELATION_HEADER,
+        update_request_header=False,
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    app.include_router(conversations.router)
+    return app

@@ -1,0 +1,219 @@
+"""The ``lamina`` command line: serve, ingest, ask, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client_api.settings import LaminaSettings, SettingsError, load_settings
+
+app = typer.Typer(
+    name="lamina",
+    help="Lamina: an enterprise assistant backend. Run 'lamina demo' to try it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(**overrides: Any) -> LaminaSettings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _serve(settings: LaminaSettings) -> None:
+    import uvicorn
+
+    from client_api.app import create_app
+
+    try:
+        application = create_app(settings)
+    except SettingsError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    uvicorn.run(
+        application,
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (0 picks a free one)")] = None,
+) -> None:
+    """Run the API server (settings from LAMINA_* variables and .env)."""
+    api: dict[str, Any] = {}
+    if host is not None:
+        api["host"] = host
+    if port is not None:
+        api["port"] = port
+    _serve(_settings(**({"api": api} if api else {})))
+
+
+async def _ingest(settings: LaminaSettings, path: Path, acl: Path | None) -> None:
+    from client_api.composition import build_knowledge
+
+    index, ingestor, _ = build_knowledge(settings)
+    await index.open()
+    try:
+        with Progress(
+            TextColumn("[bold]Ingesting[/bold]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("", total=None)
+
+            def advance(name: str, done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total, description=name)
+
+            report = await ingestor.ingest(path, acl_file=acl, progress=advance)
+        total_chunks = await index.count_chunks()
+    finally:
+        await index.close()
+    console.print(
+        f"Indexed [bold]{report.files_indexed}[/bold] of {report.files_seen} files "
+        f"({report.chunks_indexed} chunks; {total_chunks} in the index)."
+    )
+    if report.skipped:
+        table = Table("skipped file", "reason", title=f"{len(report.skipped)} skipped")
+        for skipped in report.skipped:
+            table.add_row(skipped.path, skipped.reason)
+        console.print(table)
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Corpus folder")],
+    acl: Annotated[
+        Path | None, typer.Option(help="ACL file (default: acl.yaml in the corpus folder)")
+    ] = None,
+) -> None:
+    """Parse, chunk and index a folder of documents with its access rules."""
+    from knowledge.contracts import KnowledgeError
+
+    try:
+        asyncio.run(_ingest(_settings(), path, acl))
+    except KnowledgeError as exc:
+        errors.print(f"[red]Ingestion failed: {exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+async def _ask(settings: LaminaSettings, question: str, principal: Any) -> int:
+    from client_api.composition import build_services
+    from intelligence.contracts import (
+        AnswerDelta,
+        CitationsEvent,
+        ErrorEvent,
+        PlanEvent,
+        StepEvent,
+        TurnRequest,
+    )
+
+    services = await build_services(settings)
+    try:
+        if await services.index.count_chunks() == 0:
+            errors.print("The index is empty: run 'lamina ingest PATH' first.")
+            return 1
+        started = await services.assistant.start_turn(TurnRequest(question), principal)
+        async for event in started.events:
+            match event:
+                case PlanEvent():
+                    steps = " → ".join(s.kind.value for s in event.plan.steps)
+                    console.print(f"[dim]plan ({event.plan.planner}): {steps}[/dim]")
+                case StepEvent(outcome=outcome) if outcome is not None:
+                    console.print(f"[dim]  {event.step.kind.value}: {outcome.summary}[/dim]")
+                case AnswerDelta():
+                    console.print(event.text, end="", soft_wrap=True, highlight=False)
+                case CitationsEvent():
+                    console.print()
+                    for c in event.citations:
+                        where = f", page {c.page}" if c.page else ""
+                        console.print(f"[cyan][{c.ref}][/cyan] {c.title} — {c.source}{where}")
+                case ErrorEvent():
+                    errors.print(f"\n[red]{event.message}[/red]")
+                    return 1
+        return 0
+    finally:
+        await services.aclose()
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question")],
+    user: Annotated[str, typer.Option(help="Ask as this user id")],
+    groups: Annotated[str, typer.Option(help="Comma-separated groups of the user")] = "",
+    roles: Annotated[str, typer.Option(help="Comma-separated roles of the user")] = "",
+    tenant: Annotated[str, typer.Option(help="Tenant of the user")] = "contoso",
+) -> None:
+    """Ask a question as a given user, streaming the answer to the terminal."""
+    from intelligence.contracts import Principal
+
+    principal = Principal(
+        tenant_id=tenant,
+        user_id=user,
+        groups=frozenset(g.strip() for g in groups.split(",") if g.strip()),
+        roles=frozenset(r.strip() for r in roles.split(",") if r.strip()),
+    )
+    raise typer.Exit(asyncio.run(_ask(_settings(), question, principal)))
+
+
+@app.command()
+def config() -> None:
+    """List every setting: environment variable, default and meaning."""
+    from client_api.settings import describe_settings
+
+    table = Table("variable", "default", "meaning", title="Lamina settings (also read from .env)")
+    for row in describe_settings():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="Port to serve on")] = 8000,
+) -> None:
+    """Ingest the bundled sample corpus and serve it on 127.0.0.1 in dev auth mode."""
+    from client_api.composition import sample_corpus
+
+    data_dir = Path(os.environ.get("LAMINA_DATA_DIR", ".lamina/demo"))
+    settings = _settings(
+        data_dir=data_dir, auth={"mode": "dev"}, api={"host": "127.0.0.1", "port": port}
+    )
+    asyncio.run(_ingest(settings, sample_corpus(), None))
+    base = f"http://127.0.0.1:{port}"
+    console.print(
+        f"\n[bold green]Lamina demo[/bold green] on {base}  (API docs: {base}/docs)\n"
+        "Dev auth: identity comes from X-Lamina-User / X-Lamina-Groups headers.\n"
+        "Try, as an engineer and then as someone in finance:\n"
+        f"  curl -s {base}/v1/chat -H 'X-Lamina-User: dana' -H 'X-Lamina-Groups: engineering' "
+        "-H 'Content-Type: application/json' -d '{\"message\": \"What is the budget of Project "
+        "Falcon?\"}'\n"
+        f"  curl -N {base}/v1/chat/stream -H 'X-Lamina-User: fin' -H 'X-Lamina-Groups: finance' "
+        "-H 'Content-Type: application/json' -d '{\"message\": \"What is the budget of Project "
+        "Falcon?\"}'\n"
+    )
+    sys.stdout.flush()
+    _serve(settings)
+
+
+if __name__ == "__main__":
+    app()

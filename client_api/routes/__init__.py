@@ -1,0 +1,1 @@
+"""HTTP routes; thin: parse, authenticate, delegate to the intelligence layer."""

@@ -1,0 +1,85 @@
+"""POST /v1/chat (JSON) and POST /v1/chat/stream (server-sent events)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgi_correlation_id import correlation_id
+from fastapi import APIRouter
+from pydantic import TypeAdapter
+from sse_starlette import EventSourceResponse
+
+from client_api.auth.dependencies import CurrentPrincipal
+from client_api.routes.deps import ServicesDep
+from client_api.schemas import ChatAnswer, ChatRequestBody
+from intelligence.contracts import ErrorEvent, TurnEvent, TurnRequest
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+_EVENT: TypeAdapter[TurnEvent] = TypeAdapter(TurnEvent)
+
+_STREAM_DOC = """Server-sent events, one JSON object per event; the SSE event name equals its
+`type`:
+
+- `plan` — the typed plan (`planner`, `steps`)
+- `step` — a step started (`outcome` null) or ended (`outcome.status`: ok, failed,
+  refused, needs_approval)
+- `delta` — a piece of answer text
+- `citations` — the sources cited in the answer as `[n]`
+- `done` — the answer is complete and stored (`conversation_id`, `message_id`, `usage`)
+- `error` — the turn failed after the stream began (`code`, `message`, `retryable`,
+  `correlation_id`); no `done` follows
+
+Errors found before the stream begins (authentication, validation, unknown
+conversation) are returned as `application/problem+json` instead."""
+
+
+@router.post("/chat", response_model=ChatAnswer, summary="Ask a question (JSON)")
+async def chat(
+    body: ChatRequestBody, principal: CurrentPrincipal, services: ServicesDep
+) -> ChatAnswer:
+    result = await services.assistant.run_turn(_turn(body), principal)
+    return ChatAnswer(
+        conversation_id=result.conversation_id,
+        message_id=result.message_id,
+        answer=result.answer,
+        citations=list(result.citations),
+        plan=result.plan,
+        steps=list(result.steps),
+        usage=result.usage,
+    )
+
+
+@router.post(
+    "/chat/stream",
+    summary="Ask a question, answer streamed as server-sent events",
+    description=_STREAM_DOC,
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def chat_stream(
+    body: ChatRequestBody, principal: CurrentPrincipal, services: ServicesDep
+) -> EventSourceResponse:
+    # start_turn validates and persists the user message before the response
+    # starts, so every refusal up to here is a proper HTTP error, never a 200.
+    started = await services.assistant.start_turn(_turn(body), principal)
+    return EventSourceResponse(_sse(started.events), ping=15)
+
+
+def _turn(body: ChatRequestBody) -> TurnRequest:
+    return TurnRequest(
+        message=body.message,
+        conversation_id=body.conversation_id,
+        correlation_id=correlation_id.get(),
+    )
+
+
+async def _sse(events: AsyncIterator[TurnEvent]) -> AsyncIterator[dict[str, Any]]:
+    cid = correlation_id.get()
+    async for event in events:
+        payload = _EVENT.dump_python(event, mode="json")
+        if isinstance(event, ErrorEvent):
+            payload["correlation_id"] = cid
+        yield {"event": event.type, "data": json.dumps(payload)}

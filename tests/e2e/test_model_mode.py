@@ -1,0 +1,165 @@
+"""The service in model mode: the real ``openai`` client inside Lamina talks to the
+OpenAI-compatible simulator over loopback HTTP, and the API is served by uvicorn."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from client_api.app import create_app
+from client_api.settings import load_settings
+from inferencing.simulator import Fault, ScriptedReply, ScriptedToolCall, SimulatorServer
+from tests.e2e.conftest import write_corpus
+from tests.support.processes import app_in_thread, lamina_env, run_lamina
+from tests.support.sse import read_events
+
+pytestmark = pytest.mark.slow
+
+EMPLOYEE = {"X-Lamina-User": "ann", "X-Lamina-Groups": "alpha", "X-Lamina-Roles": "employee"}
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[SimulatorServer]:
+    with SimulatorServer() as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    corpus = tmp_path_factory.mktemp("corpus")
+    write_corpus(corpus)
+    data = tmp_path_factory.mktemp("data")
+    ingest = run_lamina("ingest", str(corpus), env=lamina_env(LAMINA_DATA_DIR=str(data)))
+    assert ingest.returncode == 0, ingest.stderr
+    settings = load_settings(
+        data_dir=data,
+        auth={"mode": "dev"},
+        inferencing={
+            "provider": "openai",
+            "base_url": simulator.openai_base_url,
+            "api_key": "sim-key",
+            "model": "gpt-sim",
+            "max_retries": 0,
+        },
+    )
+    with app_in_thread(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url: str, simulator: SimulatorServer) -> Iterator[httpx.Client]:
+    simulator.reset()
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        yield c
+
+
+def _chat_requests(simulator: SimulatorServer) -> list[dict[str, object]]:
+    return [r.body for r in simulator.requests() if r.path.endswith("/chat/completions")]
+
+
+def test_the_model_plans_a_tool_call_and_answers_from_its_result(
+    client: httpx.Client, simulator: SimulatorServer
+) -> None:
+    simulator.script(
+        ScriptedReply(
+            tool_calls=[ScriptedToolCall(name="lookup_employee", arguments={"query": "Lee"})]
+        ),
+        ScriptedReply(content="Lee Gu is on extension 4202."),
+    )
+    events = read_events(
+        client,
+        "/v1/chat/stream",
+        json_body={"message": "What is Lee's phone extension?"},
+        headers=EMPLOYEE,
+    )
+    names = [name for name, _ in events]
+    assert names[-1] == "done"
+    plan = events[0][1]["plan"]
+    assert plan["planner"] == "model:openai:gpt-sim"
+    assert [s["kind"] for s in plan["steps"]] == ["call_tool", "answer"]
+    tool_done = next(d for n, d in events if n == "step" and d["outcome"] and d["step"]["tool"])
+    assert tool_done["outcome"]["status"] == "ok"
+    answer = "".join(d["text"] for n, d in events if n == "delta")
+    assert answer == "Lee Gu is on extension 4202."
+
+    planning, answering = _chat_requests(simulator)
+    offered = {t["function"]["name"] for t in planning["tools"]}  # type: ignore[index]
+    assert {"search_knowledge", "lookup_employee"} <= offered
+    # The round trip: the answer request carries the model's call and the tool's real result.
+    messages = answering["messages"]  # type: ignore[index]
+    call = next(m for m in messages if m.get("tool_calls"))
+    result = next(m for m in messages if m["role"] == "tool")
+    assert result["tool_call_id"] == call["tool_calls"][0]["id"]
+    assert json.loads(result["content"])[0]["phone_ext"] == "4202"
+    assert answering["stream"] is True
+
+
+def test_a_caller_without_the_role_is_refused_the_tool(
+    client: httpx.Client, simulator: SimulatorServer
+) -> None:
+    simulator.script(
+        ScriptedReply(
+            tool_calls=[ScriptedToolCall(name="lookup_employee", arguments={"query": "Lee"})]
+        ),
+        ScriptedReply(content="I cannot look that up for you."),
+    )
+    guest = {"X-Lamina-User": "gus", "X-Lamina-Groups": "alpha"}
+    events = read_events(
+        client, "/v1/chat/stream", json_body={"message": "Lee's extension?"}, headers=guest
+    )
+    planning, answering = _chat_requests(simulator)
+    offered = {t["function"]["name"] for t in planning["tools"]}  # type: ignore[index]
+    assert "lookup_employee" not in offered
+    refused = next(d for n, d in events if n == "step" and d["outcome"] and d["step"]["tool"])
+    assert refused["outcome"]["status"] == "refused"
+    assert "4202" not in json.dumps(answering)
+
+
+def test_a_stream_cut_mid_answer_is_a_typed_sse_error_and_the_turn_is_kept(
+    client: httpx.Client, simulator: SimulatorServer
+) -> None:
+    simulator.script(
+        ScriptedReply(content="I will search."),  # planning: no function call
+        ScriptedReply(
+            content="The cafeteria opens at half past seven on weekdays.",
+            fault=Fault(kind="stream_cut", after_chunks=3),
+        ),
+    )
+    events = read_events(
+        client,
+        "/v1/chat/stream",
+        json_body={"message": "When does the cafeteria open?"},
+        headers=EMPLOYEE,
+    )
+    names = [name for name, _ in events]
+    assert "delta" in names
+    assert names[-1] == "error"
+    assert "done" not in names
+    error = events[-1][1]
+    assert error["code"] == "model_unavailable"
+    assert error["correlation_id"]
+    assert "Traceback" not in error["message"]
+
+    conversation_id = client.get("/v1/conversations", headers=EMPLOYEE).json()["items"][0]["id"]
+    messages = client.get(f"/v1/conversations/{conversation_id}", headers=EMPLOYEE).json()[
+        "messages"
+    ]
+    assert messages[0]["content"] == "When does the cafeteria open?"
+    assert messages[1]["status"] == "interrupted"
+    assert messages[1]["content"] == "".join(d["text"] for n, d in events if n == "delta")
+
+
+def test_provider_failure_on_json_route_is_a_502_problem(
+    client: httpx.Client, simulator: SimulatorServer
+) -> None:
+    simulator.script(
+        ScriptedReply(content="plan"),
+        ScriptedReply(fault=Fault(kind="unavailable")),
+    )
+    response = client.post("/v1/chat", json={"message": "cafeteria hours"}, headers=EMPLOYEE)
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "503" not in response.text  # no raw provider error reaches the user
