@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit slow clean
+.PHONY: demo test lint unit slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 test: lint unit slow
+
+# Benchmarks print figures; they are not tests.
+bench: $(STAMP)
+	$(BIN)/python -m bench.chat_latency --requests 100
 
 clean:
 	rm -rf $(VENV) .lamina .mypy_cache .pytest_cache .ruff_cache

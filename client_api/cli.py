@@ -125,6 +125,7 @@ async def _ask(settings: LaminaSettings, question: str, principal: Any) -> int:
         ErrorEvent,
         PlanEvent,
         StepEvent,
+        StepKind,
         TurnRequest,
     )
 
@@ -140,13 +141,16 @@ async def _ask(settings: LaminaSettings, question: str, principal: Any) -> int:
                     steps = " → ".join(s.kind.value for s in event.plan.steps)
                     console.print(f"[dim]plan ({event.plan.planner}): {steps}[/dim]")
                 case StepEvent(outcome=outcome) if outcome is not None:
-                    console.print(f"[dim]  {event.step.kind.value}: {outcome.summary}[/dim]")
+                    if event.step.kind is StepKind.ANSWER:
+                        console.print()  # end the streamed answer's line
+                    else:
+                        console.print(f"[dim]  {event.step.kind.value}: {outcome.summary}[/dim]")
                 case AnswerDelta():
                     console.print(event.text, end="", soft_wrap=True, highlight=False)
                 case CitationsEvent():
-                    console.print()
                     for c in event.citations:
                         where = f", page {c.page}" if c.page else ""
+                        where += f", {c.section}" if c.section else ""
                         console.print(f"[cyan][{c.ref}][/cyan] {c.title} — {c.source}{where}")
                 case ErrorEvent():
                     errors.print(f"\n[red]{event.message}[/red]")
