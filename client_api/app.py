@@ -23,6 +23,7 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     settings = settings or load_settings()
     require_serving_settings(settings)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    docs = settings.api.publish_docs or settings.auth.mode == "dev"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +42,10 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Enterprise assistant backend: grounded, security-trimmed answers with citations.",
         lifespan=lifespan,
+        # Only health is open without credentials, unless the operator publishes the docs.
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.add_middleware(
         CorrelationIdMiddleware,

@@ -40,6 +40,10 @@ class AuthSettings(BaseModel):
 class ApiSettings(BaseModel):
     host: str = Field(default="127.0.0.1", description="Bind address of lamina serve")
     port: int = Field(default=8000, ge=0, le=65535, description="Port of lamina serve")
+    publish_docs: bool = Field(
+        default=False,
+        description="Serve /docs and /openapi.json without authentication (always in dev mode)",
+    )
 
 
 class LaminaSettings(BaseSettings):

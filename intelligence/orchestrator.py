@@ -13,9 +13,10 @@ import json
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from inferencing.contracts import (
     ChatDelta,
@@ -69,6 +70,7 @@ from tools.contracts import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _CITATION = re.compile(r"\[(\d{1,3})\]")
 _SNIPPET_CHARS = 280
@@ -91,6 +93,41 @@ class _Execution:
     outcomes: list[StepOutcome] = field(default_factory=list)
     trimmed: int = 0
     indexes: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Turn:
+    """One turn's state, from the stored user message to the stored reply."""
+
+    conversation_id: str
+    reply_id: str
+    question: str
+    history: Sequence[ConversationMessage]
+    principal: Principal
+    correlation_id: str | None
+    answer: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    citations: tuple[Citation, ...] = ()
+    execution: _Execution = field(default_factory=_Execution)
+    status: MessageStatus = MessageStatus.FAILED
+    error: ErrorEvent | None = None
+    stored: bool = False
+
+    def fail(self, error: ErrorEvent) -> None:
+        self.error = error
+        self.status = MessageStatus.INTERRUPTED if self.answer else MessageStatus.FAILED
+
+
+@asynccontextmanager
+async def _closing(stream: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]]:
+    """Close an inner stream when we stop early, so a provider connection or running
+    steps end with the turn rather than at garbage collection."""
+    try:
+        yield stream
+    finally:
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 class Orchestrator:
@@ -147,11 +184,21 @@ class Orchestrator:
         history = await self._conversations.messages(
             principal, conversation.id, last=self._settings.history_turns
         )
-        user_message = await self._conversations.add_message(
-            principal, conversation.id, "user", question
+        try:
+            user_message = await self._conversations.add_message(
+                principal, conversation.id, "user", question
+            )
+            # The reply's row exists before anything streams, so every outcome of the
+            # turn (complete, interrupted, failed) has a place to be recorded.
+            reply = await self._conversations.add_message(
+                principal, conversation.id, "assistant", "", status=MessageStatus.STREAMING
+            )
+        except LookupError:  # deleted between the check above and the insert
+            raise ConversationNotFound("No such conversation.") from None
+        turn = _Turn(
+            conversation.id, reply.id, question, history, principal, request.correlation_id
         )
-        events = self._run(conversation.id, question, history, principal, request.correlation_id)
-        return StartedTurn(conversation.id, user_message.id, events)
+        return StartedTurn(conversation.id, user_message.id, self._run(turn))
 
     async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
         started = await self.start_turn(request, principal)
@@ -187,130 +234,104 @@ class Orchestrator:
 
     # --- the turn --------------------------------------------------------------
 
-    async def _run(
-        self,
-        conversation_id: str,
-        question: str,
-        history: Sequence[ConversationMessage],
-        principal: Principal,
-        correlation_id: str | None,
-    ) -> AsyncGenerator[TurnEvent, None]:
-        reply = await self._conversations.add_message(
-            principal, conversation_id, "assistant", "", status=MessageStatus.STREAMING
-        )
-        answer: list[str] = []
-        plan: Plan | None = None
-        citations: tuple[Citation, ...] = ()
-        execution = _Execution()
-        status = MessageStatus.FAILED
-        error: ErrorEvent | None = None
-        stored = False
-
-        async def finish() -> None:
-            await self._finish(
-                reply,
-                principal,
-                conversation_id,
-                question,
-                answer,
-                status,
-                plan,
-                citations,
-                execution,
-                correlation_id,
-                error,
-            )
-
+    async def _run(self, turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
+        principal, execution = turn.principal, turn.execution
         try:
-            plan = await self._planner.plan(_PlanningContext(question, history, principal))
-            yield PlanEvent(plan)
-            async for event in self._execute(plan, principal, execution):
-                yield event
+            turn.plan = await self._planner.plan(
+                _PlanningContext(turn.question, turn.history, principal)
+            )
+            yield PlanEvent(turn.plan)
+            async with _closing(self._execute(turn.plan, principal, execution)) as step_events:
+                async for event in step_events:
+                    yield event
             sources = _number_sources(execution.passages)
-            answer_step = next(s for s in plan.steps if s.kind is StepKind.ANSWER)
+            answer_step = next(s for s in turn.plan.steps if s.kind is StepKind.ANSWER)
             yield StepEvent(answer_step)
             usage: Usage | None = None
-            request = self._answer_request(question, history, principal, sources, execution)
-            async for delta in self._model.stream(request, principal):
-                if delta.content:
-                    answer.append(delta.content)
-                    yield AnswerDelta(delta.content)
-                usage = _last_usage(delta, usage)
-            citations = _cited("".join(answer), sources)
-            outcome = StepOutcome(answer_step.id, StepStatus.OK, f"{len(citations)} citation(s)")
+            request = self._answer_request(turn, sources)
+            async with _closing(self._model.stream(request, principal)) as deltas:
+                async for delta in deltas:
+                    if delta.content:
+                        turn.answer.append(delta.content)
+                        yield AnswerDelta(delta.content)
+                    usage = _last_usage(delta, usage)
+            turn.citations = _cited("".join(turn.answer), sources)
+            outcome = StepOutcome(
+                answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
+            )
             execution.outcomes.append(outcome)
-            status = MessageStatus.COMPLETE
-            # "done" promises a stored answer: persist before saying so.
-            await finish()
-            stored = True
+            turn.status = MessageStatus.COMPLETE
+            # "done" promises a stored answer: store it first, whatever happens to us meanwhile.
+            await asyncio.shield(self._store(turn))
             yield StepEvent(answer_step, outcome)
-            yield CitationsEvent(citations)
-            yield DoneEvent(conversation_id, reply.id, usage)
+            yield CitationsEvent(turn.citations)
+            yield DoneEvent(turn.conversation_id, turn.reply_id, usage)
             return
         except InferenceError as exc:
             log.warning("model call failed: %s", exc, extra={"details": exc.details})
-            status = MessageStatus.INTERRUPTED if answer else MessageStatus.FAILED
-            error = ErrorEvent("model_unavailable", exc.message, exc.retryable)
+            turn.fail(ErrorEvent("model_unavailable", exc.message, exc.retryable))
         except KnowledgeError as exc:
             log.warning("retrieval failed: %s", exc)
-            error = ErrorEvent("retrieval_failed", "The documents could not be searched.", True)
+            turn.fail(ErrorEvent("retrieval_failed", "The documents could not be searched.", True))
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: keep what was said, marked interrupted.
-            if not stored:
-                status = MessageStatus.INTERRUPTED
+            if not turn.stored:
+                turn.status = MessageStatus.INTERRUPTED
             raise
         except Exception:
             log.exception("turn failed")
-            error = ErrorEvent("internal_error", "The answer could not be completed.", True)
+            turn.fail(ErrorEvent("internal_error", "The answer could not be completed.", True))
         finally:
-            if not stored:
-                await asyncio.shield(finish())
-        if error is not None:
-            yield error
+            if not turn.stored:
+                try:
+                    await asyncio.shield(self._store(turn))
+                except Exception:
+                    log.exception("could not store the outcome of turn %s", turn.reply_id)
+        if turn.error is not None:
+            yield turn.error
 
-    async def _finish(
-        self,
-        reply: ConversationMessage,
-        principal: Principal,
-        conversation_id: str,
-        question: str,
-        answer: list[str],
-        status: MessageStatus,
-        plan: Plan | None,
-        citations: tuple[Citation, ...],
-        execution: _Execution,
-        correlation_id: str | None,
-        error: ErrorEvent | None,
-    ) -> None:
+    async def _store(self, turn: _Turn) -> None:
         await self._conversations.finish_message(
-            principal, reply.id, "".join(answer), status, citations=citations, plan=plan
+            turn.principal,
+            turn.reply_id,
+            "".join(turn.answer),
+            turn.status,
+            citations=turn.citations,
+            plan=turn.plan,
         )
-        await self._audit.append(
-            AuditRecord(
-                event="chat.turn",
-                tenant_id=principal.tenant_id,
-                user_id=principal.user_id,
-                correlation_id=correlation_id,
-                at=datetime.now(UTC),
-                data={
-                    "conversation_id": conversation_id,
-                    "message_id": reply.id,
-                    "question": question,
-                    "status": status.value,
-                    "error": error.code if error else None,
-                    "plan": _plan_summary(plan),
-                    "steps": [
-                        {"step": o.step_id, "status": o.status.value, "summary": o.summary}
-                        for o in execution.outcomes
-                    ],
-                    "sources": sorted({p.chunk.chunk_id for p in execution.passages}),
-                    "cited": [c.chunk_id for c in citations],
-                    "trimmed_candidates": execution.trimmed,
-                    "indexes": sorted(execution.indexes),
-                    "prompt": self._answer_prompt.id,
-                    "model": self._model.name,
-                },
-            )
+        turn.stored = True
+        try:
+            await self._audit.append(self._audit_record(turn))
+        except Exception:
+            # The answer is stored; a failing audit sink must not turn it into an error.
+            log.exception("could not append the audit record of turn %s", turn.reply_id)
+
+    def _audit_record(self, turn: _Turn) -> AuditRecord:
+        execution = turn.execution
+        return AuditRecord(
+            event="chat.turn",
+            tenant_id=turn.principal.tenant_id,
+            user_id=turn.principal.user_id,
+            correlation_id=turn.correlation_id,
+            at=datetime.now(UTC),
+            data={
+                "conversation_id": turn.conversation_id,
+                "message_id": turn.reply_id,
+                "question": turn.question,
+                "status": turn.status.value,
+                "error": turn.error.code if turn.error else None,
+                "plan": _plan_summary(turn.plan),
+                "steps": [
+                    {"step": o.step_id, "status": o.status.value, "summary": o.summary}
+                    for o in execution.outcomes
+                ],
+                "sources": sorted({p.chunk.chunk_id for p in execution.passages}),
+                "cited": [c.chunk_id for c in turn.citations],
+                "trimmed_candidates": execution.trimmed,
+                "indexes": sorted(execution.indexes),
+                "prompt": self._answer_prompt.id,
+                "model": self._model.name,
+            },
         )
 
     # --- steps -----------------------------------------------------------------
@@ -332,6 +353,8 @@ class Orchestrator:
         finally:
             for task in tasks:
                 task.cancel()
+            # Wait for cancelled steps to unwind, so none outlives the turn unobserved.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_step(
         self, step: PlanStep, principal: Principal, execution: _Execution
@@ -387,17 +410,13 @@ class Orchestrator:
     # --- the answer --------------------------------------------------------------
 
     def _answer_request(
-        self,
-        question: str,
-        history: Sequence[ConversationMessage],
-        principal: Principal,
-        sources: Sequence[tuple[int, RetrievedPassage]],
-        execution: _Execution,
+        self, turn: _Turn, sources: Sequence[tuple[int, RetrievedPassage]]
     ) -> ChatRequest:
+        execution = turn.execution
         system = self._prompts.render(
             self._answer_prompt,
             assistant_name=self._assistant_name,
-            tenant=principal.tenant_id,
+            tenant=turn.principal.tenant_id,
             today=datetime.now(UTC).date().isoformat(),
             sources=[
                 {
@@ -413,10 +432,10 @@ class Orchestrator:
         messages = [ChatMessage(Role.SYSTEM, system)]
         messages += [
             ChatMessage(Role(m.role), m.content)
-            for m in history
+            for m in turn.history
             if m.content and m.status is MessageStatus.COMPLETE
         ]
-        messages.append(ChatMessage(Role.USER, question))
+        messages.append(ChatMessage(Role.USER, turn.question))
         if execution.tool_calls:
             messages.append(ChatMessage(Role.ASSISTANT, tool_calls=tuple(execution.tool_calls)))
             messages += execution.tool_results

@@ -214,9 +214,12 @@ class FunctionTool(Tool, Generic[P, R]):
             )
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"tool {tool_name!r}: timeout_s must be positive")
+        if isinstance(roles, str):  # frozenset("admin") would be the letters a, d, m, i, n
+            raise ValueError(f"tool {tool_name!r}: roles must be a set of names, not a string")
         required_roles = frozenset(roles)
         if any(not role for role in required_roles):
             raise ValueError(f"tool {tool_name!r}: roles must be non-empty strings")
+        risk = RiskLevel(risk)  # a plain "high" becomes the enum, or fails here
         self._function = function
         self._is_async = inspect.iscoroutinefunction(function)
         self._parameters, self._arguments_model = _parameters_of(function, tool_name)
@@ -228,7 +231,7 @@ class FunctionTool(Tool, Generic[P, R]):
             risk=risk,
             required_roles=required_roles,
             # A write is not assumed safe to retry unless its author says so.
-            idempotent=(risk is RiskLevel.READ) if idempotent is None else idempotent,
+            idempotent=(risk == RiskLevel.READ) if idempotent is None else idempotent,
             **({} if timeout_s is None else {"timeout_s": timeout_s}),
         )
 

@@ -171,7 +171,8 @@ class PolicyEnforcedToolset:
             raise InvalidToolArguments(
                 name, "the arguments do not match the tool's schema: " + "; ".join(errors), errors
             )
-        if spec.risk is RiskLevel.HIGH:
+        # Fail closed: anything not plainly read or write needs a person's approval.
+        if spec.risk not in (RiskLevel.READ, RiskLevel.WRITE):
             raise ToolApprovalRequired(
                 name, "this action needs a person's approval before it runs; it was not run"
             )

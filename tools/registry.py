@@ -88,6 +88,16 @@ def _check(tool: Tool) -> None:
         raise ValueError(
             f"tool {spec.name!r}: its parameters are not a valid JSON schema: {exc.message}"
         ) from None
+    try:
+        RiskLevel(spec.risk)
+    except ValueError:
+        raise ValueError(
+            f"tool {spec.name!r}: risk must be one of {[r.value for r in RiskLevel]}"
+        ) from None
+    if isinstance(spec.required_roles, str) or not all(
+        isinstance(role, str) for role in spec.required_roles
+    ):
+        raise ValueError(f"tool {spec.name!r}: required_roles must be a set of role names")
     if tool.timeout_s is not None and tool.timeout_s <= 0:
         raise ValueError(f"tool {spec.name!r}: timeout_s must be positive")
 

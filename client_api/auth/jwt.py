@@ -9,6 +9,7 @@ cannot hammer the identity provider.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ import jwt
 
 from client_api.settings import AuthSettings
 from intelligence.contracts import Principal
+
+log = logging.getLogger(__name__)
 
 _ALGORITHMS = ["RS256"]
 _REFRESH_FLOOR_S = 30.0
@@ -82,7 +85,9 @@ class JwtValidator:
         except jwt.ExpiredSignatureError:
             raise AuthenticationError("The token has expired.") from None
         except jwt.PyJWTError as exc:
-            raise AuthenticationError(f"The token is not valid: {exc}.") from None
+            # Which check failed stays in the log: telling the caller would be an oracle.
+            log.info("token refused: %s", exc)
+            raise AuthenticationError("The token is not valid.") from None
         return claims
 
     async def _key_set(self, kid: str) -> _Keys:
@@ -91,20 +96,37 @@ class JwtValidator:
             cached = self._keys
             stale = cached is None or now - cached.fetched_at > self._ttl
             unknown_kid = cached is not None and kid not in cached.keys
-            if stale or (unknown_kid and now - cached.fetched_at > _REFRESH_FLOOR_S):  # type: ignore[union-attr]
-                self._keys = await self._fetch()
+            if (
+                cached is None
+                or stale
+                or (unknown_kid and now - cached.fetched_at > _REFRESH_FLOOR_S)
+            ):
+                try:
+                    self._keys = await self._fetch()
+                except IdentityProviderUnavailable:
+                    if cached is None:
+                        raise
+                    # Keep accepting tokens signed with keys we already trust while the
+                    # provider is down, and try again after the refresh floor, not per request.
+                    log.warning("OpenID metadata refresh failed; using cached keys")
+                    self._keys = _Keys(
+                        cached.issuer, cached.keys, now - self._ttl + _REFRESH_FLOOR_S
+                    )
             assert self._keys is not None
             return self._keys
 
     async def _fetch(self) -> _Keys:
         try:
             meta = (await self._http.get(self._config_url)).raise_for_status().json()
-            jwks = (await self._http.get(meta["jwks_uri"])).raise_for_status().json()
+            issuer, jwks_uri = meta["issuer"], meta["jwks_uri"]
+            if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
+                raise ValueError("issuer and jwks_uri must be strings")
+            jwks = (await self._http.get(jwks_uri)).raise_for_status().json()
             key_set = jwt.PyJWKSet.from_dict(jwks)
-        except (httpx.HTTPError, KeyError, ValueError, jwt.PyJWTError) as exc:
+        except (httpx.HTTPError, KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
             raise IdentityProviderUnavailable(str(exc)) from exc
         keys = {k.key_id: k for k in key_set.keys if k.key_id}
-        return _Keys(issuer=str(meta["issuer"]), keys=keys, fetched_at=time.monotonic())
+        return _Keys(issuer=issuer, keys=keys, fetched_at=time.monotonic())
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from asgi_correlation_id import correlation_id
@@ -76,10 +77,13 @@ def _turn(body: ChatRequestBody) -> TurnRequest:
     )
 
 
-async def _sse(events: AsyncIterator[TurnEvent]) -> AsyncIterator[dict[str, Any]]:
+async def _sse(events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[dict[str, Any]]:
     cid = correlation_id.get()
-    async for event in events:
-        payload = _EVENT.dump_python(event, mode="json")
-        if isinstance(event, ErrorEvent):
-            payload["correlation_id"] = cid
-        yield {"event": event.type, "data": json.dumps(payload)}
+    # aclosing: when the client hangs up, the turn is closed at once and records
+    # itself as interrupted, instead of waiting for garbage collection.
+    async with aclosing(events) as turn_events:
+        async for event in turn_events:
+            payload = _EVENT.dump_python(event, mode="json")
+            if isinstance(event, ErrorEvent):
+                payload["correlation_id"] = cid
+            yield {"event": event.type, "data": json.dumps(payload)}

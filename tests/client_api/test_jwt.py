@@ -106,3 +106,27 @@ async def test_unreachable_identity_provider_fails_closed() -> None:
         idp = IdentityProvider(base_url="http://127.0.0.1:9")
         with pytest.raises(IdentityProviderUnavailable):
             await validator.validate(idp.token("alice"))
+
+
+async def test_refusal_does_not_say_which_check_failed(
+    idp: IdentityProvider, validator: JwtValidator
+) -> None:
+    for token in (idp.token("a", audience="api://x"), idp.token("a", issuer="https://x/v2.0")):
+        with pytest.raises(AuthenticationError) as caught:
+            await validator.validate(token)
+        assert str(caught.value) == "The token is not valid."
+
+
+async def test_cached_keys_keep_working_while_the_provider_is_down(
+    idp: IdentityProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with httpx.AsyncClient() as http:
+        validator = JwtValidator(
+            AuthSettings(openid_config_url=idp.config_url, audience=AUDIENCE, metadata_ttl_s=10),
+            http,
+        )
+        await validator.validate(idp.token("alice"))
+        # The cache goes stale and the provider stops answering.
+        monkeypatch.setattr(validator, "_ttl", -1)
+        validator._config_url = "http://127.0.0.1:9/.well-known/openid-configuration"
+        assert (await validator.validate(idp.token("alice")))["sub"] == "alice"

@@ -163,3 +163,19 @@ def test_provider_failure_on_json_route_is_a_502_problem(
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/problem+json"
     assert "503" not in response.text  # no raw provider error reaches the user
+
+
+def test_openapi_schema_documents_every_route(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {
+        "/v1/chat",
+        "/v1/chat/stream",
+        "/v1/conversations",
+        "/v1/conversations/{conversation_id}",
+        "/healthz",
+        "/readyz",
+    } <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    stream = schema["paths"]["/v1/chat/stream"]["post"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]
+    assert "ChatAnswer" in schema["components"]["schemas"]

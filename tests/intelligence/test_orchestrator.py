@@ -103,9 +103,13 @@ async def test_grounded_turn_cites_sources_and_persists(store: SqliteConversatio
     orchestrator = make(store, model, audit=audit, retriever=retriever)
 
     started = await orchestrator.start_turn(TurnRequest("How many days of leave?"), ALICE)
-    # The user's message is durable before a single event is produced.
+    # The user's message, and a placeholder for the reply, are durable before a single
+    # event is produced.
     stored = await store.messages(ALICE, started.conversation_id)
-    assert [(m.role, m.content) for m in stored] == [("user", "How many days of leave?")]
+    assert [(m.role, m.content, m.status) for m in stored] == [
+        ("user", "How many days of leave?", MessageStatus.COMPLETE),
+        ("assistant", "", MessageStatus.STREAMING),
+    ]
 
     events = await collect(started.events)
     kinds = [e.type for e in events]
@@ -298,3 +302,44 @@ async def test_plan_event_comes_first_and_steps_report_start_and_end(
     assert isinstance(events[0], PlanEvent)
     step_events = [(e.step.id, e.outcome is not None) for e in events if isinstance(e, StepEvent)]
     assert step_events == [("s1", False), ("s1", True), ("s2", False), ("s2", True)]
+
+
+class FailingAuditLog:
+    async def append(self, record: object) -> None:
+        raise OSError("audit disk full")
+
+
+async def test_a_failing_audit_sink_does_not_turn_a_stored_answer_into_an_error(
+    store: SqliteConversationStore,
+) -> None:
+    model = ScriptedChatModel([text_reply("27 days [1].")])
+    orchestrator = make(store, model, audit=FailingAuditLog())  # type: ignore[arg-type]
+    started = await orchestrator.start_turn(TurnRequest("leave days"), ALICE)
+    events = await collect(started.events)
+    assert isinstance(events[-1], DoneEvent)
+    reply = (await store.messages(ALICE, started.conversation_id))[-1]
+    assert reply.status is MessageStatus.COMPLETE
+
+
+class SlowRetriever(InMemoryRetriever):
+    async def retrieve(self, query: object, caller: object) -> object:  # type: ignore[override]
+        import asyncio
+
+        await asyncio.sleep(30)
+        raise AssertionError("never reached")
+
+
+async def test_hanging_up_during_the_steps_cancels_them_and_records_the_interruption(
+    store: SqliteConversationStore,
+) -> None:
+    retriever = SlowRetriever([])
+    started = await make(store, ScriptedChatModel(), retriever=retriever).start_turn(
+        TurnRequest("leave days"), ALICE
+    )
+    events = started.events
+    async for event in events:
+        if isinstance(event, StepEvent):  # the retrieval has started
+            break
+    await events.aclose()  # returns at once: the sleeping retrieval is cancelled
+    reply = (await store.messages(ALICE, started.conversation_id))[-1]
+    assert reply.status is MessageStatus.INTERRUPTED

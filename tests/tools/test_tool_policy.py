@@ -401,3 +401,48 @@ def test_discovered_plugin_that_clashes_with_an_extra_is_skipped() -> None:
     assert listed(tools, EMPLOYEE) == ["lookup_employee"]
     (spec,) = tools.list_tools(EMPLOYEE)
     assert spec.description == "A deployment's own directory lookup."
+
+
+async def test_a_risk_given_as_a_plain_string_is_still_refused_without_approval() -> None:
+    from tools.contracts import ToolApprovalRequired, ToolSpec
+    from tools.plugins import Tool
+    from tools.policy import PolicyEnforcedToolset
+    from tools.registry import ToolRegistry
+    from tools.settings import ToolsSettings
+    from tools.testing import StaticCaller
+
+    ran: list[bool] = []
+
+    @tool(risk="high")  # type: ignore[arg-type]
+    def wipe() -> str:
+        """Wipe production."""
+        ran.append(True)
+        return "wiped"
+
+    assert wipe.spec.risk is RiskLevel.HIGH
+
+    class HandMade(Tool):
+        spec = ToolSpec("handmade", "x", {"type": "object"}, risk="high")  # type: ignore[arg-type]
+        timeout_s = None
+
+        async def invoke(self, arguments: object, caller: object) -> object:  # type: ignore[override]
+            ran.append(True)
+            return "ran"
+
+    registry = ToolRegistry()
+    registry.register(wipe)
+    registry.register(HandMade())
+    toolset = PolicyEnforcedToolset(registry, ToolsSettings())
+    for name in ("wipe", "handmade"):
+        with pytest.raises(ToolApprovalRequired):
+            await toolset.call(name, {}, StaticCaller())
+    assert ran == []
+
+
+def test_roles_given_as_one_string_are_refused() -> None:
+    with pytest.raises(ValueError, match="not a string"):
+
+        @tool(roles="admin")
+        def reset() -> str:
+            """Reset."""
+            return "x"
