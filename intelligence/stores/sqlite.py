@@ -158,11 +158,14 @@ class SqliteConversationStore(_Database):
             raise LookupError("no such conversation for this caller")
         now = _now()
         message_id = uuid.uuid4().hex
-        await self.db.execute(
-            "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (message_id, conversation_id, role, content, status.value, now),
-        )
+        try:
+            await self.db.execute(
+                "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (message_id, conversation_id, role, content, status.value, now),
+            )
+        except aiosqlite.IntegrityError:  # deleted since the ownership check above
+            raise LookupError("no such conversation for this caller") from None
         await self.db.execute(
             "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
         )
