@@ -213,7 +213,8 @@ def demo(
         "Falcon?\"}'\n"
         f"  curl -N {base}/v1/chat/stream -H 'X-Lamina-User: fin' -H 'X-Lamina-Groups: finance' "
         "-H 'Content-Type: application/json' -d '{\"message\": \"What is the budget of Project "
-        "Falcon?\"}'\n"
+        "Falcon?\"}'\n",
+        soft_wrap=True,  # keep each command on one line, so it can be copied
     )
     sys.stdout.flush()
     _serve(settings)
