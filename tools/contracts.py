@@ -39,6 +39,8 @@ class ToolCaller(Protocol):
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
     name: str
+    """Matches ``^[a-zA-Z0-9_-]{1,64}$``, so every model API accepts it unchanged and a
+    model's call can be echoed back under the same name."""
     description: str
     parameters: Mapping[str, Any]
     """JSON schema (type ``object``) of the arguments."""

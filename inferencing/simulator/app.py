@@ -64,6 +64,14 @@ class _EventStream(StreamingResponse):
             self._state.note_dropped_connection()
 
 
+async def _without_api_version(request: Request, sim: SimulatorState) -> Response | None:
+    """Azure paths need ``api-version``, as Azure's do: the 400 it answers without one."""
+    if "api-version" in request.query_params:
+        return None
+    await _record(request, sim)
+    return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
+
+
 def create_app(
     config: SimulatorConfig | None = None, *, state: SimulatorState | None = None
 ) -> FastAPI:
@@ -78,10 +86,8 @@ def create_app(
 
     @app.post("/openai/deployments/{deployment}/chat/completions")
     async def azure_chat_completions(deployment: str, request: Request) -> Response:
-        if "api-version" not in request.query_params:
-            await _record(request, sim)
-            return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
-        return await _chat(request, sim, deployment=deployment)
+        missing = await _without_api_version(request, sim)
+        return missing or await _chat(request, sim, deployment=deployment)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
@@ -89,10 +95,8 @@ def create_app(
 
     @app.post("/openai/deployments/{deployment}/embeddings")
     async def azure_embeddings(deployment: str, request: Request) -> Response:
-        if "api-version" not in request.query_params:
-            await _record(request, sim)
-            return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
-        return await _embeddings(request, sim, deployment=deployment)
+        missing = await _without_api_version(request, sim)
+        return missing or await _embeddings(request, sim, deployment=deployment)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -60,6 +61,13 @@ def _chat_requests(simulator: SimulatorServer) -> list[dict[str, object]]:
     return [r.body for r in simulator.requests() if r.path.endswith("/chat/completions")]
 
 
+def _tool_outcome(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The outcome of the (one) tool step in a turn's events."""
+    ended = next(d for n, d in events if n == "step" and d["outcome"] and d["step"]["tool"])
+    outcome: dict[str, Any] = ended["outcome"]
+    return outcome
+
+
 def test_the_model_plans_a_tool_call_and_answers_from_its_result(
     client: httpx.Client, simulator: SimulatorServer
 ) -> None:
@@ -80,8 +88,7 @@ def test_the_model_plans_a_tool_call_and_answers_from_its_result(
     plan = events[0][1]["plan"]
     assert plan["planner"] == "model:openai:gpt-sim"
     assert [s["kind"] for s in plan["steps"]] == ["call_tool", "answer"]
-    tool_done = next(d for n, d in events if n == "step" and d["outcome"] and d["step"]["tool"])
-    assert tool_done["outcome"]["status"] == "ok"
+    assert _tool_outcome(events)["status"] == "ok"
     answer = "".join(d["text"] for n, d in events if n == "delta")
     assert answer == "Lee Gu is on extension 4202."
 
@@ -113,8 +120,7 @@ def test_a_caller_without_the_role_is_refused_the_tool(
     planning, answering = _chat_requests(simulator)
     offered = {t["function"]["name"] for t in planning["tools"]}  # type: ignore[index]
     assert "lookup_employee" not in offered
-    refused = next(d for n, d in events if n == "step" and d["outcome"] and d["step"]["tool"])
-    assert refused["outcome"]["status"] == "refused"
+    assert _tool_outcome(events)["status"] == "refused"
     assert "4202" not in json.dumps(answering)
 
 
