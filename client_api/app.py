@@ -14,7 +14,7 @@ from client_api.auth.dependencies import Authenticator
 from client_api.auth.jwt import JwtValidator
 from client_api.composition import build_services
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
-from client_api.routes import chat, conversations, health
+from client_api.routes import chat, conversations, health, openai_compat, usage
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
 
 
@@ -56,4 +56,6 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(conversations.router)
+    app.include_router(openai_compat.router)
+    app.include_router(usage.router)
     return app

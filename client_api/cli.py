@@ -1,4 +1,4 @@
-"""The ``lamina`` command line: serve, ingest, ask, demo."""
+"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo."""
 
 from __future__ import annotations
 
@@ -189,6 +189,64 @@ def config() -> None:
     for row in describe_settings():
         table.add_row(*row)
     console.print(table)
+
+
+async def _usage(settings: LaminaSettings, by: str, since: str, tenant: str | None) -> int:
+    from contextlib import AsyncExitStack
+
+    from client_api.composition import build_gateway_state
+    from inferencing.gateway.metering import GROUPINGS, parse_since
+
+    if by not in GROUPINGS:
+        errors.print(f"[red]--by must be one of {', '.join(GROUPINGS)}; got {by!r}[/red]")
+        return 2
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        return 2
+    async with AsyncExitStack() as stack:
+        state = await build_gateway_state(settings, stack)
+        stack.push_async_callback(state.ledger.aclose)
+        rows = await state.ledger.summarize(by, start, tenant_id=tenant)
+    table = Table(
+        by,
+        "calls",
+        "input tokens",
+        "output tokens",
+        "cost",
+        title=f"Model usage since {start:%Y-%m-%d %H:%M} UTC"
+        + (f", tenant {tenant}" if tenant else ""),
+    )
+    for row in rows:
+        table.add_row(
+            row.key,
+            str(row.calls),
+            f"{row.input_tokens:,}",
+            f"{row.output_tokens:,}",
+            f"{row.cost:,.4f}",
+        )
+    if rows:
+        table.add_section()
+        table.add_row(
+            "total",
+            str(sum(r.calls for r in rows)),
+            f"{sum(r.input_tokens for r in rows):,}",
+            f"{sum(r.output_tokens for r in rows):,}",
+            f"{sum(r.cost for r in rows):,.4f}",
+        )
+    console.print(table)
+    return 0
+
+
+@app.command()
+def usage(
+    by: Annotated[str, typer.Option(help="tenant, user, model or deployment")] = "tenant",
+    since: Annotated[str, typer.Option(help="7d, 24h, 30m, or an ISO date")] = "30d",
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant")] = None,
+) -> None:
+    """Chargeback: tokens and cost of model calls, grouped, from the usage ledger."""
+    raise typer.Exit(asyncio.run(_usage(_settings(), by, since, tenant)))
 
 
 @app.command()

@@ -7,13 +7,16 @@ toolset, chat model, planner, stores and the orchestrator.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from client_api.settings import LaminaSettings
 from inferencing.contracts import ChatModel
-from inferencing.providers import build_chat_model
+from inferencing.gateway import Gateway, build_gateway
+from inferencing.gateway.breaker import BreakerStore, InProcessBreakerStore
+from inferencing.gateway.metering import SqliteUsageLedger, UsageLedger
 from intelligence.contracts import Assistant, ConversationStore, Planner, PlanningContext
 from intelligence.orchestrator import Orchestrator
 from intelligence.planning.deterministic import DeterministicPlanner
@@ -41,14 +44,61 @@ class Services:
     ingestor: Ingestor
     retriever: Retriever
     toolset: Toolset
-    chat_model: ChatModel
+    gateway: Gateway
     conversations: ConversationStore
     audit: SqliteAuditLog
     assistant: Assistant
+    state: GatewayState
     _stack: AsyncExitStack
 
     async def aclose(self) -> None:
         await self._stack.aclose()
+
+
+@dataclass
+class GatewayState:
+    """Where the gateway keeps breakers and usage: in-process and SQLite, or Redis."""
+
+    breakers: BreakerStore
+    ledger: UsageLedger
+    describe: Callable[[], dict[str, str]]
+
+
+async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -> GatewayState:
+    """In-process breakers and a SQLite usage ledger, or both in Redis when
+    ``LAMINA_REDIS__URL`` is set, falling back to the embedded ones while Redis is down."""
+    local_ledger = SqliteUsageLedger(settings.usage_path())
+    await local_ledger.open()
+    if settings.redis.url is None:
+        return GatewayState(
+            InProcessBreakerStore(),
+            local_ledger,
+            lambda: {"gateway_state": "in-process", "usage_ledger": "sqlite"},
+        )
+    # Imported here: only a shared deployment needs the Redis client.
+    from inferencing.gateway.redis_state import (
+        RedisBreakerStore,
+        RedisUsageLedger,
+        ResilientBreakerStore,
+        ResilientUsageLedger,
+        redis_client,
+    )
+
+    redis = redis_client(
+        settings.redis.url,
+        connect_timeout_s=settings.redis.connect_timeout_s,
+        command_timeout_s=settings.redis.command_timeout_s,
+    )
+    stack.push_async_callback(redis.aclose)
+    breakers = ResilientBreakerStore(
+        RedisBreakerStore(redis),
+        InProcessBreakerStore(),
+        retry_after_s=settings.redis.retry_after_s,
+    )
+    ledger = ResilientUsageLedger(
+        RedisUsageLedger(redis), local_ledger, retry_after_s=settings.redis.retry_after_s
+    )
+    return GatewayState(breakers, ledger, lambda: {**breakers.describe(), **ledger.describe()})
 
 
 def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
@@ -99,8 +149,12 @@ async def build_services(settings: LaminaSettings) -> Services:
         await audit.open()
         stack.push_async_callback(audit.close)
 
-        chat_model = build_chat_model(settings.inferencing)
+        state = await build_gateway_state(settings, stack)
+        chat_model = build_gateway(
+            settings.inferencing, breakers=state.breakers, ledger=state.ledger
+        )
         stack.push_async_callback(chat_model.aclose)
+        await chat_model.warm_up()
         toolset = build_toolset(settings.tools)
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()
@@ -131,5 +185,6 @@ async def build_services(settings: LaminaSettings) -> Services:
         conversations,
         audit,
         assistant,
+        state,
         stack,
     )

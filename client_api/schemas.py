@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferencing.contracts import Usage
+from inferencing.contracts import RouteInfo, Usage
 from intelligence.contracts import (
     Citation,
     Conversation,
@@ -38,6 +38,9 @@ class ChatAnswer(BaseModel):
     plan: Plan
     steps: list[StepOutcome]
     usage: Usage | None = None
+    route: RouteInfo | None = Field(
+        default=None, description="The model deployment that answered, and why"
+    )
 
 
 class ConversationSummary(BaseModel):
@@ -90,3 +93,18 @@ class ConversationDetail(ConversationSummary):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+class UsageReportRow(BaseModel):
+    key: str = Field(description="The tenant, tenant/user, model@version or deployment")
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cost: float = Field(description="In the currency of the registry's prices")
+
+
+class UsageReport(BaseModel):
+    tenant_id: str
+    by: str
+    since: datetime
+    rows: list[UsageReportRow]

@@ -35,6 +35,9 @@ class AuthSettings(BaseModel):
     leeway_s: int = Field(default=60, ge=0, le=600, description="Clock skew allowed on exp/nbf")
     metadata_ttl_s: int = Field(default=3600, ge=10, description="OpenID metadata/JWKS cache")
     dev_tenant: str = Field(default="contoso", description="Tenant of dev-mode callers")
+    admin_role: str = Field(
+        default="Lamina.Admin", description="App role that may read usage reports"
+    )
 
 
 class ApiSettings(BaseModel):
@@ -43,6 +46,19 @@ class ApiSettings(BaseModel):
     publish_docs: bool = Field(
         default=False,
         description="Serve /docs and /openapi.json without authentication (always in dev mode)",
+    )
+
+
+class RedisSettings(BaseModel):
+    url: str | None = Field(
+        default=None,
+        description="redis://host:6379/0 to share gateway state (breakers, usage) between "
+        "replicas; empty keeps it in-process",
+    )
+    connect_timeout_s: float = Field(default=0.5, gt=0, description="To connect to Redis")
+    command_timeout_s: float = Field(default=0.5, gt=0, description="For each Redis command")
+    retry_after_s: float = Field(
+        default=5.0, gt=0, description="While Redis is down, how often to try it again"
     )
 
 
@@ -60,6 +76,7 @@ class LaminaSettings(BaseSettings):
     )
     auth: AuthSettings = AuthSettings()
     api: ApiSettings = ApiSettings()
+    redis: RedisSettings = RedisSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     inferencing: InferencingSettings = InferencingSettings()
     tools: ToolsSettings = ToolsSettings()
@@ -67,6 +84,9 @@ class LaminaSettings(BaseSettings):
 
     def knowledge_index_path(self) -> Path:
         return self.knowledge.index_path or self.data_dir / "knowledge.db"
+
+    def usage_path(self) -> Path:
+        return self.data_dir / "usage.db"
 
     def conversations_path(self) -> Path:
         return self.intelligence.conversations_path or self.data_dir / "conversations.db"

@@ -60,12 +60,31 @@ class GroundingDocument:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseSchema:
+    """Structured output: the answer must be JSON valid against ``schema``."""
+
+    name: str
+    schema: Mapping[str, Any]
+    strict: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
+    """One model call.
+
+    ``deployment`` pins the call to a named deployment of the gateway's registry (the
+    deployment's failover chain still applies); None lets the router choose.
+    ``prompt_version`` names the prompt the messages were rendered from, for metering.
+    """
+
     messages: Sequence[ChatMessage]
     tools: Sequence[ToolDefinition] = ()
     documents: Sequence[GroundingDocument] = ()
     max_tokens: int | None = None
     temperature: float | None = None
+    response_format: ResponseSchema | None = None
+    deployment: str | None = None
+    prompt_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +94,28 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """Where the gateway sent a call, and why.
+
+    ``reasons`` explain the choice in words (capability, complexity, cost, retirement,
+    open breakers); ``attempts`` lists every deployment tried, in order, with its
+    outcome (``ok`` or an error kind).
+    """
+
+    deployment: str
+    model: str
+    model_version: str | None
+    reasons: tuple[str, ...] = ()
+    attempts: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ChatResponse:
     message: ChatMessage
     finish_reason: str
     model: str
     usage: Usage | None = None
+    route: RouteInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +124,15 @@ class ChatDelta:
 
     ``content`` carries text as it arrives. Tool calls are delivered whole, once
     the model has finished them, in a delta of their own. The last delta has a
-    ``finish_reason`` and, where the provider reports it, ``usage``.
+    ``finish_reason`` and, where the provider reports it, ``usage``; through the
+    gateway it also carries the ``route``.
     """
 
     content: str = ""
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+    route: RouteInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +142,8 @@ class ModelCapabilities:
     json_schema: bool = False
     generative: bool = True
     """False for answerers that only extract from the grounding documents."""
+    context_window: int | None = None
+    """Most tokens (prompt plus output) one call may use; None when unknown or unbounded."""
 
 
 class InferenceCaller(Protocol):
@@ -130,6 +170,28 @@ class ChatModel(Protocol):
     async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse: ...
 
     def stream(self, request: ChatRequest, caller: InferenceCaller) -> AsyncIterator[ChatDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResponse:
+    vectors: tuple[tuple[float, ...], ...]
+    model: str
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class EmbeddingModel(Protocol):
+    """Turns texts into vectors, one per text, in order. Errors as for :class:`ChatModel`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dimensions(self) -> int | None: ...
+
+    async def embed(self, texts: Sequence[str], caller: InferenceCaller) -> EmbeddingResponse: ...
 
     async def aclose(self) -> None: ...
 
@@ -168,6 +230,18 @@ class StreamInterrupted(InferenceError):
 
 class InvalidModelRequest(InferenceError):
     """The provider refused the request as malformed or too long."""
+
+
+class ContextWindowExceeded(InvalidModelRequest):
+    """The prompt plus the requested output does not fit the model's context window."""
+
+
+class UnknownDeployment(InvalidModelRequest):
+    """The request names a deployment the registry does not have."""
+
+
+class NoDeploymentAvailable(ProviderUnavailable):
+    """No configured deployment can serve the request now (all retired, open or failed)."""
 
 
 class ProviderAuthenticationFailed(InferenceError):

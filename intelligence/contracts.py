@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from inferencing.contracts import Usage
+from inferencing.contracts import RouteInfo, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +243,8 @@ class DoneEvent:
     conversation_id: str
     message_id: str
     usage: Usage | None = None
+    route: RouteInfo | None = None
+    """Which model deployment answered, and why (from the inferencing gateway)."""
     type: Literal["done"] = "done"
 
 
@@ -276,6 +278,7 @@ class TurnResult:
     plan: Plan
     steps: tuple[StepOutcome, ...] = field(default=())
     usage: Usage | None = None
+    route: RouteInfo | None = None
 
 
 class Assistant(Protocol):

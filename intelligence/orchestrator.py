@@ -26,6 +26,7 @@ from inferencing.contracts import (
     GroundingDocument,
     InferenceError,
     Role,
+    RouteInfo,
     ToolCall,
     Usage,
 )
@@ -112,6 +113,7 @@ class _Turn:
     status: MessageStatus = MessageStatus.FAILED
     error: ErrorEvent | None = None
     stored: bool = False
+    route: RouteInfo | None = None
 
     def fail(self, error: ErrorEvent) -> None:
         self.error = error
@@ -229,6 +231,7 @@ class Orchestrator:
                             plan=plan,
                             steps=tuple(outcomes),
                             usage=event.usage,
+                            route=event.route,
                         )
         raise AnswerFailed("The answer ended unexpectedly.")
 
@@ -255,6 +258,7 @@ class Orchestrator:
                         turn.answer.append(delta.content)
                         yield AnswerDelta(delta.content)
                     usage = _last_usage(delta, usage)
+                    turn.route = delta.route or turn.route
             turn.citations = _cited("".join(turn.answer), sources)
             outcome = StepOutcome(
                 answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
@@ -265,7 +269,7 @@ class Orchestrator:
             await asyncio.shield(self._store(turn))
             yield StepEvent(answer_step, outcome)
             yield CitationsEvent(turn.citations)
-            yield DoneEvent(turn.conversation_id, turn.reply_id, usage)
+            yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route)
             return
         except InferenceError as exc:
             log.warning("model call failed: %s", exc, extra={"details": exc.details})
@@ -331,6 +335,7 @@ class Orchestrator:
                 "indexes": sorted(execution.indexes),
                 "prompt": self._answer_prompt.id,
                 "model": self._model.name,
+                "route": _route_summary(turn.route),
             },
         )
 
@@ -445,6 +450,7 @@ class Orchestrator:
             documents=documents,
             max_tokens=self._max_output_tokens,
             temperature=self._temperature,
+            prompt_version=self._answer_prompt.id,
         )
 
 
@@ -499,4 +505,14 @@ def _plan_summary(plan: Plan | None) -> dict[str, object] | None:
         "steps": [
             {"id": s.id, "kind": s.kind.value, "query": s.query, "tool": s.tool} for s in plan.steps
         ],
+    }
+
+
+def _route_summary(route: RouteInfo | None) -> dict[str, object] | None:
+    if route is None:
+        return None
+    return {
+        "deployment": route.deployment,
+        "model_version": route.model_version,
+        "attempts": [list(attempt) for attempt in route.attempts],
     }

@@ -103,10 +103,17 @@ class ScriptedChatModel:
     requests: list[ChatRequest] = field(default_factory=list)
     fail_after_chunks: InferenceError | None = None
     name: str = "scripted"
+    context_window: int | None = None
+    json_schema: bool = False
 
     @property
     def capabilities(self) -> ModelCapabilities:
-        return ModelCapabilities(streaming=True, tool_calls=self.tool_calls)
+        return ModelCapabilities(
+            streaming=True,
+            tool_calls=self.tool_calls,
+            json_schema=self.json_schema,
+            context_window=self.context_window,
+        )
 
     def _next(self, request: ChatRequest) -> ChatResponse:
         self.requests.append(request)

@@ -29,7 +29,8 @@ _STREAM_DOC = """Server-sent events, one JSON object per event; the SSE event na
   refused, needs_approval)
 - `delta` — a piece of answer text
 - `citations` — the sources cited in the answer as `[n]`
-- `done` — the answer is complete and stored (`conversation_id`, `message_id`, `usage`)
+- `done` — the answer is complete and stored (`conversation_id`, `message_id`, `usage`,
+  `route`: the model deployment that answered, and why)
 - `error` — the turn failed after the stream began (`code`, `message`, `retryable`,
   `correlation_id`); no `done` follows
 
@@ -50,6 +51,7 @@ async def chat(
         plan=result.plan,
         steps=list(result.steps),
         usage=result.usage,
+        route=result.route,
     )
 
 

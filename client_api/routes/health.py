@@ -25,7 +25,9 @@ async def readyz(request: Request) -> JSONResponse:
     services = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse(Health(status="starting").model_dump(), status_code=503)
-    checks: dict[str, str] = {}
+    checks: dict[str, str] = dict(services.state.describe())
+    for deployment, state in (await services.gateway.breaker_states()).items():
+        checks[f"breaker.{deployment}"] = state.value
     try:
         checks["index_chunks"] = str(await services.index.count_chunks())
     except Exception as exc:  # readiness reports, it must not raise

@@ -7,10 +7,10 @@ them, so that the extractive default starts without paying for either.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
-from inferencing.contracts import ChatModel, ProviderAuthenticationFailed
-from inferencing.settings import InferencingSettings
+from inferencing.contracts import ChatModel, ModelCapabilities, ProviderAuthenticationFailed
+from inferencing.settings import DeploymentSettings, TimeoutSettings
 
 if TYPE_CHECKING:
     import openai
@@ -24,44 +24,57 @@ _NO_TOKEN = "Lamina could not obtain credentials for the model service."
 
 
 def build_chat_model(
-    settings: InferencingSettings, *, azure_token_provider: AzureTokenProvider | None = None
+    deployment: DeploymentSettings,
+    *,
+    timeouts: TimeoutSettings | None = None,
+    http_client: Literal["aiohttp", "httpx"] = "httpx",
+    max_output_tokens: int | None = None,
+    temperature: float | None = None,
+    azure_token_provider: AzureTokenProvider | None = None,
 ) -> ChatModel:
-    """The chat model ``settings.provider`` names.
+    """The chat model of one deployment.
 
     - ``extractive``: :class:`~inferencing.providers.extractive.ExtractiveAnswerer`.
-    - ``openai``: OpenAI, or any OpenAI-compatible server at ``settings.base_url``.
-    - ``azure_openai``: the deployment ``settings.model`` at ``settings.azure_endpoint``,
-      with ``settings.api_key`` if set, otherwise a Microsoft Entra token
-      (``azure_token_provider`` when given, else ``DefaultAzureCredential``).
+    - ``openai``: OpenAI, or any OpenAI-compatible server at ``deployment.base_url``.
+    - ``azure_openai``: the deployment ``deployment.model`` at ``azure_endpoint``, with
+      ``api_key`` if set, otherwise a Microsoft Entra token (``azure_token_provider``
+      when given, else ``DefaultAzureCredential``).
 
+    The SDK never retries on its own (``max_retries=0``): the gateway owns retries, and
+    two layers of them would multiply. ``timeouts`` bound connecting and each call.
     Raises ``ValueError`` naming the setting when the configuration cannot work.
     """
-    if settings.provider == "extractive":
+    if deployment.provider == "extractive":
         from inferencing.providers.extractive import ExtractiveAnswerer
 
         return ExtractiveAnswerer()
 
     import openai
 
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    if settings.provider == "openai":
+    timeouts = timeouts or TimeoutSettings()
+    common: dict[str, Any] = {
+        "timeout": openai.Timeout(timeouts.total_s, connect=timeouts.connect_s),
+        "max_retries": 0,
+    }
+    if http_client == "aiohttp":
+        common["http_client"] = openai.DefaultAioHttpClient(timeout=common["timeout"])
+    api_key = deployment.api_key.get_secret_value() if deployment.api_key else None
+    options = (max_output_tokens, temperature)
+    if deployment.provider == "openai":
         try:
-            client = openai.AsyncOpenAI(
-                api_key=api_key,
-                base_url=settings.base_url,
-                timeout=settings.timeout_s,
-                max_retries=settings.max_retries,
-            )
+            client = openai.AsyncOpenAI(api_key=api_key, base_url=deployment.base_url, **common)
         except openai.OpenAIError as exc:
             raise ValueError(
-                "LAMINA_INFERENCING__API_KEY is required when provider is openai "
-                "(or set OPENAI_API_KEY); for a server without authentication give any value"
+                f"deployment {deployment.name!r} needs an api_key "
+                "(LAMINA_INFERENCING__API_KEY, or OPENAI_API_KEY); for a server without "
+                "authentication give any value"
             ) from exc
-        return _chat_model(client, settings)
+        return _chat_model(client, deployment, options)
 
-    if settings.azure_endpoint is None:
+    if deployment.azure_endpoint is None:
         raise ValueError(
-            "LAMINA_INFERENCING__AZURE_ENDPOINT is required when provider is azure_openai"
+            f"deployment {deployment.name!r} needs an azure_endpoint "
+            "(LAMINA_INFERENCING__AZURE_ENDPOINT)"
         )
     on_close: Callable[[], Awaitable[None]] | None = None
     if azure_token_provider is None and api_key is None:
@@ -69,18 +82,17 @@ def build_chat_model(
         from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
 
         credential = DefaultAzureCredential()
-        azure_token_provider = get_bearer_token_provider(credential, settings.azure_ad_scope)
+        azure_token_provider = get_bearer_token_provider(credential, deployment.azure_ad_scope)
         on_close = credential.close
     azure = openai.AsyncAzureOpenAI(
-        azure_endpoint=settings.azure_endpoint,
-        azure_deployment=settings.model,
-        api_version=settings.azure_api_version,
+        azure_endpoint=deployment.azure_endpoint,
+        azure_deployment=deployment.model,
+        api_version=deployment.azure_api_version,
         api_key=api_key if azure_token_provider is None else None,
         azure_ad_token_provider=_guarded(azure_token_provider) if azure_token_provider else None,
-        timeout=settings.timeout_s,
-        max_retries=settings.max_retries,
+        **common,
     )
-    return _chat_model(azure, settings, on_close=on_close)
+    return _chat_model(azure, deployment, options, on_close=on_close)
 
 
 def _guarded(token_provider: AzureTokenProvider) -> AzureTokenProvider:
@@ -102,7 +114,8 @@ def _guarded(token_provider: AzureTokenProvider) -> AzureTokenProvider:
 
 def _chat_model(
     client: openai.AsyncOpenAI,
-    settings: InferencingSettings,
+    deployment: DeploymentSettings,
+    options: tuple[int | None, float | None],
     *,
     on_close: Callable[[], Awaitable[None]] | None = None,
 ) -> OpenAICompatibleChatModel:
@@ -110,10 +123,16 @@ def _chat_model(
 
     return OpenAICompatibleChatModel(
         client,
-        model=settings.model,
-        name=f"{settings.provider}:{settings.model}",
-        supports_tools=settings.supports_tools,
-        default_max_tokens=settings.max_output_tokens,
-        default_temperature=settings.temperature,
+        model=deployment.model,
+        name=f"{deployment.provider}:{deployment.model}",
+        capabilities=ModelCapabilities(
+            streaming=True,
+            tool_calls=deployment.supports_tools,
+            json_schema=deployment.supports_json_schema,
+            generative=True,
+            context_window=deployment.context_window,
+        ),
+        default_max_tokens=options[0],
+        default_temperature=options[1],
         on_close=on_close,
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import openai
 from openai import AsyncOpenAI
 from openai.types.chat import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
     ChatCompletionMessageFunctionToolCall,
     ChatCompletionMessageFunctionToolCallParam,
@@ -58,7 +59,7 @@ class OpenAICompatibleChatModel:
         *,
         model: str,
         name: str | None = None,
-        supports_tools: bool = True,
+        capabilities: ModelCapabilities | None = None,
         default_max_tokens: int | None = None,
         default_temperature: float | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
@@ -67,9 +68,7 @@ class OpenAICompatibleChatModel:
         self._client = client
         self._model = model
         self._name = name or model
-        self._capabilities = ModelCapabilities(
-            streaming=True, tool_calls=supports_tools, json_schema=False, generative=True
-        )
+        self._capabilities = capabilities or ModelCapabilities(tool_calls=True)
         self._default_max_tokens = default_max_tokens
         self._default_temperature = default_temperature
         self._on_close = on_close
@@ -84,15 +83,9 @@ class OpenAICompatibleChatModel:
         return self._capabilities
 
     async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse:
-        messages, tools = self._prepare(request)
+        arguments = self._arguments(request)
         try:
-            completion = await self._client.chat.completions.create(
-                model=self._model,
-                messages=messages,
-                tools=tools or openai.omit,
-                max_tokens=_given(request.max_tokens, self._default_max_tokens),
-                temperature=_given(request.temperature, self._default_temperature),
-            )
+            completion: ChatCompletion = await self._client.chat.completions.create(**arguments)
         except openai.OpenAIError as exc:
             raise provider_error(exc) from exc
         return _response(completion)
@@ -107,16 +100,12 @@ class OpenAICompatibleChatModel:
         (the caller may still retry or fail over); after that it raises
         :class:`~inferencing.contracts.StreamInterrupted`.
         """
-        messages, tools = self._prepare(request)
+        arguments = self._arguments(request)
         try:
-            chunks = await self._client.chat.completions.create(
-                model=self._model,
-                messages=messages,
-                tools=tools or openai.omit,
-                max_tokens=_given(request.max_tokens, self._default_max_tokens),
-                temperature=_given(request.temperature, self._default_temperature),
-                stream=True,
-                stream_options={"include_usage": True},
+            chunks: openai.AsyncStream[
+                ChatCompletionChunk
+            ] = await self._client.chat.completions.create(
+                **arguments, stream=True, stream_options={"include_usage": True}
             )
         except openai.OpenAIError as exc:
             raise provider_error(exc) from exc
@@ -173,15 +162,35 @@ class OpenAICompatibleChatModel:
 
     # --- request mapping ---------------------------------------------------------
 
-    def _prepare(
-        self, request: ChatRequest
-    ) -> tuple[list[ChatCompletionMessageParam], list[ChatCompletionFunctionToolParam]]:
+    def _arguments(self, request: ChatRequest) -> dict[str, Any]:
+        """The keyword arguments of ``chat.completions.create`` common to both calls."""
         if request.tools and not self._capabilities.tool_calls:
             raise InvalidModelRequest(
                 "This model cannot call tools.",
                 details={"model": self._name, "tools": [t.name for t in request.tools]},
             )
-        return [_message(m) for m in request.messages], [_tool(t) for t in request.tools]
+        if request.response_format is not None and not self._capabilities.json_schema:
+            raise InvalidModelRequest(
+                "This model cannot produce structured output.", details={"model": self._name}
+            )
+        arguments: dict[str, Any] = {
+            "model": self._model,
+            "messages": [_message(m) for m in request.messages],
+            "max_tokens": _given(request.max_tokens, self._default_max_tokens),
+            "temperature": _given(request.temperature, self._default_temperature),
+        }
+        if request.tools:
+            arguments["tools"] = [_tool(t) for t in request.tools]
+        if (schema := request.response_format) is not None:
+            arguments["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": schema.name,
+                    "schema": dict(schema.schema),
+                    "strict": schema.strict,
+                },
+            }
+        return arguments
 
 
 def _garbled(exc: ValueError, delivered: bool) -> InferenceError:

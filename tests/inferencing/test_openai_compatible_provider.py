@@ -18,6 +18,7 @@ from inferencing.contracts import (
     ChatRequest,
     GroundingDocument,
     InvalidModelRequest,
+    ModelCapabilities,
     ProviderAuthenticationFailed,
     ProviderRateLimited,
     ProviderTimeout,
@@ -30,7 +31,7 @@ from inferencing.contracts import (
 from inferencing.providers import build_chat_model
 from inferencing.providers.openai_compatible import OpenAICompatibleChatModel
 from inferencing.providers.openai_errors import retry_after_seconds
-from inferencing.settings import InferencingSettings
+from inferencing.settings import DeploymentSettings
 from inferencing.simulator import (
     ConfigUpdate,
     Fault,
@@ -72,7 +73,7 @@ def model_for(
         client,
         model="gpt-4o-mini",
         name="openai:gpt-4o-mini",
-        supports_tools=supports_tools,
+        capabilities=ModelCapabilities(tool_calls=supports_tools),
         default_max_tokens=400,
         default_temperature=0.2,
     )
@@ -411,15 +412,14 @@ async def test_a_cut_non_streaming_answer_is_provider_unavailable(
 # --- Azure OpenAI ----------------------------------------------------------------------
 
 
-def azure_settings(simulator: SimulatorServer, **changes: object) -> InferencingSettings:
+def azure_settings(simulator: SimulatorServer, **changes: object) -> DeploymentSettings:
     values: dict[str, object] = {
+        "name": "azure",
         "provider": "azure_openai",
         "azure_endpoint": simulator.base_url,
         "model": "chat-deployment",
-        "max_retries": 0,
-        "timeout_s": 5,
     }
-    return InferencingSettings.model_validate(values | changes)
+    return DeploymentSettings.model_validate(values | changes)
 
 
 async def test_azure_with_an_api_key_uses_the_deployment_route_and_api_key_header(

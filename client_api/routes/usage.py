@@ -1,0 +1,55 @@
+"""Chargeback for administrators: ``GET /v1/usage``, the same table as ``lamina usage``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from client_api.auth.dependencies import CurrentPrincipal
+from client_api.problems import Problem
+from client_api.routes.deps import ServicesDep
+from client_api.schemas import UsageReport, UsageReportRow
+from inferencing.gateway.metering import GroupBy, parse_since
+
+router = APIRouter(tags=["usage"])
+
+
+@router.get(
+    "/v1/usage",
+    response_model=UsageReport,
+    summary="Token usage and cost of the caller's tenant, grouped (administrators only)",
+    responses={403: {"description": "The caller is not an administrator"}},
+)
+async def usage(
+    principal: CurrentPrincipal,
+    services: ServicesDep,
+    by: Annotated[GroupBy, Query(description="tenant, user, model or deployment")] = "user",
+    since: Annotated[str, Query(description="7d, 24h, 30m, or an ISO date")] = "30d",
+) -> UsageReport:
+    admin_role = services.settings.auth.admin_role
+    if admin_role not in principal.roles:
+        raise Problem(403, "Forbidden", f"Usage reports need the {admin_role!r} role.")
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise Problem(422, "Invalid request", str(exc)) from None
+    meter = services.gateway.meter
+    if meter is not None:
+        await meter.flush()
+    rows = await services.state.ledger.summarize(by, start, tenant_id=principal.tenant_id)
+    return UsageReport(
+        tenant_id=principal.tenant_id,
+        by=by,
+        since=start,
+        rows=[
+            UsageReportRow(
+                key=r.key,
+                calls=r.calls,
+                input_tokens=r.input_tokens,
+                output_tokens=r.output_tokens,
+                cost=r.cost,
+            )
+            for r in rows
+        ],
+    )

@@ -1,0 +1,419 @@
+"""The inferencing gateway: every model call in Lamina goes through here.
+
+:class:`Gateway` is itself a :class:`~inferencing.contracts.ChatModel`, so the
+layers above see one model. Behind it, each call is routed to a chain of
+deployments (:mod:`~inferencing.gateway.routing`), admitted by each
+deployment's circuit breaker (:mod:`~inferencing.gateway.breaker`), retried
+with full-jitter backoff that honours ``Retry-After`` within a per-request
+budget, failed over along the chain, bounded by connect, first-token and total
+timeouts, and metered (:mod:`~inferencing.gateway.metering`).
+
+A streamed answer falls back to another deployment only before its first
+delta has reached the caller; after that a failure ends the stream with
+:class:`~inferencing.contracts.StreamInterrupted`, and the tokens used so far
+are still metered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+
+from opentelemetry import trace
+
+from inferencing.contracts import (
+    ChatDelta,
+    ChatRequest,
+    ChatResponse,
+    ContextWindowExceeded,
+    InferenceCaller,
+    InferenceError,
+    InvalidModelRequest,
+    ModelCapabilities,
+    NoDeploymentAvailable,
+    ProviderAuthenticationFailed,
+    ProviderRateLimited,
+    ProviderTimeout,
+    RouteInfo,
+    StreamInterrupted,
+    UnknownDeployment,
+    Usage,
+)
+from inferencing.gateway.breaker import Admission, BreakerState, BreakerStore
+from inferencing.gateway.metering import UsageMeter, UsageRecord, cost_of
+from inferencing.gateway.routing import ComplexityClassifier, Deployment, RoutePlan, Router
+from inferencing.settings import BreakerSettings, RetrySettings, TimeoutSettings
+from inferencing.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("lamina.inferencing")
+
+_T = TypeVar("_T")
+
+_NOTHING_FITS = "No model deployment can take this request."
+_ALL_OPEN = "The model service is recovering from errors. Please try again shortly."
+_SLOW = "The model did not answer in time."
+
+
+@dataclass
+class _Call:
+    """The state of one request's attempts."""
+
+    plan: RoutePlan
+    attempts: list[tuple[str, str]] = field(default_factory=list)
+    waited_s: float = 0.0
+    last_error: InferenceError | None = None
+
+
+@dataclass
+class _Opened:
+    """A stream that delivered its first delta."""
+
+    deltas: AsyncIterator[ChatDelta]
+    first: ChatDelta
+
+
+class Gateway:
+    """Routes, retries, fails over, times out and meters every model call."""
+
+    def __init__(
+        self,
+        deployments: Sequence[Deployment],
+        *,
+        counter: TokenCounter,
+        breakers: BreakerStore,
+        meter: UsageMeter | None = None,
+        retry: RetrySettings | None = None,
+        breaker: BreakerSettings | None = None,
+        timeouts: TimeoutSettings | None = None,
+        classifier: ComplexityClassifier | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        today: Callable[[], date] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not deployments:
+            raise ValueError("the gateway needs at least one deployment")
+        self._router = Router(deployments, classifier)
+        self._counter = counter
+        self._breakers = breakers
+        self._meter = meter
+        self._retry = retry or RetrySettings()
+        self._breaker_policy = breaker or BreakerSettings()
+        self._timeouts = timeouts or TimeoutSettings()
+        self._clock = clock
+        self._sleep = sleep
+        self._today = today or (lambda: datetime.now(UTC).date())
+        self._rng = rng or random.Random()
+        models = [d.model.capabilities for d in deployments]
+        windows = [c.context_window for c in models]
+        self._capabilities = ModelCapabilities(
+            streaming=True,
+            tool_calls=any(c.tool_calls for c in models),
+            json_schema=any(c.json_schema for c in models),
+            generative=any(c.generative for c in models),
+            context_window=None if None in windows else max(w for w in windows if w),
+        )
+        self._name = deployments[0].name if len(deployments) == 1 else "gateway"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capabilities(self) -> ModelCapabilities:
+        return self._capabilities
+
+    @property
+    def deployments(self) -> list[Deployment]:
+        return self._router.deployments
+
+    @property
+    def meter(self) -> UsageMeter | None:
+        return self._meter
+
+    async def warm_up(self) -> None:
+        """Load the token encoding now, off the event loop, so no request pays for it."""
+        await asyncio.to_thread(self._counter.warm_up)
+
+    async def breaker_states(self) -> dict[str, BreakerState]:
+        now = self._clock()
+        return {
+            d.name: await self._breakers.state(d.name, now, self._breaker_policy)
+            for d in self.deployments
+        }
+
+    # --- calls ----------------------------------------------------------------------
+
+    async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse:
+        call = self._plan(request)
+        with tracer.start_as_current_span("chat") as span:
+
+            async def attempt(deployment: Deployment, _: Admission) -> ChatResponse:
+                async with asyncio.timeout(self._timeouts.total_s):
+                    return await deployment.model.complete(request, caller)
+
+            deployment, admission, response = await self._route(call, request, attempt)
+            await self._record(deployment, admission, ok=True)
+            usage = response.usage or Usage(
+                call.plan.prompt_tokens, self._counter.count(response.message.content or "")
+            )
+            self._meter_usage(caller, request, deployment, usage, "ok", response.usage is None)
+            route = self._route_info(deployment, response.model, call)
+            _annotate(span, route, usage)
+            return replace(response, route=route, usage=usage)
+
+    async def stream(
+        self, request: ChatRequest, caller: InferenceCaller
+    ) -> AsyncIterator[ChatDelta]:
+        call = self._plan(request)
+        with tracer.start_as_current_span("chat.stream") as span:
+            deployment, admission, opened = await self._route(
+                call, request, self._opener(request, caller)
+            )
+            deltas = opened.deltas
+            route = self._route_info(deployment, deployment.settings.model, call)
+            output: list[str] = []
+            usage: Usage | None = None
+            outcome = "cancelled"
+            try:
+                delta: ChatDelta | None = opened.first
+                deadline = asyncio.get_running_loop().time() + self._timeouts.total_s
+                while delta is not None:
+                    output.append(delta.content)
+                    usage = delta.usage or usage
+                    yield replace(delta, route=route) if delta.finish_reason else delta
+                    delta = await _next(deltas, deadline)
+                outcome = "ok"
+            except InferenceError:
+                outcome = "interrupted"
+                raise
+            finally:
+                with suppress(Exception):
+                    await deltas.aclose()  # type: ignore[attr-defined]
+                if outcome != "cancelled" or admission.probe:
+                    # A caller hanging up says nothing about the deployment's health.
+                    await self._record(deployment, admission, ok=outcome != "interrupted")
+                metered = usage or Usage(
+                    call.plan.prompt_tokens, self._counter.count("".join(output))
+                )
+                self._meter_usage(caller, request, deployment, metered, outcome, usage is None)
+                _annotate(span, route, metered)
+
+    async def aclose(self) -> None:
+        for deployment in self.deployments:
+            await deployment.model.aclose()
+        if self._meter is not None:
+            await self._meter.aclose()
+
+    # --- routing and attempts ---------------------------------------------------------
+
+    def _plan(self, request: ChatRequest) -> _Call:
+        prompt_tokens = self._counter.count_messages(request.messages, request.tools)
+        try:
+            plan = self._router.plan(request, prompt_tokens, self._today())
+        except KeyError:
+            raise UnknownDeployment(
+                f"There is no model deployment named {request.deployment!r}.",
+                details={"deployment": request.deployment},
+            ) from None
+        if not plan.chain:
+            largest = self._capabilities.context_window
+            too_long = largest is not None and prompt_tokens + (request.max_tokens or 0) > largest
+            error = ContextWindowExceeded if too_long else NoDeploymentAvailable
+            raise error(
+                _NOTHING_FITS, details={"route": list(plan.reasons), "prompt_tokens": prompt_tokens}
+            )
+        log.debug("route for %d prompt tokens: %s", prompt_tokens, "; ".join(plan.reasons))
+        return _Call(plan)
+
+    def _opener(
+        self, request: ChatRequest, caller: InferenceCaller
+    ) -> Callable[[Deployment, Admission], Awaitable[_Opened]]:
+        async def attempt(deployment: Deployment, _: Admission) -> _Opened:
+            deltas = aiter(deployment.model.stream(request, caller))
+            try:
+                async with asyncio.timeout(self._timeouts.first_token_s):
+                    first = await anext(deltas)
+            except BaseException:
+                with suppress(Exception):
+                    await deltas.aclose()  # type: ignore[attr-defined]
+                raise
+            return _Opened(deltas, first)
+
+        return attempt
+
+    async def _route(
+        self,
+        call: _Call,
+        request: ChatRequest,
+        attempt: Callable[[Deployment, Admission], Awaitable[_T]],
+    ) -> tuple[Deployment, Admission, _T]:
+        """Try the chain, round after round, until one attempt succeeds or the attempts,
+        the retry budget or the usable deployments run out; then raise the last error."""
+        chain = list(call.plan.chain)
+        for round_number in range(self._retry.max_attempts):
+            retry_after: float | None = None
+            refused_for: list[float] = []
+            for deployment in list(chain):
+                if len(call.attempts) >= self._retry.max_attempts:
+                    break
+                if deployment not in chain:  # pruned by an earlier failure of this round
+                    continue
+                admission = await self._admit(deployment)
+                if not admission.allowed:
+                    refused_for.append(admission.retry_in_s)
+                    call.attempts.append((deployment.name, f"breaker {admission.state.value}"))
+                    continue
+                try:
+                    result = await attempt(deployment, admission)
+                except TimeoutError:
+                    error: InferenceError = ProviderTimeout(_SLOW, retryable=True)
+                except InferenceError as exc:
+                    error = exc
+                else:
+                    call.attempts.append((deployment.name, "ok"))
+                    return deployment, admission, result
+                call.attempts.append((deployment.name, type(error).__name__))
+                call.last_error = error
+                if not await self._after_failure(deployment, admission, error, chain):
+                    raise self._final(call)
+                if isinstance(error, ProviderRateLimited) and error.retry_after_s is not None:
+                    retry_after = max(retry_after or 0.0, error.retry_after_s)
+            if not chain or len(call.attempts) >= self._retry.max_attempts:
+                break
+            if call.last_error is None and refused_for:
+                # Every deployment's breaker is open: waiting here would only hold the caller.
+                break
+            delay = self._backoff(round_number, retry_after)
+            if call.waited_s + delay > self._retry.budget_s:
+                break
+            call.waited_s += delay
+            await self._sleep(delay)
+        raise self._final(call)
+
+    async def _after_failure(
+        self,
+        deployment: Deployment,
+        admission: Admission,
+        error: InferenceError,
+        chain: list[Deployment],
+    ) -> bool:
+        """Record a failed attempt and prune the chain; False when nothing else may help."""
+        log.warning(
+            "model call to %s failed: %s",
+            deployment.name,
+            error.message,
+            extra={"deployment": deployment.name, "error": type(error).__name__},
+        )
+        if isinstance(error, ContextWindowExceeded):
+            # Not the deployment's fault. Only a larger window can help.
+            await self._record(deployment, admission, ok=True)
+            window = deployment.model.capabilities.context_window or 0
+            chain[:] = [d for d in chain if (d.model.capabilities.context_window or 0) > window]
+            return bool(chain)
+        if isinstance(error, InvalidModelRequest):
+            await self._record(deployment, admission, ok=True)
+            return False
+        await self._record(deployment, admission, ok=False)
+        if isinstance(error, ProviderAuthenticationFailed) or not error.retryable:
+            chain.remove(deployment)
+        return bool(chain)
+
+    def _backoff(self, round_number: int, retry_after: float | None) -> float:
+        ceiling = min(self._retry.max_delay_s, self._retry.base_delay_s * 2**round_number)
+        return max(self._rng.uniform(0, ceiling), retry_after or 0.0)
+
+    def _final(self, call: _Call) -> InferenceError:
+        error = call.last_error or NoDeploymentAvailable(_ALL_OPEN, retryable=True)
+        error.details = {**error.details, "attempts": [list(a) for a in call.attempts]}
+        return error
+
+    async def _admit(self, deployment: Deployment) -> Admission:
+        return await self._breakers.admit(deployment.name, self._clock(), self._breaker_policy)
+
+    async def _record(self, deployment: Deployment, admission: Admission, *, ok: bool) -> None:
+        await self._breakers.record(
+            deployment.name, self._clock(), self._breaker_policy, ok=ok, probe=admission.probe
+        )
+
+    # --- metadata -------------------------------------------------------------------
+
+    def _route_info(self, deployment: Deployment, model: str, call: _Call) -> RouteInfo:
+        return RouteInfo(
+            deployment=deployment.name,
+            model=model or deployment.settings.model,
+            model_version=deployment.settings.model_version,
+            reasons=call.plan.reasons,
+            attempts=tuple(call.attempts),
+        )
+
+    def _meter_usage(
+        self,
+        caller: InferenceCaller,
+        request: ChatRequest,
+        deployment: Deployment,
+        usage: Usage,
+        outcome: str,
+        estimated: bool,
+    ) -> None:
+        if self._meter is None:
+            return
+        settings = deployment.settings
+        self._meter.record(
+            UsageRecord(
+                at=datetime.now(UTC),
+                tenant_id=caller.tenant_id,
+                user_id=caller.user_id,
+                deployment=settings.name,
+                model=settings.model,
+                model_version=settings.model_version,
+                prompt_version=request.prompt_version,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=cost_of(
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    settings.input_price_per_1k,
+                    settings.output_price_per_1k,
+                ),
+                outcome=outcome,
+                estimated=estimated,
+            )
+        )
+
+
+async def _next(deltas: AsyncIterator[ChatDelta], deadline: float) -> ChatDelta | None:
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(max(remaining, 0.0)):
+            return await anext(deltas)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise StreamInterrupted(
+            "The answer took too long and was cut short.", details={"reason": "total timeout"}
+        ) from None
+
+
+def _annotate(span: trace.Span, route: RouteInfo, usage: Usage) -> None:
+    if not span.is_recording():
+        return
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": route.model,
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": usage.output_tokens,
+        "lamina.deployment": route.deployment,
+        "lamina.model_version": route.model_version or "",
+        "lamina.route.reasons": list(route.reasons),
+        "lamina.route.attempts": [f"{name}:{outcome}" for name, outcome in route.attempts],
+    }
+    span.set_attributes(attributes)
