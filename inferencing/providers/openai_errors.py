@@ -15,6 +15,7 @@ from typing import Any
 import openai
 
 from inferencing.contracts import (
+    ContextWindowExceeded,
     InferenceError,
     InvalidModelRequest,
     ProviderAuthenticationFailed,
@@ -76,12 +77,10 @@ def _status_error(exc: openai.APIStatusError, details: dict[str, Any]) -> Infere
         return ProviderUnavailable(UNAVAILABLE, retryable=True, details=details)
     if status in (400, 413, 422):
         code = (exc.code or "").lower()
-        if code == "content_filter":
-            message = FILTERED
-        elif code == "context_length_exceeded":
-            message = TOO_LONG
-        else:
-            message = REFUSED
+        if code == "context_length_exceeded":
+            # Its own type: the gateway answers it with a larger-context deployment.
+            return ContextWindowExceeded(TOO_LONG, retryable=False, details=details)
+        message = FILTERED if code == "content_filter" else REFUSED
         return InvalidModelRequest(message, retryable=False, details=details)
     return ProviderUnavailable(UNAVAILABLE, retryable=False, details=details)
 
