@@ -18,11 +18,14 @@ from inferencing.simulator.completions import (
     check_chat_request,
     completion_body,
     completion_chunks,
+    context_length_problem,
     plan_reply,
 )
 from inferencing.simulator.config import (
     ConfigUpdate,
+    DeploymentStats,
     Fault,
+    FaultProfile,
     RecordedRequest,
     ScriptUpdate,
     SimulatorConfig,
@@ -60,15 +63,19 @@ class _EventStream(StreamingResponse):
         if self.complete:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
-            log.info("simulator: dropping the connection mid-response (scripted stream_cut)")
+            log.info("simulator: dropping the connection mid-response (simulated stream_cut)")
             self._state.note_dropped_connection()
 
 
-async def _without_api_version(request: Request, sim: SimulatorState) -> Response | None:
+async def _without_api_version(
+    request: Request, sim: SimulatorState, deployment: str
+) -> Response | None:
     """Azure paths need ``api-version``, as Azure's do: the 400 it answers without one."""
     if "api-version" in request.query_params:
         return None
-    await _record(request, sim)
+    await _read_body(request, sim, sim.config)
+    sim.note_request(deployment)
+    sim.note_rejected(deployment)
     return _error(400, "Missing required query parameter 'api-version'.", "invalid_request")
 
 
@@ -86,7 +93,7 @@ def create_app(
 
     @app.post("/openai/deployments/{deployment}/chat/completions")
     async def azure_chat_completions(deployment: str, request: Request) -> Response:
-        missing = await _without_api_version(request, sim)
+        missing = await _without_api_version(request, sim, deployment)
         return missing or await _chat(request, sim, deployment=deployment)
 
     @app.post("/v1/embeddings")
@@ -95,7 +102,7 @@ def create_app(
 
     @app.post("/openai/deployments/{deployment}/embeddings")
     async def azure_embeddings(deployment: str, request: Request) -> Response:
-        missing = await _without_api_version(request, sim)
+        missing = await _without_api_version(request, sim, deployment)
         return missing or await _embeddings(request, sim, deployment=deployment)
 
     @app.get("/v1/models")
@@ -123,6 +130,10 @@ def create_app(
     async def received() -> list[RecordedRequest]:
         return sim.requests()
 
+    @app.get("/_sim/stats")
+    async def stats() -> dict[str, DeploymentStats]:
+        return sim.stats()
+
     return app
 
 
@@ -130,23 +141,44 @@ def create_app(
 
 
 async def _chat(request: Request, sim: SimulatorState, *, deployment: str | None) -> Response:
-    body = await _record(request, sim)
     config = sim.config
+    body = await _read_body(request, sim, config)
+    model = _deployment_name(body, deployment, config)
+    sim.note_request(model)
     if refused := _check_credentials(request, config):
+        sim.note_rejected(model)
         return refused
     problem = check_chat_request(body)
     if problem is not None:
+        sim.note_rejected(model)
         return _error(400, problem, "invalid_request_error")
+    profile = config.profile_for(model)
+    if profile is not None and profile.context_window is not None:
+        too_long = context_length_problem(body, profile.context_window)
+        if too_long is not None:
+            sim.note_rejected(model)
+            return _error(
+                400,
+                too_long,
+                "invalid_request_error",
+                "context_length_exceeded",
+                param="messages",
+            )
     scripted = sim.next_reply()
     fault = scripted.fault if scripted else None
+    if scripted is None and profile is not None:
+        drawn = sim.draw_fault(profile)
+        fault = profile.fault(drawn) if drawn is not None else None
     if fault is not None and fault.kind != "stream_cut":
+        sim.note_fault(model, fault.kind)
         return await _play_fault(fault, request, sim)
-    model = deployment or body.get("model") or config.model
     reply = plan_reply(scripted, body, model=model, config=config)
-    await _pause(config.first_token_latency_s, sim)
+    await _pause(sim.first_token_delay(profile), sim)
+    tokens_per_second = _tokens_per_second(profile, config)
     if not body.get("stream"):
-        await _pause(_generation_time(reply, config), sim)
+        await _pause(_generation_time(reply, tokens_per_second), sim)
         if fault is not None:
+            sim.note_stream_cut(model)
             payload = json.dumps(completion_body(reply)).encode()
             return _EventStream(
                 _one(payload[: len(payload) // 2]),
@@ -154,14 +186,17 @@ async def _chat(request: Request, sim: SimulatorState, *, deployment: str | None
                 complete=False,
                 state=sim,
             )
+        sim.note_completed(model)
         return JSONResponse(completion_body(reply))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     chunks = completion_chunks(
         reply, include_usage=include_usage, argument_chunk_chars=config.tool_argument_chunk_chars
     )
     cut_after = fault.after_chunks if fault is not None else None
+    if scripted is None and profile is not None:
+        cut_after = sim.draw_stream_cut(profile, len(chunks))
     return _EventStream(
-        _sse(chunks, cut_after, config, sim),
+        _sse(chunks, cut_after, tokens_per_second, sim, model),
         media_type="text/event-stream",
         complete=cut_after is None,
         state=sim,
@@ -171,61 +206,87 @@ async def _chat(request: Request, sim: SimulatorState, *, deployment: str | None
 async def _sse(
     chunks: list[dict[str, Any]],
     cut_after: int | None,
-    config: SimulatorConfig,
+    tokens_per_second: float | None,
     sim: SimulatorState,
+    model: str,
 ) -> AsyncIterator[bytes]:
-    delay = 1.0 / config.tokens_per_second if config.tokens_per_second else 0.0
+    delay = 1.0 / tokens_per_second if tokens_per_second else 0.0
     for position, chunk in enumerate(chunks):
         if cut_after is not None and position >= cut_after:
+            sim.note_stream_cut(model)
             return
         if position and delay:
             await _pause(delay, sim)
         if sim.closing.is_set():
             return
         yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+    # Counted before the last event, so a client that saw [DONE] also sees the count.
+    if cut_after is None:
+        sim.note_completed(model)
+    else:
+        sim.note_stream_cut(model)
     yield b"data: [DONE]\n\n"
 
 
-def _generation_time(reply: PlannedReply, config: SimulatorConfig) -> float:
-    if not config.tokens_per_second:
+def _generation_time(reply: PlannedReply, tokens_per_second: float | None) -> float:
+    if not tokens_per_second:
         return 0.0
-    return reply.completion_tokens / config.tokens_per_second
+    return reply.completion_tokens / tokens_per_second
+
+
+def _tokens_per_second(profile: FaultProfile | None, config: SimulatorConfig) -> float | None:
+    if profile is not None and profile.tokens_per_second is not None:
+        return profile.tokens_per_second
+    return config.tokens_per_second
 
 
 # --- embeddings ----------------------------------------------------------------------
 
 
 async def _embeddings(request: Request, sim: SimulatorState, *, deployment: str | None) -> Response:
-    body = await _record(request, sim)
     config = sim.config
+    body = await _read_body(request, sim, config)
+    model = _deployment_name(body, deployment, config)
+    sim.note_request(model)
     if refused := _check_credentials(request, config):
+        sim.note_rejected(model)
         return refused
     texts = embedding_inputs(body)
     if isinstance(texts, str):
+        sim.note_rejected(model)
         return _error(400, texts, "invalid_request_error")
+    profile = config.profile_for(model)
     fault = sim.next_embedding_fault()
+    if fault is None and profile is not None:
+        drawn = sim.draw_fault(profile)
+        fault = profile.fault(drawn) if drawn is not None else None
     if fault is not None and fault.kind != "stream_cut":
+        sim.note_fault(model, fault.kind)
         return await _play_fault(fault, request, sim)
-    model = deployment or body.get("model") or config.model
-    await _pause(config.first_token_latency_s, sim)
+    await _pause(sim.first_token_delay(profile), sim)
     payload = embeddings_body(texts, body, model=model, dims=config.embedding_dims)
     if fault is not None:
+        sim.note_stream_cut(model)
         raw = json.dumps(payload).encode()
         return _EventStream(
             _one(raw[: len(raw) // 2]), media_type="application/json", complete=False, state=sim
         )
+    sim.note_completed(model)
     return JSONResponse(payload)
 
 
 # --- shared --------------------------------------------------------------------------
 
 
-async def _record(request: Request, sim: SimulatorState) -> Any:
+async def _read_body(request: Request, sim: SimulatorState, config: SimulatorConfig) -> Any:
+    """The request's JSON body (or text), recorded unless ``record_requests`` is off."""
     raw = await request.body()
     try:
         body: Any = json.loads(raw) if raw else None
     except ValueError:
         body = raw.decode("utf-8", errors="replace")
+    if not config.record_requests:
+        return body
     sim.record(
         RecordedRequest(
             method=request.method,
@@ -236,6 +297,14 @@ async def _record(request: Request, sim: SimulatorState) -> Any:
         )
     )
     return body
+
+
+def _deployment_name(body: Any, deployment: str | None, config: SimulatorConfig) -> str:
+    """The Azure path's deployment, else the body's ``model``, else the configured model."""
+    if deployment:
+        return deployment
+    model = body.get("model") if isinstance(body, Mapping) else None
+    return model if isinstance(model, str) and model else config.model
 
 
 def _check_credentials(request: Request, config: SimulatorConfig) -> Response | None:
@@ -303,7 +372,8 @@ def _error(
     error_type: str,
     code: str | None = None,
     *,
+    param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=dict(headers or {}))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferencing.simulator.config import ScriptedReply, SimulatorConfig
+from inferencing.simulator.structured import structured_content
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD_PIECE = re.compile(r"\S+\s*|\s+")
@@ -75,6 +76,40 @@ def check_chat_request(body: Any) -> str | None:
     return None
 
 
+def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Tokens of the messages' texts and of the arguments of their tool calls."""
+    return sum(count_tokens(message_text(m)) for m in messages) + sum(
+        count_tokens(str((c.get("function") or {}).get("arguments", "")))
+        for m in messages
+        for c in m.get("tool_calls") or ()
+    )
+
+
+def completion_limit(body: Mapping[str, Any]) -> int | None:
+    """The completion tokens asked for (``max_completion_tokens``, else ``max_tokens``)."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def context_length_problem(body: Mapping[str, Any], context_window: int) -> str | None:
+    """OpenAI's message when prompt plus ``max_tokens`` exceed ``context_window``; else None."""
+    prompt = prompt_tokens(body["messages"])
+    completion = completion_limit(body) or 0
+    total = prompt + completion
+    if total <= context_window:
+        return None
+    message = (
+        f"This model's maximum context length is {context_window} tokens. "
+        f"However, your messages resulted in {total} tokens"
+    )
+    if completion:
+        return (
+            f"{message} ({prompt} in the messages, {completion} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+    return f"{message}. Please reduce the length of the messages."
+
+
 def default_reply_text(messages: Sequence[Mapping[str, Any]], config: SimulatorConfig) -> str:
     if config.default_reply is not None:
         return config.default_reply
@@ -132,7 +167,7 @@ def plan_reply(
 ) -> PlannedReply:
     messages: list[Mapping[str, Any]] = body["messages"]
     if scripted is None or (scripted.content is None and not scripted.tool_calls):
-        text: str | None = default_reply_text(messages, config)
+        text: str | None = structured_content(body) or default_reply_text(messages, config)
     else:
         text = scripted.content
     pieces = word_pieces(text) if text else []
@@ -141,15 +176,10 @@ def plan_reply(
         for call in (scripted.tool_calls if scripted else ())
     )
     finish_reason = scripted.finish_reason if scripted and scripted.finish_reason else None
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    if isinstance(limit, int) and limit > 0 and len(pieces) > limit:
+    limit = completion_limit(body)
+    if limit is not None and len(pieces) > limit:
         pieces = pieces[:limit]
         finish_reason = finish_reason or "length"
-    prompt = sum(count_tokens(message_text(m)) for m in messages) + sum(
-        count_tokens(str((c.get("function") or {}).get("arguments", "")))
-        for m in messages
-        for c in m.get("tool_calls") or ()
-    )
     return PlannedReply(
         id=f"chatcmpl-{secrets.token_hex(12)}",
         created=int(time.time()),
@@ -157,7 +187,7 @@ def plan_reply(
         pieces=tuple(pieces),
         tool_calls=tool_calls,
         finish_reason=finish_reason or ("tool_calls" if tool_calls else "stop"),
-        prompt_tokens=prompt,
+        prompt_tokens=prompt_tokens(messages),
     )
 
 

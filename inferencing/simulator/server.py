@@ -14,6 +14,7 @@ import uvicorn
 from inferencing.simulator.app import create_app
 from inferencing.simulator.config import (
     ConfigUpdate,
+    DeploymentStats,
     Fault,
     RecordedRequest,
     ScriptedReply,
@@ -47,8 +48,8 @@ class SimulatorServer:
             sim.script(ScriptedReply(content="Hello"))
             client = AsyncOpenAI(base_url=sim.openai_base_url, api_key="test")
 
-    The script, configuration and received requests are reachable directly
-    (``script``, ``configure``, ``requests``, ``reset``) as well as over HTTP.
+    The script, configuration, received requests and counters are reachable directly
+    (``script``, ``configure``, ``requests``, ``stats``, ``reset``) as well as over HTTP.
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class SimulatorServer:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the simulator is already running")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it every response waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._requested_port))
         self._port = sock.getsockname()[1]
@@ -163,10 +166,15 @@ class SimulatorServer:
         self.state.enqueue([], list(faults))
 
     def configure(self, update: ConfigUpdate) -> SimulatorConfig:
+        """Change the configuration (pacing, profiles, seed, ...) of the running server."""
         return self.state.configure(update)
 
     def requests(self) -> list[RecordedRequest]:
         return self.state.requests()
+
+    def stats(self) -> dict[str, DeploymentStats]:
+        """Counters per deployment since the start or the last reset."""
+        return self.state.stats()
 
     def reset(self) -> None:
         self.state.reset()
