@@ -121,7 +121,7 @@ class Gateway:
             generative=any(c.generative for c in models),
             context_window=None if None in windows else max(w for w in windows if w),
         )
-        self._name = deployments[0].name if len(deployments) == 1 else "gateway"
+        self._name = deployments[0].model.name if len(deployments) == 1 else "gateway"
 
     @property
     def name(self) -> str:

@@ -43,7 +43,8 @@ def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactor
             "base_url": simulator.openai_base_url,
             "api_key": "sim-key",
             "model": "gpt-sim",
-            "max_retries": 0,
+            # One attempt: the scripted failures below must reach the caller.
+            "retry": {"max_attempts": 1},
         },
     )
     with app_in_thread(create_app(settings)) as url:
@@ -178,6 +179,9 @@ def test_openapi_schema_documents_every_route(client: httpx.Client) -> None:
         "/v1/chat/stream",
         "/v1/conversations",
         "/v1/conversations/{conversation_id}",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/usage",
         "/healthz",
         "/readyz",
     } <= set(schema["paths"])

@@ -21,9 +21,7 @@ from tests.inferencing.conftest import Caller
 from tests.support.redis_server import RedisServer, private_redis
 
 QUESTION = ChatRequest([ChatMessage(Role.USER, "How many days of leave do I get?")])
-POLICY = BreakerSettings(
-    failure_rate=0.5, min_calls=4, window_s=60, open_s=30, half_open_probes=2
-)
+POLICY = BreakerSettings(failure_rate=0.5, min_calls=4, window_s=60, open_s=30, half_open_probes=2)
 
 
 @pytest.fixture
