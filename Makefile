@@ -33,7 +33,9 @@ test: lint unit slow
 
 # Benchmarks print figures; they are not tests.
 bench: $(STAMP)
+	command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; } || echo "wrk unavailable: bench.gateway_overhead falls back to bench.loadgen"
 	$(BIN)/python -m bench.chat_latency --requests 100
+	$(BIN)/python -m bench.gateway_overhead
 
 clean:
 	rm -rf $(VENV) .lamina .mypy_cache .pytest_cache .ruff_cache
