@@ -174,6 +174,16 @@ class ChatModel(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class ChatForwarder(Protocol):
+    """A chat model that also takes chat completion bodies in OpenAI's wire format as
+    they are (the gateway's passthrough), returning the parsed response body."""
+
+    async def forward(
+        self, payload: Mapping[str, Any], caller: InferenceCaller
+    ) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class EmbeddingResponse:
     vectors: tuple[tuple[float, ...], ...]

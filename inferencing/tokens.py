@@ -174,7 +174,8 @@ def _count_chat(
 ) -> int:
     total = REPLY_PRIMING_TOKENS
     for message in messages:
-        total += TOKENS_PER_MESSAGE + count(message.role.value)
+        # Every role name is one token in o200k_base (and cl100k_base).
+        total += TOKENS_PER_MESSAGE + 1
         if message.content:
             total += count(message.content)
         if message.tool_call_id:

@@ -4,6 +4,12 @@ RS256 only; issuer, audience and expiry are always checked. Metadata and keys
 are cached and refreshed when a token names a key id we do not know yet (key
 rotation), at most once per ``_REFRESH_FLOOR_S`` so a flood of forged kids
 cannot hammer the identity provider.
+
+A token that passed every check is remembered, by its exact text, until it
+expires, for at most ``_VERIFIED_TTL_S`` and only while the key set that
+verified it is current: a client sends the same token with every request, and
+checking an RS256 signature and PyJWT's decoding cost more than the rest of a
+gateway request.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _ALGORITHMS = ["RS256"]
 _REFRESH_FLOOR_S = 30.0
+_VERIFIED_TTL_S = 300.0
+_VERIFIED_MAX = 10_000
 
 
 class AuthenticationError(Exception):
@@ -41,6 +50,13 @@ class _Keys:
     fetched_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: dict[str, Any]
+    keys: _Keys
+    until: float
+
+
 class JwtValidator:
     def __init__(self, settings: AuthSettings, http: httpx.AsyncClient) -> None:
         if not settings.openid_config_url or not settings.audience:
@@ -53,12 +69,40 @@ class JwtValidator:
         self._http = http
         self._keys: _Keys | None = None
         self._lock = asyncio.Lock()
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
 
     async def principal(self, token: str) -> Principal:
         claims = await self.validate(token)
         return principal_from_claims(claims)
 
     async def validate(self, token: str) -> dict[str, Any]:
+        remembered = self._remembered(token)
+        if remembered is not None:
+            return remembered
+        claims = await self._validate(token)
+        self._remember(token, claims)
+        return claims
+
+    def _remembered(self, token: str) -> dict[str, Any] | None:
+        entry = self._verified.get(token)
+        if entry is None:
+            return None
+        now = time.time()
+        if entry.keys is not self._keys or now >= entry.until:
+            del self._verified[token]
+            return None
+        self._verified.move_to_end(token)
+        return entry.claims
+
+    def _remember(self, token: str, claims: dict[str, Any]) -> None:
+        if self._keys is None:
+            return
+        until = min(float(claims["exp"]) + self._leeway, time.time() + _VERIFIED_TTL_S)
+        self._verified[token] = _Verified(claims, self._keys, until)
+        if len(self._verified) > _VERIFIED_MAX:
+            self._verified.popitem(last=False)
+
+    async def _validate(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -11,15 +11,15 @@ and in ``X-Lamina-*`` headers, which plain clients ignore.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,7 +29,6 @@ from inferencing.contracts import (
     ChatDelta,
     ChatMessage,
     ChatRequest,
-    ChatResponse,
     ContextWindowExceeded,
     InferenceError,
     InvalidModelRequest,
@@ -151,14 +150,15 @@ class OpenAIError(Exception):
 )
 async def chat_completions(
     body: Annotated[ChatCompletionsBody, Body()],
+    request: Request,
     principal: CurrentPrincipal,
     services: ServicesDep,
 ) -> Response:
     gateway = services.gateway
     try:
-        request = _request(body)
+        typed = _request(body)
         if body.stream:
-            deltas = aiter(gateway.stream(request, principal))
+            deltas = aiter(gateway.stream(typed, principal))
             # Fail over, or fail with a proper status, before the response starts.
             first = await anext(deltas)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -167,15 +167,18 @@ async def chat_completions(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        response = await gateway.complete(request, principal)
+        # The body goes on as the client sent it (parameters Lamina does not model
+        # included); FastAPI has validated it and Starlette keeps the bytes.
+        completion, route = await gateway.forward(
+            orjson.loads(await request.body()), typed, principal
+        )
     except OpenAIError as exc:
         return exc.response()
     except InferenceError as exc:
         return _error(exc).response()
+    completion["lamina"] = {"route": _route(route)}
     return Response(
-        _dumps(_completion(response)),
-        media_type="application/json",
-        headers=_route_headers(response.route),
+        orjson.dumps(completion), media_type="application/json", headers=_route_headers(route)
     )
 
 
@@ -225,24 +228,6 @@ def _message(message: _Message) -> ChatMessage:
         ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()
     )
     return ChatMessage(role, content, calls, message.tool_call_id)
-
-
-def _completion(response: ChatResponse) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": response.message.content}
-    if response.message.tool_calls:
-        message["tool_calls"] = [_call(c) for c in response.message.tool_calls]
-    body: dict[str, Any] = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": response.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": response.finish_reason}],
-    }
-    if response.usage is not None:
-        body["usage"] = _usage(response.usage.input_tokens, response.usage.output_tokens)
-    if response.route is not None:
-        body["lamina"] = {"route": _route(response.route)}
-    return body
 
 
 async def _chunks(
@@ -312,9 +297,7 @@ def _route(route: RouteInfo) -> dict[str, Any]:
     }
 
 
-def _route_headers(route: RouteInfo | None) -> dict[str, str]:
-    if route is None:
-        return {}
+def _route_headers(route: RouteInfo) -> dict[str, str]:
     headers = {"X-Lamina-Deployment": route.deployment}
     if route.model_version:
         headers["X-Lamina-Model-Version"] = route.model_version
@@ -343,4 +326,4 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 def _dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(payload)

@@ -20,11 +20,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from opentelemetry import trace
 
@@ -161,14 +161,60 @@ class Gateway:
                     return await deployment.model.complete(request, caller)
 
             deployment, admission, response = await self._route(call, request, attempt)
-            await self._record(deployment, admission, ok=True)
             usage = response.usage or Usage(
                 call.plan.prompt_tokens, self._counter.count(response.message.content or "")
             )
-            self._meter_usage(caller, request, deployment, usage, "ok", response.usage is None)
-            route = self._route_info(deployment, response.model, call)
-            _annotate(span, route, usage)
+            route = await self._succeeded(
+                call,
+                request,
+                caller,
+                deployment,
+                admission,
+                response.model,
+                usage,
+                span,
+                estimated=response.usage is None,
+            )
             return replace(response, route=route, usage=usage)
+
+    async def forward(
+        self, payload: Mapping[str, Any], request: ChatRequest, caller: InferenceCaller
+    ) -> tuple[dict[str, Any], RouteInfo]:
+        """Send ``payload``, a chat completion body in OpenAI's wire format, as it is
+        (but for ``model``) to the deployments the router picks for ``request``, its
+        typed reading. A deployment whose model does not take the wire format answers
+        ``request``, rendered in that format. Returns the response body and the route."""
+        call = self._plan(request)
+        with tracer.start_as_current_span("chat") as span:
+
+            async def attempt(deployment: Deployment, _: Admission) -> dict[str, Any]:
+                async with asyncio.timeout(self._timeouts.total_s):
+                    model = deployment.model
+                    # Not isinstance(model, ChatForwarder): a Protocol check costs more
+                    # than the rest of the attempt.
+                    if (forward := getattr(model, "forward", None)) is not None:
+                        return cast(dict[str, Any], await forward(payload, caller))
+                    from inferencing.providers.openai_wire import completion_body
+
+                    return completion_body(await model.complete(request, caller))
+
+            deployment, admission, body = await self._route(call, request, attempt)
+            usage = _wire_usage(body)
+            estimated = usage is None
+            if usage is None:
+                usage = Usage(call.plan.prompt_tokens, self._counter.count(_wire_text(body)))
+            route = await self._succeeded(
+                call,
+                request,
+                caller,
+                deployment,
+                admission,
+                str(body.get("model") or ""),
+                usage,
+                span,
+                estimated=estimated,
+            )
+            return body, route
 
     async def stream(
         self, request: ChatRequest, caller: InferenceCaller
@@ -346,6 +392,25 @@ class Gateway:
 
     # --- metadata -------------------------------------------------------------------
 
+    async def _succeeded(
+        self,
+        call: _Call,
+        request: ChatRequest,
+        caller: InferenceCaller,
+        deployment: Deployment,
+        admission: Admission,
+        model: str,
+        usage: Usage,
+        span: trace.Span,
+        *,
+        estimated: bool,
+    ) -> RouteInfo:
+        await self._record(deployment, admission, ok=True)
+        self._meter_usage(caller, request, deployment, usage, "ok", estimated)
+        route = self._route_info(deployment, model, call)
+        _annotate(span, route, usage)
+        return route
+
     def _route_info(self, deployment: Deployment, model: str, call: _Call) -> RouteInfo:
         return RouteInfo(
             deployment=deployment.name,
@@ -401,6 +466,23 @@ async def _next(deltas: AsyncIterator[ChatDelta], deadline: float) -> ChatDelta 
         raise StreamInterrupted(
             "The answer took too long and was cut short.", details={"reason": "total timeout"}
         ) from None
+
+
+def _wire_usage(body: Mapping[str, Any]) -> Usage | None:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Usage(prompt, completion)
+    return None
+
+
+def _wire_text(body: Mapping[str, Any]) -> str:
+    choices = body.get("choices") or []
+    message = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def _annotate(span: trace.Span, route: RouteInfo, usage: Usage) -> None:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import openai
 
     from inferencing.providers.openai_compatible import OpenAICompatibleChatModel
+    from inferencing.providers.openai_wire import WireForwarder
 
 AzureTokenProvider = Callable[[], Awaitable[str]]
 """Returns a Microsoft Entra access token for Azure OpenAI, e.g. from azure-identity."""
@@ -51,6 +52,8 @@ def build_chat_model(
 
     import openai
 
+    from inferencing.providers.openai_wire import WireForwarder, WireTarget
+
     timeouts = timeouts or TimeoutSettings()
     common: dict[str, Any] = {
         "timeout": openai.Timeout(timeouts.total_s, connect=timeouts.connect_s),
@@ -69,7 +72,14 @@ def build_chat_model(
                 "(LAMINA_INFERENCING__API_KEY, or OPENAI_API_KEY); for a server without "
                 "authentication give any value"
             ) from exc
-        return _chat_model(client, deployment, options)
+        base = (deployment.base_url or "https://api.openai.com/v1").rstrip("/")
+        target = WireTarget(
+            f"{base}/chat/completions",
+            # The client's key: the setting, or OPENAI_API_KEY, as the SDK resolved it.
+            headers={"Authorization": f"Bearer {client.api_key}"} if client.api_key else {},
+            model=deployment.model,
+        )
+        return _chat_model(client, deployment, options, WireForwarder(target, timeouts))
 
     if deployment.azure_endpoint is None:
         raise ValueError(
@@ -92,7 +102,14 @@ def build_chat_model(
         azure_ad_token_provider=_guarded(azure_token_provider) if azure_token_provider else None,
         **common,
     )
-    return _chat_model(azure, deployment, options, on_close=on_close)
+    target = WireTarget(
+        f"{deployment.azure_endpoint.rstrip('/')}/openai/deployments/{deployment.model}"
+        f"/chat/completions?api-version={deployment.azure_api_version}",
+        headers={"api-key": api_key} if azure_token_provider is None and api_key else {},
+        bearer=_guarded(azure_token_provider) if azure_token_provider else None,
+    )
+    forwarder = WireForwarder(target, timeouts)
+    return _chat_model(azure, deployment, options, forwarder, on_close=on_close)
 
 
 def _guarded(token_provider: AzureTokenProvider) -> AzureTokenProvider:
@@ -116,6 +133,7 @@ def _chat_model(
     client: openai.AsyncOpenAI,
     deployment: DeploymentSettings,
     options: tuple[int | None, float | None],
+    forwarder: WireForwarder,
     *,
     on_close: Callable[[], Awaitable[None]] | None = None,
 ) -> OpenAICompatibleChatModel:
@@ -135,4 +153,5 @@ def _chat_model(
         default_max_tokens=options[0],
         default_temperature=options[1],
         on_close=on_close,
+        forwarder=forwarder,
     )

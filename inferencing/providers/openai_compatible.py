@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +39,7 @@ from inferencing.providers.openai_errors import (
     provider_error,
     stream_interrupted,
 )
+from inferencing.providers.openai_wire import WireForwarder
 
 _T = TypeVar("_T")
 
@@ -63,9 +64,12 @@ class OpenAICompatibleChatModel:
         default_max_tokens: int | None = None,
         default_temperature: float | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        forwarder: WireForwarder | None = None,
     ) -> None:
-        """``on_close`` releases what the client depends on (e.g. an Azure credential)."""
+        """``on_close`` releases what the client depends on (e.g. an Azure credential);
+        ``forwarder`` posts raw chat completion bodies to the same deployment."""
         self._client = client
+        self._forwarder = forwarder
         self._model = model
         self._name = name or model
         self._capabilities = capabilities or ModelCapabilities(tool_calls=True)
@@ -152,10 +156,21 @@ class OpenAICompatibleChatModel:
             )
         yield ChatDelta(finish_reason=finish_reason, usage=usage)
 
+    async def forward(self, payload: Mapping[str, Any], caller: InferenceCaller) -> dict[str, Any]:
+        """``payload``, a chat completion body, posted as it is but for ``model``; the
+        parsed response. Raises :class:`~inferencing.contracts.InferenceError`s."""
+        if self._forwarder is None:
+            raise InvalidModelRequest(
+                "This model does not accept forwarded requests.", details={"model": self._name}
+            )
+        return await self._forwarder.forward(payload, caller)
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._forwarder is not None:
+            await self._forwarder.aclose()
         await self._client.close()
         if self._on_close is not None:
             await self._on_close()

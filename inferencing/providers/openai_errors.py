@@ -58,13 +58,20 @@ def stream_interrupted(exc: openai.OpenAIError | None, **extra: Any) -> StreamIn
 
 
 def _status_error(exc: openai.APIStatusError, details: dict[str, Any]) -> InferenceError:
-    status = exc.status_code
+    return status_error(exc.status_code, exc.code, exc.response.headers, details)
+
+
+def status_error(
+    status: int, code: str | None, headers: Mapping[str, str], details: dict[str, Any]
+) -> InferenceError:
+    """Our typed error for an HTTP error ``status`` (and OpenAI error ``code``) of the
+    chat completions API, whichever client received it."""
     if status == 429:
         return ProviderRateLimited(
             RATE_LIMITED,
             retryable=True,
             details=details,
-            retry_after_s=retry_after_seconds(exc.response.headers),
+            retry_after_s=retry_after_seconds(headers),
         )
     if status in (401, 403):
         return ProviderAuthenticationFailed(NOT_AUTHORIZED, retryable=False, details=details)
@@ -76,7 +83,7 @@ def _status_error(exc: openai.APIStatusError, details: dict[str, Any]) -> Infere
     if status == 409 or status >= 500:
         return ProviderUnavailable(UNAVAILABLE, retryable=True, details=details)
     if status in (400, 413, 422):
-        code = (exc.code or "").lower()
+        code = (code or "").lower()
         if code == "context_length_exceeded":
             # Its own type: the gateway answers it with a larger-context deployment.
             return ContextWindowExceeded(TOO_LONG, retryable=False, details=details)

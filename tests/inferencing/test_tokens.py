@@ -318,12 +318,12 @@ def test_approximate_frames_messages_the_same_way() -> None:
     counter.warm_up()
     assert counter.name == "approximate"
     assert counter.count_messages([]) == 3
-    # 3 framing + ceil(4/4) for "user" + ceil(11/4) for "hello world", then 3 priming.
+    # 3 framing + 1 for the role + ceil(11/4) for "hello world", then 3 priming.
     assert counter.count_messages([ChatMessage(Role.USER, "hello world")]) == 3 + 1 + 3 + 3
     call = ToolCall(id="c1", name="f", arguments="{}")
     asked = ChatMessage(Role.ASSISTANT, None, tool_calls=(call,))
-    # "assistant" is 9 characters: 3 tokens; each of "c1", "f", "{}" is 1.
-    assert counter.count_messages([asked]) == 3 + 3 + 3 + 3
+    # The role is one token, as in o200k_base; each of "c1", "f", "{}" is 1.
+    assert counter.count_messages([asked]) == 3 + 1 + 3 + 3
 
 
 def test_approximate_is_in_the_right_range_for_english(counter: TiktokenCounter) -> None:
