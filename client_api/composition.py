@@ -96,7 +96,10 @@ async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -
         retry_after_s=settings.redis.retry_after_s,
     )
     ledger = ResilientUsageLedger(
-        RedisUsageLedger(redis), local_ledger, retry_after_s=settings.redis.retry_after_s
+        RedisUsageLedger(redis),
+        local_ledger,
+        retry_after_s=settings.redis.retry_after_s,
+        fallback_name="sqlite",
     )
     return GatewayState(breakers, ledger, lambda: {**breakers.describe(), **ledger.describe()})
 
