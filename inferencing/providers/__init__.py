@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from inferencing.contracts import ChatModel, ModelCapabilities, ProviderAuthenticationFailed
+from inferencing.contracts import (
+    ChatModel,
+    EmbeddingModel,
+    ModelCapabilities,
+    ProviderAuthenticationFailed,
+)
 from inferencing.settings import DeploymentSettings, TimeoutSettings
 
 if TYPE_CHECKING:
@@ -154,4 +159,55 @@ def _chat_model(
         default_temperature=options[1],
         on_close=on_close,
         forwarder=forwarder,
+    )
+
+
+def build_embedding_model(
+    deployment: DeploymentSettings,
+    *,
+    dimensions: int | None = None,
+    timeouts: TimeoutSettings | None = None,
+    azure_token_provider: AzureTokenProvider | None = None,
+) -> EmbeddingModel:
+    """The embedding model of an ``openai`` or ``azure_openai`` deployment (the same
+    settings as a chat deployment; ``model`` names the embedding model or deployment)."""
+    import openai
+
+    from inferencing.providers.openai_compatible import OpenAIEmbeddingModel
+
+    if deployment.provider == "extractive":
+        raise ValueError(
+            f"deployment {deployment.name!r}: the extractive provider has no embeddings"
+        )
+    timeouts = timeouts or TimeoutSettings()
+    common: dict[str, Any] = {
+        "timeout": openai.Timeout(timeouts.total_s, connect=timeouts.connect_s),
+        "max_retries": 0,
+    }
+    api_key = deployment.api_key.get_secret_value() if deployment.api_key else None
+    client: openai.AsyncOpenAI
+    on_close: Callable[[], Awaitable[None]] | None = None
+    if deployment.provider == "openai":
+        client = openai.AsyncOpenAI(api_key=api_key, base_url=deployment.base_url, **common)
+    else:
+        if deployment.azure_endpoint is None:
+            raise ValueError(f"deployment {deployment.name!r} needs an azure_endpoint")
+        if azure_token_provider is None and api_key is None:
+            from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
+
+            credential = DefaultAzureCredential()
+            azure_token_provider = get_bearer_token_provider(credential, deployment.azure_ad_scope)
+            on_close = credential.close
+        client = openai.AsyncAzureOpenAI(
+            azure_endpoint=deployment.azure_endpoint,
+            azure_deployment=deployment.model,
+            api_version=deployment.azure_api_version,
+            api_key=api_key if azure_token_provider is None else None,
+            azure_ad_token_provider=_guarded(azure_token_provider)
+            if azure_token_provider
+            else None,
+            **common,
+        )
+    return OpenAIEmbeddingModel(
+        client, model=deployment.model, dimensions=dimensions, on_close=on_close
     )

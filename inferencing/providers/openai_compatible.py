@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ from inferencing.contracts import (
     ChatMessage,
     ChatRequest,
     ChatResponse,
+    EmbeddingResponse,
     InferenceCaller,
     InferenceError,
     InvalidModelRequest,
@@ -330,3 +331,61 @@ class _ToolCallAssembler:
             )
         self._calls.clear()
         return tuple(calls)
+
+
+class OpenAIEmbeddingModel:
+    """An :class:`~inferencing.contracts.EmbeddingModel` over an ``AsyncOpenAI`` client
+    (OpenAI, an Azure OpenAI embeddings deployment, or an OpenAI-compatible server)."""
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        *,
+        model: str,
+        dimensions: int | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """``on_close`` releases what the client depends on (e.g. an Azure credential)."""
+        self._client = client
+        self._model = model
+        self._dimensions = dimensions
+        self._on_close = on_close
+
+    @property
+    def name(self) -> str:
+        return self._model
+
+    @property
+    def dimensions(self) -> int | None:
+        return self._dimensions
+
+    async def embed(self, texts: Sequence[str], caller: InferenceCaller) -> EmbeddingResponse:
+        if not texts:
+            return EmbeddingResponse((), self._model, Usage(0, 0))
+        try:
+            result = await self._client.embeddings.create(
+                model=self._model,
+                input=list(texts),
+                dimensions=self._dimensions if self._dimensions is not None else openai.omit,
+            )
+        except openai.OpenAIError as exc:
+            raise provider_error(exc) from exc
+        except ValueError as exc:  # a body that is not JSON
+            raise ProviderUnavailable(
+                MALFORMED, retryable=True, details={"error": str(exc)}
+            ) from exc
+        ordered = sorted(result.data, key=lambda item: item.index)
+        if len(ordered) != len(texts):
+            raise ProviderUnavailable(
+                MALFORMED, details={"expected": len(texts), "received": len(ordered)}
+            )
+        usage = Usage(result.usage.prompt_tokens, 0) if result.usage else None
+        return EmbeddingResponse(
+            tuple(tuple(item.embedding) for item in ordered), result.model, usage
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+        if self._on_close is not None:
+            await self._on_close()
+            self._on_close = None
