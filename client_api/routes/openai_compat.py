@@ -42,6 +42,7 @@ from inferencing.contracts import (
     ToolDefinition,
     UnknownDeployment,
 )
+from inferencing.providers.openai_wire import wire_tool_call
 
 router = APIRouter(tags=["openai-compatible"])
 
@@ -262,21 +263,13 @@ def _choice(delta: ChatDelta) -> dict[str, Any]:
         content["content"] = delta.content
     if delta.tool_calls:
         content["tool_calls"] = [
-            {"index": i, **_call(call)} for i, call in enumerate(delta.tool_calls)
+            {"index": i, **wire_tool_call(call)} for i, call in enumerate(delta.tool_calls)
         ]
     return {"index": 0, "delta": content, "finish_reason": delta.finish_reason}
 
 
 def _extension(delta: ChatDelta) -> dict[str, Any]:
     return {"lamina": {"route": _route(delta.route)}} if delta.route is not None else {}
-
-
-def _call(call: ToolCall) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
 
 
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:

@@ -7,6 +7,7 @@ them, so that the extractive default starts without paying for either.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from inferencing.contracts import (
@@ -19,9 +20,6 @@ from inferencing.settings import DeploymentSettings, TimeoutSettings
 
 if TYPE_CHECKING:
     import openai
-
-    from inferencing.providers.openai_compatible import OpenAICompatibleChatModel
-    from inferencing.providers.openai_wire import WireForwarder
 
 AzureTokenProvider = Callable[[], Awaitable[str]]
 """Returns a Microsoft Entra access token for Azure OpenAI, e.g. from azure-identity."""
@@ -55,11 +53,89 @@ def build_chat_model(
 
         return ExtractiveAnswerer()
 
-    import openai
-
+    from inferencing.providers.openai_compatible import OpenAICompatibleChatModel
     from inferencing.providers.openai_wire import WireForwarder, WireTarget
 
     timeouts = timeouts or TimeoutSettings()
+    connection = _connect(deployment, timeouts, http_client, azure_token_provider)
+    client = connection.client
+    if deployment.provider == "openai":
+        base = (deployment.base_url or "https://api.openai.com/v1").rstrip("/")
+        target = WireTarget(
+            f"{base}/chat/completions",
+            # The client's key: the setting, or OPENAI_API_KEY, as the SDK resolved it.
+            headers={"Authorization": f"Bearer {client.api_key}"} if client.api_key else {},
+            model=deployment.model,
+        )
+    else:
+        assert deployment.azure_endpoint is not None  # checked by _connect
+        target = WireTarget(
+            f"{deployment.azure_endpoint.rstrip('/')}/openai/deployments/{deployment.model}"
+            f"/chat/completions?api-version={deployment.azure_api_version}",
+            headers={"api-key": connection.api_key} if connection.api_key else {},
+            bearer=connection.token,
+        )
+    return OpenAICompatibleChatModel(
+        client,
+        model=deployment.model,
+        name=f"{deployment.provider}:{deployment.model}",
+        capabilities=ModelCapabilities(
+            streaming=True,
+            tool_calls=deployment.supports_tools,
+            json_schema=deployment.supports_json_schema,
+            generative=True,
+            context_window=deployment.context_window,
+        ),
+        default_max_tokens=max_output_tokens,
+        default_temperature=temperature,
+        on_close=connection.on_close,
+        forwarder=WireForwarder(target, timeouts),
+    )
+
+
+def build_embedding_model(
+    deployment: DeploymentSettings,
+    *,
+    dimensions: int | None = None,
+    timeouts: TimeoutSettings | None = None,
+    azure_token_provider: AzureTokenProvider | None = None,
+) -> EmbeddingModel:
+    """The embedding model of an ``openai`` or ``azure_openai`` deployment (the same
+    settings as a chat deployment; ``model`` names the embedding model or deployment)."""
+    if deployment.provider == "extractive":
+        raise ValueError(
+            f"deployment {deployment.name!r}: the extractive provider has no embeddings"
+        )
+    from inferencing.providers.openai_compatible import OpenAIEmbeddingModel
+
+    connection = _connect(deployment, timeouts or TimeoutSettings(), "httpx", azure_token_provider)
+    return OpenAIEmbeddingModel(
+        connection.client,
+        model=deployment.model,
+        dimensions=dimensions,
+        on_close=connection.on_close,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    """An SDK client for a deployment, and what else talking to it needs: the API key
+    it uses (None with Entra ID), the guarded Entra token provider, and what to close."""
+
+    client: openai.AsyncOpenAI
+    api_key: str | None
+    token: AzureTokenProvider | None
+    on_close: Callable[[], Awaitable[None]] | None
+
+
+def _connect(
+    deployment: DeploymentSettings,
+    timeouts: TimeoutSettings,
+    http_client: Literal["aiohttp", "httpx"],
+    azure_token_provider: AzureTokenProvider | None,
+) -> _Connection:
+    import openai
+
     common: dict[str, Any] = {
         "timeout": openai.Timeout(timeouts.total_s, connect=timeouts.connect_s),
         "max_retries": 0,
@@ -67,7 +143,6 @@ def build_chat_model(
     if http_client == "aiohttp":
         common["http_client"] = openai.DefaultAioHttpClient(timeout=common["timeout"])
     api_key = deployment.api_key.get_secret_value() if deployment.api_key else None
-    options = (max_output_tokens, temperature)
     if deployment.provider == "openai":
         try:
             client = openai.AsyncOpenAI(api_key=api_key, base_url=deployment.base_url, **common)
@@ -77,14 +152,7 @@ def build_chat_model(
                 "(LAMINA_INFERENCING__API_KEY, or OPENAI_API_KEY); for a server without "
                 "authentication give any value"
             ) from exc
-        base = (deployment.base_url or "https://api.openai.com/v1").rstrip("/")
-        target = WireTarget(
-            f"{base}/chat/completions",
-            # The client's key: the setting, or OPENAI_API_KEY, as the SDK resolved it.
-            headers={"Authorization": f"Bearer {client.api_key}"} if client.api_key else {},
-            model=deployment.model,
-        )
-        return _chat_model(client, deployment, options, WireForwarder(target, timeouts))
+        return _Connection(client, api_key, None, None)
 
     if deployment.azure_endpoint is None:
         raise ValueError(
@@ -99,22 +167,16 @@ def build_chat_model(
         credential = DefaultAzureCredential()
         azure_token_provider = get_bearer_token_provider(credential, deployment.azure_ad_scope)
         on_close = credential.close
+    token = _guarded(azure_token_provider) if azure_token_provider else None
     azure = openai.AsyncAzureOpenAI(
         azure_endpoint=deployment.azure_endpoint,
         azure_deployment=deployment.model,
         api_version=deployment.azure_api_version,
-        api_key=api_key if azure_token_provider is None else None,
-        azure_ad_token_provider=_guarded(azure_token_provider) if azure_token_provider else None,
+        api_key=api_key if token is None else None,
+        azure_ad_token_provider=token,
         **common,
     )
-    target = WireTarget(
-        f"{deployment.azure_endpoint.rstrip('/')}/openai/deployments/{deployment.model}"
-        f"/chat/completions?api-version={deployment.azure_api_version}",
-        headers={"api-key": api_key} if azure_token_provider is None and api_key else {},
-        bearer=_guarded(azure_token_provider) if azure_token_provider else None,
-    )
-    forwarder = WireForwarder(target, timeouts)
-    return _chat_model(azure, deployment, options, forwarder, on_close=on_close)
+    return _Connection(azure, api_key if token is None else None, token, on_close)
 
 
 def _guarded(token_provider: AzureTokenProvider) -> AzureTokenProvider:
@@ -132,82 +194,3 @@ def _guarded(token_provider: AzureTokenProvider) -> AzureTokenProvider:
         return value
 
     return token
-
-
-def _chat_model(
-    client: openai.AsyncOpenAI,
-    deployment: DeploymentSettings,
-    options: tuple[int | None, float | None],
-    forwarder: WireForwarder,
-    *,
-    on_close: Callable[[], Awaitable[None]] | None = None,
-) -> OpenAICompatibleChatModel:
-    from inferencing.providers.openai_compatible import OpenAICompatibleChatModel
-
-    return OpenAICompatibleChatModel(
-        client,
-        model=deployment.model,
-        name=f"{deployment.provider}:{deployment.model}",
-        capabilities=ModelCapabilities(
-            streaming=True,
-            tool_calls=deployment.supports_tools,
-            json_schema=deployment.supports_json_schema,
-            generative=True,
-            context_window=deployment.context_window,
-        ),
-        default_max_tokens=options[0],
-        default_temperature=options[1],
-        on_close=on_close,
-        forwarder=forwarder,
-    )
-
-
-def build_embedding_model(
-    deployment: DeploymentSettings,
-    *,
-    dimensions: int | None = None,
-    timeouts: TimeoutSettings | None = None,
-    azure_token_provider: AzureTokenProvider | None = None,
-) -> EmbeddingModel:
-    """The embedding model of an ``openai`` or ``azure_openai`` deployment (the same
-    settings as a chat deployment; ``model`` names the embedding model or deployment)."""
-    import openai
-
-    from inferencing.providers.openai_compatible import OpenAIEmbeddingModel
-
-    if deployment.provider == "extractive":
-        raise ValueError(
-            f"deployment {deployment.name!r}: the extractive provider has no embeddings"
-        )
-    timeouts = timeouts or TimeoutSettings()
-    common: dict[str, Any] = {
-        "timeout": openai.Timeout(timeouts.total_s, connect=timeouts.connect_s),
-        "max_retries": 0,
-    }
-    api_key = deployment.api_key.get_secret_value() if deployment.api_key else None
-    client: openai.AsyncOpenAI
-    on_close: Callable[[], Awaitable[None]] | None = None
-    if deployment.provider == "openai":
-        client = openai.AsyncOpenAI(api_key=api_key, base_url=deployment.base_url, **common)
-    else:
-        if deployment.azure_endpoint is None:
-            raise ValueError(f"deployment {deployment.name!r} needs an azure_endpoint")
-        if azure_token_provider is None and api_key is None:
-            from azure.identity.aio import DefaultAzureCredential, get_bearer_token_provider
-
-            credential = DefaultAzureCredential()
-            azure_token_provider = get_bearer_token_provider(credential, deployment.azure_ad_scope)
-            on_close = credential.close
-        client = openai.AsyncAzureOpenAI(
-            azure_endpoint=deployment.azure_endpoint,
-            azure_deployment=deployment.model,
-            api_version=deployment.azure_api_version,
-            api_key=api_key if azure_token_provider is None else None,
-            azure_ad_token_provider=_guarded(azure_token_provider)
-            if azure_token_provider
-            else None,
-            **common,
-        )
-    return OpenAIEmbeddingModel(
-        client, model=deployment.model, dimensions=dimensions, on_close=on_close
-    )

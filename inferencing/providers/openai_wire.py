@@ -25,6 +25,7 @@ from inferencing.contracts import (
     InferenceError,
     ProviderTimeout,
     ProviderUnavailable,
+    ToolCall,
 )
 from inferencing.providers.openai_errors import MALFORMED, TIMED_OUT, UNAVAILABLE, status_error
 from inferencing.settings import TimeoutSettings
@@ -102,14 +103,7 @@ def completion_body(response: ChatResponse) -> dict[str, Any]:
     speak it themselves, such as the extractive answerer)."""
     message: dict[str, Any] = {"role": "assistant", "content": response.message.content}
     if response.message.tool_calls:
-        message["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
-            }
-            for call in response.message.tool_calls
-        ]
+        message["tool_calls"] = [wire_tool_call(call) for call in response.message.tool_calls]
     body: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -124,6 +118,15 @@ def completion_body(response: ChatResponse) -> dict[str, Any]:
             "total_tokens": response.usage.input_tokens + response.usage.output_tokens,
         }
     return body
+
+
+def wire_tool_call(call: ToolCall) -> dict[str, Any]:
+    """A tool call in the chat completion wire format."""
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 def _http_error(status: int, raw: bytes, headers: Mapping[str, str]) -> InferenceError:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
+from redis.asyncio import Redis
 
+from inferencing.gateway.redis_state import redis_client
 from inferencing.simulator import SimulatorServer
+from tests.support.redis_server import RedisServer, private_redis
 
 
 @dataclass(frozen=True)
@@ -34,3 +37,17 @@ def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
     """The session's simulator, with an empty script and no recorded requests."""
     simulator_server.reset()
     return simulator_server
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A private Redis for a test module (tests that stop it bring their own)."""
+    with private_redis() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = redis_client(redis_server.url, connect_timeout_s=2.0, command_timeout_s=2.0)
+    yield client
+    await client.aclose()

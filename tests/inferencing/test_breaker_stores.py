@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from uuid import uuid4
 
 import pytest
@@ -17,20 +17,7 @@ from tests.inferencing.breaker_contract import (
     BreakerStoreContract,
     trip,
 )
-from tests.support.redis_server import RedisServer, private_redis
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with private_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = redis_client(redis_server.url, connect_timeout_s=2.0, command_timeout_s=2.0)
-    yield client
-    await client.aclose()
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture

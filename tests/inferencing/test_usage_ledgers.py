@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from uuid import uuid4
@@ -17,20 +17,7 @@ from tests.inferencing.usage_contract import (
     sample,
     usage,
 )
-from tests.support.redis_server import RedisServer, private_redis
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with private_redis() as server:
-        yield server
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = redis_client(redis_server.url, connect_timeout_s=2.0, command_timeout_s=2.0)
-    yield client
-    await client.aclose()
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture
