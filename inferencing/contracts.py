@@ -206,6 +206,93 @@ class EmbeddingModel(Protocol):
     async def aclose(self) -> None: ...
 
 
+# --- token budgets: rate limits and quotas around every model call ------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """Where a caller stands against one limit (for ``RateLimit-*`` headers)."""
+
+    name: str
+    """Which limit, e.g. ``tenant-tokens-per-minute`` or ``user-tokens-per-day``."""
+    limit: int
+    remaining: int
+    reset_s: float
+    """Seconds until the window has room again (rate limits) or the period ends (quotas)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenReservation:
+    """Tokens held for one model call until :meth:`TokenBudget.reconcile` settles them."""
+
+    id: str
+    tokens: int
+
+
+@runtime_checkable
+class TokenBudget(Protocol):
+    """Token rate limits and quotas, charged by the gateway around every model call:
+    the prompt estimate plus ``max_tokens`` is reserved before the call, and replaced
+    by the tokens actually used after it."""
+
+    async def reserve(self, caller: InferenceCaller, tokens: int) -> TokenReservation:
+        """Hold ``tokens`` or raise :class:`TokenRateLimited` / :class:`TokenQuotaExceeded`."""
+        ...
+
+    async def reconcile(self, reservation: TokenReservation, used_tokens: int) -> None:
+        """Replace the reservation by what was used (0 when the call failed). Never raises."""
+        ...
+
+
+# --- safety models: prompt shields and content moderation -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShieldVerdict:
+    attack: bool
+    score: float
+    """Confidence in ``attack``, 0 to 1 (detectors that only say yes/no give 0 or 1)."""
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShieldResult:
+    detector: str
+    prompt: ShieldVerdict | None
+    """The verdict on the user prompt, None when none was given."""
+    documents: tuple[ShieldVerdict, ...] = ()
+    """One verdict per document, in order."""
+
+
+@runtime_checkable
+class PromptShield(Protocol):
+    """Detects prompt injection and jailbreak attempts: direct ones in the user's prompt,
+    indirect ones in documents (retrieved passages, tool outputs) bound for a model."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def shield(self, prompt: str | None, documents: Sequence[str] = ()) -> ShieldResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationResult:
+    severities: Mapping[str, int]
+    """Severity per harm category (e.g. Hate, SelfHarm, Sexual, Violence), 0 = safe."""
+    flagged: tuple[str, ...] = ()
+    """Categories at or above the configured threshold."""
+
+
+@runtime_checkable
+class ContentModerator(Protocol):
+    """Classifies text into harm categories with a severity each."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def moderate(self, text: str) -> ModerationResult: ...
+
+
 # --- errors ------------------------------------------------------------------
 
 
@@ -256,3 +343,22 @@ class NoDeploymentAvailable(ProviderUnavailable):
 
 class ProviderAuthenticationFailed(InferenceError):
     """Credentials for the provider were missing or refused."""
+
+
+@dataclass
+class TokenRateLimited(InferenceError):
+    """A tokens-per-minute limit has no room for this call now (HTTP 429)."""
+
+    state: LimitState | None = None
+    retry_after_s: float = 1.0
+
+
+@dataclass
+class TokenQuotaExceeded(InferenceError):
+    """A daily or monthly token quota is used up (HTTP 403)."""
+
+    state: LimitState | None = None
+
+
+class SafetyServiceUnavailable(ProviderUnavailable):
+    """The content-safety service failed or could not be reached."""

@@ -26,6 +26,10 @@ class Principal:
     groups: frozenset[str] = frozenset()
     roles: frozenset[str] = frozenset()
     name: str | None = None
+    scopes: frozenset[str] = frozenset()
+    """Delegated permissions (the token's ``scp``); empty for app-only tokens and API keys."""
+    auth_method: str = "jwt"
+    """How the caller proved who they are: ``jwt``, ``api_key`` or ``dev``."""
 
 
 # --- plans ---------------------------------------------------------------------
