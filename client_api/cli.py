@@ -1,10 +1,12 @@
-"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo."""
+"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo, keys."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -276,6 +278,242 @@ def demo(
     )
     sys.stdout.flush()
     _serve(settings)
+
+
+# --- lamina keys: API keys of service clients ------------------------------------------------
+
+keys_app = typer.Typer(
+    name="keys",
+    help="API keys for service clients: create, list, revoke, rotate. Keys live in Redis "
+    "when LAMINA_REDIS__URL is set, else in LAMINA_DATA_DIR/api_keys.db: run these with "
+    "the server's settings.",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app)
+
+KEY_STORE_DOWN = 3
+"""Exit code when the key store cannot answer: unlike 1 (no such key), worth retrying."""
+
+
+def _when(moment: datetime | None) -> str:
+    return "never" if moment is None else f"{moment:%Y-%m-%d %H:%M} UTC"
+
+
+def _keys_run(work: Coroutine[Any, Any, int]) -> None:
+    """Run a ``lamina keys`` coroutine and exit with its code; an unreachable store
+    exits with :data:`KEY_STORE_DOWN`."""
+    from rich.markup import escape
+
+    from client_api.auth.api_keys import KeyStoreUnavailable
+
+    try:
+        code = asyncio.run(work)
+    except KeyStoreUnavailable as exc:
+        errors.print(f"[red]{escape(str(exc))}[/red]")
+        code = KEY_STORE_DOWN
+    raise typer.Exit(code)
+
+
+def _show_new_key(key: str) -> None:
+    errors.print(
+        "[yellow]Store this key now, in a secret store: it is shown only this once "
+        "and cannot be recovered.[/yellow]"
+    )
+    # Alone on stdout, so that `KEY=$(lamina keys create ...)` captures exactly the key.
+    typer.echo(key)
+
+
+async def _keys_create(
+    settings: LaminaSettings,
+    tenant: str,
+    name: str,
+    roles: list[str],
+    groups: list[str],
+    lifetime: timedelta | None,
+) -> int:
+    from contextlib import AsyncExitStack
+
+    from rich.markup import escape
+
+    from client_api.auth.api_keys import DuplicateApiKeyName, open_api_key_store
+
+    async with AsyncExitStack() as stack:
+        store = await open_api_key_store(settings, stack)
+        try:
+            issued = await store.create(
+                tenant,
+                name,
+                roles=roles,
+                groups=groups,
+                expires_at=None if lifetime is None else datetime.now(UTC) + lifetime,
+            )
+        except ValueError as exc:
+            errors.print(f"[red]{escape(str(exc))}[/red]")
+            return 2
+        except DuplicateApiKeyName as exc:
+            errors.print(f"[red]{escape(str(exc))}[/red]")
+            return 1
+        where = store.describe()
+    record = issued.record
+    errors.print(
+        f"Created API key [bold]{record.key_id}[/bold] ({escape(record.name)}) for tenant "
+        f"{escape(record.tenant_id)}; roles: {escape(', '.join(sorted(record.roles)) or '-')}; "
+        f"groups: {escape(', '.join(sorted(record.groups)) or '-')}; "
+        f"expires: {_when(record.expires_at)}. Stored in {escape(where)}."
+    )
+    _show_new_key(issued.key)
+    return 0
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the client acts in")],
+    name: Annotated[str, typer.Option(help="Client name; its user id is key:<name>")],
+    role: Annotated[list[str] | None, typer.Option(help="App role (repeat for more)")] = None,
+    group: Annotated[
+        list[str] | None, typer.Option(help="Group, for document access (repeat for more)")
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime such as 90d, 24h or 2w (default: none)")
+    ] = None,
+) -> None:
+    """Create a key and print it, once."""
+    from client_api.auth.api_keys import parse_duration
+
+    lifetime: timedelta | None = None
+    if expires is not None:
+        try:
+            lifetime = parse_duration(expires)
+        except ValueError as exc:
+            errors.print(f"[red]--expires: {exc}[/red]")
+            raise typer.Exit(2) from None
+    _keys_run(_keys_create(_settings(), tenant, name, role or [], group or [], lifetime))
+
+
+async def _keys_list(settings: LaminaSettings, tenant: str | None) -> int:
+    from contextlib import AsyncExitStack
+
+    from client_api.auth.api_keys import ApiKeyStatus, open_api_key_store
+
+    async with AsyncExitStack() as stack:
+        store = await open_api_key_store(settings, stack)
+        keys = await store.list_keys(tenant)
+        where = store.describe()
+    now = datetime.now(UTC)
+    colours = {
+        ApiKeyStatus.ACTIVE: "green",
+        ApiKeyStatus.EXPIRING: "yellow",
+        ApiKeyStatus.REVOKED: "red",
+        ApiKeyStatus.EXPIRED: "dim",
+    }
+    table = Table(title=f"API keys in {where}" + (f", tenant {tenant}" if tenant else ""))
+    for column in ("id", "name", "tenant", "roles", "groups", "created", "expires", "status"):
+        table.add_column(column, no_wrap=column in ("id", "status"))
+    for key in keys:
+        status = key.status(now)
+        shown = status.value
+        if key.replaced_by is not None:
+            shown += f" (rotated to {key.replaced_by})"
+        table.add_row(
+            key.key_id,
+            key.name,
+            key.tenant_id,
+            ", ".join(sorted(key.roles)) or "-",
+            ", ".join(sorted(key.groups)) or "-",
+            _when(key.created_at),
+            _when(key.expires_at),
+            f"[{colours[status]}]{shown}[/{colours[status]}]",
+        )
+    console.print(table if keys else f"No API keys in {where}.")
+    return 0
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys")] = None,
+) -> None:
+    """List keys with their status (never their secrets)."""
+    _keys_run(_keys_list(_settings(), tenant))
+
+
+async def _keys_revoke(settings: LaminaSettings, key_id: str) -> int:
+    from contextlib import AsyncExitStack
+
+    from rich.markup import escape
+
+    from client_api.auth.api_keys import open_api_key_store
+
+    async with AsyncExitStack() as stack:
+        store = await open_api_key_store(settings, stack)
+        before = await store.get(key_id)
+        if before is None or not await store.revoke(key_id):
+            errors.print(
+                f"[red]There is no API key {escape(repr(key_id))} in {escape(store.describe())}"
+                "; 'lamina keys list' shows the keys.[/red]"
+            )
+            return 1
+    if before.revoked_at is not None:
+        console.print(f"API key {key_id} was already revoked on {_when(before.revoked_at)}.")
+    else:
+        console.print(
+            f"Revoked API key {key_id} ({escape(before.name)}, tenant "
+            f"{escape(before.tenant_id)}): it is refused from now on."
+        )
+    return 0
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id")]) -> None:
+    """Revoke a key at once."""
+    _keys_run(_keys_revoke(_settings(), key_id))
+
+
+async def _keys_rotate(settings: LaminaSettings, key_id: str, grace: timedelta) -> int:
+    from contextlib import AsyncExitStack
+
+    from rich.markup import escape
+
+    from client_api.auth.api_keys import ApiKeyNotActive, UnknownApiKey, open_api_key_store
+
+    async with AsyncExitStack() as stack:
+        store = await open_api_key_store(settings, stack)
+        try:
+            issued = await store.rotate(key_id, grace)
+        except (UnknownApiKey, ApiKeyNotActive) as exc:
+            errors.print(f"[red]{escape(str(exc))}; 'lamina keys list' shows the keys.[/red]")
+            return 1
+        old = await store.get(key_id)
+    record = issued.record
+    until = (
+        "was revoked now"
+        if old is None or old.revoked_at is not None
+        else f"keeps working until {_when(old.expires_at)}"
+    )
+    errors.print(
+        f"Rotated API key {key_id} to [bold]{record.key_id}[/bold] "
+        f"({escape(record.name)}, tenant {escape(record.tenant_id)}); the old key {until}. "
+        f"The new key expires: {_when(record.expires_at)}."
+    )
+    _show_new_key(issued.key)
+    return 0
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key's id")],
+    grace: Annotated[
+        str, typer.Option(help="How long the old key keeps working: 24h, 30m, 0 (none)")
+    ] = "24h",
+) -> None:
+    """Replace a key with a new one (same tenant, name, roles, groups) and print it."""
+    from client_api.auth.api_keys import parse_duration
+
+    try:
+        period = parse_duration(grace)
+    except ValueError as exc:
+        errors.print(f"[red]--grace: {exc}[/red]")
+        raise typer.Exit(2) from None
+    _keys_run(_keys_rotate(_settings(), key_id, period))
 
 
 if __name__ == "__main__":
