@@ -6,6 +6,7 @@ layers above as their :class:`~inferencing.contracts.ChatModel`.
 
 from __future__ import annotations
 
+from inferencing.contracts import TokenBudget
 from inferencing.gateway.breaker import BreakerStore, InProcessBreakerStore
 from inferencing.gateway.core import Gateway
 from inferencing.gateway.metering import UsageLedger, UsageMeter
@@ -25,10 +26,12 @@ def build_gateway(
     counter: TokenCounter | None = None,
     classifier: ComplexityClassifier | None = None,
     azure_token_provider: AzureTokenProvider | None = None,
+    budget: TokenBudget | None = None,
 ) -> Gateway:
     """A gateway over every deployment of ``settings.registry()``.
 
-    ``breakers`` default to in-process state; without a ``ledger`` nothing is metered.
+    ``breakers`` default to in-process state; without a ``ledger`` nothing is metered;
+    without a ``budget`` no call is held against token limits or quotas.
     Raises ``ValueError`` naming the setting when a deployment cannot be built.
     """
     deployments = [
@@ -54,4 +57,6 @@ def build_gateway(
         breaker=settings.breaker,
         timeouts=settings.timeouts,
         classifier=classifier,
+        budget=budget,
+        default_max_tokens=settings.max_output_tokens,
     )

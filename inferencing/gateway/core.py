@@ -12,6 +12,10 @@ A streamed answer falls back to another deployment only before its first
 delta has reached the caller; after that a failure ends the stream with
 :class:`~inferencing.contracts.StreamInterrupted`, and the tokens used so far
 are still metered.
+
+With a :class:`~inferencing.contracts.TokenBudget`, each call reserves its prompt
+plus ``max_tokens`` once, before its first attempt (so a refusal reaches no
+provider), and reconciles the reservation to the tokens metered after its last.
 """
 
 from __future__ import annotations
@@ -43,13 +47,20 @@ from inferencing.contracts import (
     ProviderTimeout,
     RouteInfo,
     StreamInterrupted,
+    TokenBudget,
+    TokenReservation,
     UnknownDeployment,
     Usage,
 )
 from inferencing.gateway.breaker import Admission, BreakerState, BreakerStore
 from inferencing.gateway.metering import UsageMeter, UsageRecord, cost_of
 from inferencing.gateway.routing import ComplexityClassifier, Deployment, RoutePlan, Router
-from inferencing.settings import BreakerSettings, RetrySettings, TimeoutSettings
+from inferencing.settings import (
+    BreakerSettings,
+    InferencingSettings,
+    RetrySettings,
+    TimeoutSettings,
+)
 from inferencing.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,7 @@ _T = TypeVar("_T")
 _NOTHING_FITS = "No model deployment can take this request."
 _ALL_OPEN = "The model service is recovering from errors. Please try again shortly."
 _SLOW = "The model did not answer in time."
+_DEFAULT_MAX_TOKENS: int = InferencingSettings.model_fields["max_output_tokens"].default
 
 
 @dataclass
@@ -70,6 +82,8 @@ class _Call:
     attempts: list[tuple[str, str]] = field(default_factory=list)
     waited_s: float = 0.0
     last_error: InferenceError | None = None
+    used_tokens: int = 0
+    """Input plus output tokens, as metered: what a token reservation is reconciled to."""
 
 
 @dataclass
@@ -98,7 +112,12 @@ class Gateway:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         today: Callable[[], date] | None = None,
         rng: random.Random | None = None,
+        budget: TokenBudget | None = None,
+        default_max_tokens: int | None = None,
     ) -> None:
+        """``budget`` charges every call's tokens; ``default_max_tokens`` is what a
+        request without ``max_tokens`` reserves for its output (the providers' default
+        cap on answer length)."""
         if not deployments:
             raise ValueError("the gateway needs at least one deployment")
         self._router = Router(deployments, classifier)
@@ -112,6 +131,8 @@ class Gateway:
         self._sleep = sleep
         self._today = today or (lambda: datetime.now(UTC).date())
         self._rng = rng or random.Random()
+        self._budget = budget
+        self._default_max_tokens = default_max_tokens or _DEFAULT_MAX_TOKENS
         models = [d.model.capabilities for d in deployments]
         windows = [c.context_window for c in models]
         self._capabilities = ModelCapabilities(
@@ -139,6 +160,10 @@ class Gateway:
     def meter(self) -> UsageMeter | None:
         return self._meter
 
+    @property
+    def budget(self) -> TokenBudget | None:
+        return self._budget
+
     async def warm_up(self) -> None:
         """Load the token encoding now, off the event loop, so no request pays for it."""
         await asyncio.to_thread(self._counter.warm_up)
@@ -154,6 +179,15 @@ class Gateway:
 
     async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse:
         call = self._plan(request)
+        if self._budget is None:
+            return await self._complete(call, request, caller)
+        return await self._charged(
+            self._budget, call, request, caller, lambda: self._complete(call, request, caller)
+        )
+
+    async def _complete(
+        self, call: _Call, request: ChatRequest, caller: InferenceCaller
+    ) -> ChatResponse:
         with tracer.start_as_current_span("chat") as span:
 
             async def attempt(deployment: Deployment, _: Admission) -> ChatResponse:
@@ -185,6 +219,23 @@ class Gateway:
         typed reading. A deployment whose model does not take the wire format answers
         ``request``, rendered in that format. Returns the response body and the route."""
         call = self._plan(request)
+        if self._budget is None:
+            return await self._forward(call, payload, request, caller)
+        return await self._charged(
+            self._budget,
+            call,
+            request,
+            caller,
+            lambda: self._forward(call, payload, request, caller),
+        )
+
+    async def _forward(
+        self,
+        call: _Call,
+        payload: Mapping[str, Any],
+        request: ChatRequest,
+        caller: InferenceCaller,
+    ) -> tuple[dict[str, Any], RouteInfo]:
         with tracer.start_as_current_span("chat") as span:
 
             async def attempt(deployment: Deployment, _: Admission) -> dict[str, Any]:
@@ -220,44 +271,88 @@ class Gateway:
         self, request: ChatRequest, caller: InferenceCaller
     ) -> AsyncIterator[ChatDelta]:
         call = self._plan(request)
-        with tracer.start_as_current_span("chat.stream") as span:
-            deployment, admission, opened = await self._route(
-                call, request, self._opener(request, caller)
-            )
-            deltas = opened.deltas
-            route = self._route_info(deployment, deployment.settings.model, call)
-            output: list[str] = []
-            usage: Usage | None = None
-            outcome = "cancelled"
-            try:
-                delta: ChatDelta | None = opened.first
-                deadline = asyncio.get_running_loop().time() + self._timeouts.total_s
-                while delta is not None:
-                    output.append(delta.content)
-                    usage = delta.usage or usage
-                    yield replace(delta, route=route) if delta.finish_reason else delta
-                    delta = await _next(deltas, deadline)
-                outcome = "ok"
-            except InferenceError:
-                outcome = "interrupted"
-                raise
-            finally:
-                with suppress(Exception):
-                    await deltas.aclose()  # type: ignore[attr-defined]
-                if outcome != "cancelled" or admission.probe:
-                    # A caller hanging up says nothing about the deployment's health.
-                    await self._record(deployment, admission, ok=outcome != "interrupted")
-                metered = usage or Usage(
-                    call.plan.prompt_tokens, self._counter.count("".join(output))
+        budget = self._budget
+        reservation = (
+            await self._reserve(budget, call, request, caller) if budget is not None else None
+        )
+        try:
+            with tracer.start_as_current_span("chat.stream") as span:
+                deployment, admission, opened = await self._route(
+                    call, request, self._opener(request, caller)
                 )
-                self._meter_usage(caller, request, deployment, metered, outcome, usage is None)
-                _annotate(span, route, metered)
+                deltas = opened.deltas
+                route = self._route_info(deployment, deployment.settings.model, call)
+                output: list[str] = []
+                usage: Usage | None = None
+                outcome = "cancelled"
+                try:
+                    delta: ChatDelta | None = opened.first
+                    deadline = asyncio.get_running_loop().time() + self._timeouts.total_s
+                    while delta is not None:
+                        output.append(delta.content)
+                        usage = delta.usage or usage
+                        yield replace(delta, route=route) if delta.finish_reason else delta
+                        delta = await _next(deltas, deadline)
+                    outcome = "ok"
+                except InferenceError:
+                    outcome = "interrupted"
+                    raise
+                finally:
+                    with suppress(Exception):
+                        await deltas.aclose()  # type: ignore[attr-defined]
+                    if outcome != "cancelled" or admission.probe:
+                        # A caller hanging up says nothing about the deployment's health.
+                        await self._record(deployment, admission, ok=outcome != "interrupted")
+                    metered = usage or Usage(
+                        call.plan.prompt_tokens, self._counter.count("".join(output))
+                    )
+                    # Cut or closed midway, the stream has used what was delivered so far.
+                    call.used_tokens = metered.input_tokens + metered.output_tokens
+                    self._meter_usage(caller, request, deployment, metered, outcome, usage is None)
+                    _annotate(span, route, metered)
+        finally:
+            if reservation is not None:
+                assert budget is not None
+                await budget.reconcile(reservation, call.used_tokens)
 
     async def aclose(self) -> None:
         for deployment in self.deployments:
             await deployment.model.aclose()
         if self._meter is not None:
             await self._meter.aclose()
+
+    # --- token budget ---------------------------------------------------------------
+
+    async def _reserve(
+        self, budget: TokenBudget, call: _Call, request: ChatRequest, caller: InferenceCaller
+    ) -> TokenReservation:
+        # The prompt was counted for routing already; the output can be up to max_tokens.
+        tokens = call.plan.prompt_tokens + (request.max_tokens or self._default_max_tokens)
+        return await budget.reserve(caller, tokens)
+
+    async def _charged(
+        self,
+        budget: TokenBudget,
+        call: _Call,
+        request: ChatRequest,
+        caller: InferenceCaller,
+        run: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """``run`` the call's attempts between one reservation and its reconciliation."""
+        reservation = await self._reserve(budget, call, request, caller)
+        # Cancelled while a provider works on it, the call is most likely finished (and
+        # billed) upstream anyway: the reservation stands.
+        used = reservation.tokens
+        try:
+            result = await run()
+        except Exception:
+            used = 0  # failed: the contract settles it to nothing
+            raise
+        else:
+            used = call.used_tokens
+            return result
+        finally:
+            await budget.reconcile(reservation, used)
 
     # --- routing and attempts ---------------------------------------------------------
 
@@ -406,6 +501,7 @@ class Gateway:
         estimated: bool,
     ) -> RouteInfo:
         await self._record(deployment, admission, ok=True)
+        call.used_tokens = usage.input_tokens + usage.output_tokens
         self._meter_usage(caller, request, deployment, usage, "ok", estimated)
         route = self._route_info(deployment, model, call)
         _annotate(span, route, usage)

@@ -60,6 +60,7 @@ def redis_client(
     connect_timeout_s: float,
     command_timeout_s: float,
     health_check_interval_s: int = 30,
+    max_connections: int = 100,
 ) -> redis.asyncio.Redis:
     """A client on which every call has a connect and a command timeout, and no retries.
 
@@ -68,8 +69,13 @@ def redis_client(
     ``health_check_interval_s`` pings a connection that has been idle that long before
     using it, so a connection broken while idle is noticed before a command is lost.
     """
-    return redis.asyncio.Redis.from_url(
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
         url,
+        # A burst waits for a free connection (up to the connect timeout) instead of
+        # failing with MaxConnectionsError, which the resilient wrappers would take for
+        # an outage and answer from local state: limits would stop holding across replicas.
+        max_connections=max_connections,
+        timeout=connect_timeout_s,
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=command_timeout_s,
         retry=Retry(NoBackoff(), 0),
@@ -80,6 +86,7 @@ def redis_client(
         # `timeout`, a load balancer, a restart) would fail a call and look like an outage.
         protocol=2,
     )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
 def _text(value: bytes | str) -> str:
@@ -454,7 +461,7 @@ def merge_rows(*tables: Sequence[UsageRow]) -> list[UsageRow]:
 # --- failover ------------------------------------------------------------------------
 
 
-class _Failover:
+class Failover:
     """Which store answers: the primary, or the fallback while the primary is
     unreachable and for ``retry_after_s`` after each failed attempt."""
 
@@ -540,7 +547,7 @@ class ResilientBreakerStore:
     ) -> None:
         self._primary = primary
         self._fallback = fallback
-        self._failover = _Failover(
+        self._failover = Failover(
             what="breakers",
             primary_name=primary_name,
             fallback_name=fallback_name,
@@ -597,7 +604,7 @@ class ResilientUsageLedger:
     ) -> None:
         self._primary = primary
         self._fallback = fallback
-        self._failover = _Failover(
+        self._failover = Failover(
             what="usage",
             primary_name=primary_name,
             fallback_name=fallback_name,
