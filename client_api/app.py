@@ -11,9 +11,13 @@ import httpx
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 
+from client_api.auth.api_keys import ApiKeyAuthenticator
 from client_api.auth.dependencies import Authenticator
+from client_api.auth.groups import AzureCredentialGraphToken, GraphGroupResolver
 from client_api.auth.jwt import JwtValidator
 from client_api.composition import build_services
+from client_api.edge.admission import RateLimitHeaders
+from client_api.edge.caps import BodySizeLimit
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
 from client_api.routes import chat, conversations, health, openai_compat, usage
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
@@ -29,9 +33,11 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(timeout=10.0) as http:
-            validator = JwtValidator(settings.auth, http) if settings.auth.mode == "jwt" else None
-            app.state.authenticator = Authenticator(settings.auth, validator)
             services = await build_services(settings)
+            validator = _validator(settings, http)
+            app.state.authenticator = Authenticator(
+                settings.auth, validator, api_keys=ApiKeyAuthenticator(services.api_keys)
+            )
             app.state.services = services
             # What start-up loaded (the token encoding's 200k-entry tables, the SDKs) lives
             # as long as the process: keep it out of the collector's full passes, whose
@@ -41,6 +47,8 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                if validator is not None:
+                    await validator.aclose()
                 await services.aclose()
 
     app = FastAPI(
@@ -53,6 +61,10 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
+    # Outermost first: refuse oversized bodies before anything reads them, and put the
+    # rate-limit headers on every response, errors included.
+    app.add_middleware(RateLimitHeaders)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.caps.max_body_bytes)
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name=CORRELATION_HEADER,
@@ -65,3 +77,11 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
     return app
+
+
+def _validator(settings: LaminaSettings, http: httpx.AsyncClient) -> JwtValidator | None:
+    if settings.auth.mode != "jwt":
+        return None
+    # Group memberships too many for the token come from Microsoft Graph.
+    groups = GraphGroupResolver.from_settings(settings.auth, http, AzureCredentialGraphToken())
+    return JwtValidator(settings.auth, http, groups=groups)

@@ -12,11 +12,21 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from client_api.auth.api_keys import ApiKeyStore, open_api_key_store
+from client_api.edge.caps import RequestCaps
+from client_api.edge.limits import (
+    InProcessLimitStore,
+    LimitStore,
+    RateLimiter,
+    RedisLimitStore,
+    ResilientLimitStore,
+)
 from client_api.settings import LaminaSettings
 from inferencing.contracts import ChatModel
 from inferencing.gateway import Gateway, build_gateway
 from inferencing.gateway.breaker import BreakerStore, InProcessBreakerStore
 from inferencing.gateway.metering import SqliteUsageLedger, UsageLedger
+from inferencing.tokens import default_counter
 from intelligence.contracts import Assistant, ConversationStore, Planner, PlanningContext
 from intelligence.orchestrator import Orchestrator
 from intelligence.planning.deterministic import DeterministicPlanner
@@ -49,6 +59,9 @@ class Services:
     audit: SqliteAuditLog
     assistant: Assistant
     state: GatewayState
+    limiter: RateLimiter
+    caps: RequestCaps
+    api_keys: ApiKeyStore
     _stack: AsyncExitStack
 
     async def aclose(self) -> None:
@@ -57,10 +70,12 @@ class Services:
 
 @dataclass
 class GatewayState:
-    """Where the gateway keeps breakers and usage: in-process and SQLite, or Redis."""
+    """Where the gateway keeps breakers, usage and rate limits: in-process and SQLite,
+    or Redis."""
 
     breakers: BreakerStore
     ledger: UsageLedger
+    limits: LimitStore
     describe: Callable[[], dict[str, str]]
 
 
@@ -69,11 +84,17 @@ async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -
     ``LAMINA_REDIS__URL`` is set, falling back to the embedded ones while Redis is down."""
     local_ledger = SqliteUsageLedger(settings.usage_path())
     await local_ledger.open()
+    local_limits = InProcessLimitStore()
     if settings.redis.url is None:
         return GatewayState(
             InProcessBreakerStore(),
             local_ledger,
-            lambda: {"gateway_state": "in-process", "usage_ledger": "sqlite"},
+            local_limits,
+            lambda: {
+                "gateway_state": "in-process",
+                "usage_ledger": "sqlite",
+                **local_limits.describe(),
+            },
         )
     # Imported here: only a shared deployment needs the Redis client.
     from inferencing.gateway.redis_state import (
@@ -101,7 +122,15 @@ async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -
         retry_after_s=settings.redis.retry_after_s,
         fallback_name="sqlite",
     )
-    return GatewayState(breakers, ledger, lambda: {**breakers.describe(), **ledger.describe()})
+    limits = ResilientLimitStore(
+        RedisLimitStore(redis), local_limits, retry_after_s=settings.redis.retry_after_s
+    )
+    return GatewayState(
+        breakers,
+        ledger,
+        limits,
+        lambda: {**breakers.describe(), **ledger.describe(), **limits.describe()},
+    )
 
 
 def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
@@ -153,11 +182,18 @@ async def build_services(settings: LaminaSettings) -> Services:
         stack.push_async_callback(audit.close)
 
         state = await build_gateway_state(settings, stack)
+        limiter = RateLimiter(state.limits, settings.limits)
+        counter = default_counter()
         chat_model = build_gateway(
-            settings.inferencing, breakers=state.breakers, ledger=state.ledger
+            settings.inferencing,
+            breakers=state.breakers,
+            ledger=state.ledger,
+            counter=counter,
+            budget=limiter if settings.limits.any_token_limits else None,
         )
         stack.push_async_callback(chat_model.aclose)
         await chat_model.warm_up()
+        api_keys = await open_api_key_store(settings, stack)
         toolset = build_toolset(settings.tools)
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()
@@ -189,5 +225,8 @@ async def build_services(settings: LaminaSettings) -> Services:
         audit,
         assistant,
         state,
+        limiter,
+        RequestCaps(settings.caps, counter),
+        api_keys,
         stack,
     )

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from client_api.auth.api_keys import KeyStoreUnavailable
+from client_api.auth.groups import GroupsUnavailable
 from client_api.auth.jwt import AuthenticationError, IdentityProviderUnavailable
+from client_api.edge.caps import CapExceeded
+from client_api.edge.limits import RateLimiter
+from inferencing.contracts import TokenQuotaExceeded, TokenRateLimited
 from intelligence.contracts import (
     AnswerFailed,
     ConversationNotFound,
@@ -42,11 +48,19 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
 
-def problem_response(problem: Problem, *, outside_middleware: bool = False) -> JSONResponse:
+def problem_response(
+    problem: Problem, request: Request | None = None, *, outside_middleware: bool = False
+) -> JSONResponse:
     """The problem as a response. Handlers of unhandled exceptions run outside the
     correlation middleware (in Starlette's outermost error middleware), so only they
-    set the header themselves."""
+    set the header themselves. On the OpenAI-compatible routes the body takes OpenAI's
+    error shape, which OpenAI clients parse, with the same status and headers."""
     cid = correlation_id.get()
+    headers = dict(problem.headers)
+    if cid and outside_middleware:
+        headers[CORRELATION_HEADER] = cid
+    if request is not None and _openai_compatible(request):
+        return JSONResponse(_openai_error(problem, cid), problem.status, headers)
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": problem.title,
@@ -56,10 +70,34 @@ def problem_response(problem: Problem, *, outside_middleware: bool = False) -> J
     if problem.detail:
         body["detail"] = problem.detail
     body.update(problem.extra)
-    headers = dict(problem.headers)
-    if cid and outside_middleware:
-        headers[CORRELATION_HEADER] = cid
     return JSONResponse(body, status_code=problem.status, headers=headers, media_type=PROBLEM_JSON)
+
+
+OPENAI_COMPATIBLE_TAG = "openai-compatible"
+
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def _openai_compatible(request: Request) -> bool:
+    route = request.scope.get("route")
+    return isinstance(route, APIRoute) and OPENAI_COMPATIBLE_TAG in route.tags
+
+
+def _openai_error(problem: Problem, cid: str | None) -> dict[str, Any]:
+    message = problem.detail or problem.title
+    if cid:
+        message = f"{message} (correlation id {cid})"
+    if problem.status in _OPENAI_TYPES:
+        kind = _OPENAI_TYPES[problem.status]
+    else:
+        kind = "api_error" if problem.status >= 500 else "invalid_request_error"
+    code = problem.extra.get("code")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
@@ -69,59 +107,111 @@ _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
 }
 
 
+def _validation(exc: RequestValidationError) -> Problem:
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return Problem(
+        422,
+        "Invalid request",
+        "The request body or parameters are invalid.",
+        extra={"errors": errors},
+    )
+
+
+def _http(exc: StarletteHTTPException) -> Problem:
+    return Problem(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def _authentication(exc: AuthenticationError) -> Problem:
+    return Problem(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
+
+
+def _identity_provider(exc: IdentityProviderUnavailable) -> Problem:
+    log.error("identity provider unavailable: %s", exc)
+    return Problem(
+        503,
+        "Authentication unavailable",
+        "Sign-in cannot be checked right now.",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _groups(exc: GroupsUnavailable) -> Problem:
+    log.error("group memberships unavailable: %s", exc)
+    return Problem(
+        503,
+        "Group memberships unavailable",
+        "Your group memberships cannot be checked right now; try again shortly.",
+        headers={"Retry-After": str(max(1, round(exc.retry_after_s or 5)))},
+    )
+
+
+def _key_store(exc: KeyStoreUnavailable) -> Problem:
+    log.error("API key store unavailable: %s", exc)
+    return Problem(
+        503,
+        "Authentication unavailable",
+        "API keys cannot be checked right now.",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _cap(exc: CapExceeded) -> Problem:
+    title = "Request too large" if exc.status == 413 else "Request over a cap"
+    return Problem(exc.status, title, exc.message, extra={"cap": exc.cap, "code": exc.cap})
+
+
+def _token_rate(exc: TokenRateLimited) -> Problem:
+    states = [exc.state] if exc.state is not None else []
+    if not exc.retryable:  # larger than a whole minute's budget: waiting cannot help
+        return Problem(413, "Request too large", exc.message, extra={"code": "tokens_over_limit"})
+    headers = RateLimiter.headers(states, retry_after_s=exc.retry_after_s)
+    return Problem(
+        429, "Too many tokens", exc.message, headers=headers, extra={"code": "rate_limited"}
+    )
+
+
+def _quota(exc: TokenQuotaExceeded) -> Problem:
+    headers = RateLimiter.headers([exc.state]) if exc.state is not None else {}
+    return Problem(
+        403, "Quota exceeded", exc.message, headers=headers, extra={"code": "quota_exceeded"}
+    )
+
+
+def _intelligence(exc: IntelligenceError) -> Problem:
+    status, title = _INTELLIGENCE_STATUS.get(type(exc), (500, "Request failed"))
+    return Problem(status, title, exc.message, extra={"code": getattr(exc, "code", None)})
+
+
+_HANDLERS: dict[type[Exception], Callable[[Any], Problem]] = {
+    Problem: lambda problem: problem,
+    RequestValidationError: _validation,
+    StarletteHTTPException: _http,
+    AuthenticationError: _authentication,
+    IdentityProviderUnavailable: _identity_provider,
+    GroupsUnavailable: _groups,
+    KeyStoreUnavailable: _key_store,
+    CapExceeded: _cap,
+    TokenRateLimited: _token_rate,
+    TokenQuotaExceeded: _quota,
+    IntelligenceError: _intelligence,
+}
+
+
 def install_problem_handlers(app: FastAPI) -> None:
-    async def on_problem(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, Problem)
-        return problem_response(exc)
+    def handler(to_problem: Callable[[Any], Problem]) -> Callable[..., Awaitable[JSONResponse]]:
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            return problem_response(to_problem(exc), request)
 
-    async def on_validation(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return problem_response(
-            Problem(
-                422,
-                "Invalid request",
-                "The request body or parameters are invalid.",
-                extra={"errors": errors},
-            )
-        )
+        return handle
 
-    async def on_http(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        return problem_response(Problem(exc.status_code, str(exc.detail), headers=exc.headers))
-
-    async def on_auth(_: Request, exc: Exception) -> JSONResponse:
-        return problem_response(
-            Problem(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"})
-        )
-
-    async def on_idp(_: Request, exc: Exception) -> JSONResponse:
-        log.error("identity provider unavailable: %s", exc)
-        return problem_response(
-            Problem(
-                503,
-                "Authentication unavailable",
-                "Sign-in cannot be checked right now.",
-                headers={"Retry-After": "5"},
-            )
-        )
-
-    async def on_intelligence(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, IntelligenceError)
-        status, title = _INTELLIGENCE_STATUS.get(type(exc), (500, "Request failed"))
-        return problem_response(Problem(status, title, exc.message))
-
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         return problem_response(
             Problem(500, "Internal error", "Something went wrong; quote the correlation id."),
+            request,
             outside_middleware=True,
         )
 
-    app.add_exception_handler(Problem, on_problem)
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(AuthenticationError, on_auth)
-    app.add_exception_handler(IdentityProviderUnavailable, on_idp)
-    app.add_exception_handler(IntelligenceError, on_intelligence)
+    for kind, to_problem in _HANDLERS.items():
+        app.add_exception_handler(kind, handler(to_problem))
     app.add_exception_handler(Exception, on_unexpected)

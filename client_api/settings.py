@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from client_api.auth.permissions import ROLE_PERMISSIONS, USER_ROLE, Permission
+from client_api.edge.caps import CapsSettings
+from client_api.edge.limits import LimitsSettings
 from inferencing.settings import InferencingSettings
 from intelligence.settings import IntelligenceSettings
 from knowledge.settings import KnowledgeSettings
@@ -18,6 +21,8 @@ ENV_NESTING = "__"
 
 
 class AuthSettings(BaseModel):
+    """How callers prove who they are at the edge, and what their roles let them do."""
+
     mode: Literal["jwt", "dev"] = Field(
         default="jwt",
         description="jwt: bearer tokens validated against OpenID metadata; dev: trust "
@@ -29,15 +34,86 @@ class AuthSettings(BaseModel):
         ".well-known/openid-configuration",
     )
     audience: str | None = Field(default=None, description="Expected 'aud' (the API's app id)")
-    issuer: str | None = Field(
-        default=None, description="Expected 'iss'; default the issuer in the OpenID metadata"
+    audiences: list[str] = Field(
+        default_factory=list,
+        description="More accepted 'aud' values: Entra v1 tokens carry the App ID URI "
+        "(api://...), v2 tokens the client id; list both",
     )
-    leeway_s: int = Field(default=60, ge=0, le=600, description="Clock skew allowed on exp/nbf")
+    issuer: str | None = Field(
+        default=None,
+        description="Expected 'iss' ({tenantid} stands for the token's tid); default the "
+        "issuer in the OpenID metadata",
+    )
+    issuers: list[str] = Field(
+        default_factory=list,
+        description="Accepted 'iss' forms instead of the single issuer, {tenantid} standing for "
+        "the token's tid, e.g. https://sts.windows.net/{tenantid}/ (v1) and "
+        "https://login.microsoftonline.com/{tenantid}/v2.0 (v2)",
+    )
+    allowed_tenants: list[str] = Field(
+        default_factory=list,
+        description="Tenant ids ('tid') whose tokens are accepted; empty: only the tenant the "
+        "issuer names (required with multi-tenant 'organizations'/'common' metadata)",
+    )
+    # Entra hosts keep NTP time; 30 s absorbs skew between replicas and the identity
+    # provider without noticeably lengthening a leaked token's life. Five minutes (the
+    # Kerberos bound) is the most any sane deployment needs.
+    leeway_s: int = Field(default=30, ge=0, le=300, description="Clock skew allowed on exp/nbf")
     metadata_ttl_s: int = Field(default=3600, ge=10, description="OpenID metadata/JWKS cache")
     dev_tenant: str = Field(default="contoso", description="Tenant of dev-mode callers")
-    admin_role: str = Field(
-        default="Lamina.Admin", description="App role that may read usage reports"
+    role_permissions: dict[str, list[str]] = Field(
+        default_factory=lambda: {r: [p.value for p in ps] for r, ps in ROLE_PERMISSIONS.items()},
+        description="App role -> permissions it grants (chat, conversations, models, "
+        "usage.read, keys.manage)",
     )
+    default_roles: list[str] = Field(
+        default_factory=lambda: [USER_ROLE],
+        description="Roles of signed-in users (delegated tokens, dev mode) who hold none of "
+        "the roles above; app-only tokens and API keys get none",
+    )
+    required_scopes: list[str] = Field(
+        default_factory=list,
+        description="A delegated token must carry at least one of these in 'scp' (else 403); "
+        "empty: any",
+    )
+    graph_base_url: str = Field(
+        default="https://graph.microsoft.com",
+        description="Microsoft Graph, asked for group memberships when a token's groups "
+        "claim overflowed",
+    )
+    group_cache_ttl_s: int = Field(
+        default=300, ge=1, description="How long group memberships read from Graph are kept"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_admin_role(cls, data: Any) -> Any:
+        # Silently ignoring the old setting would take usage reports away from whoever
+        # the operator had named; say what replaced it instead.
+        if isinstance(data, dict) and "admin_role" in data:
+            raise ValueError(
+                "admin_role was replaced by role_permissions: map the role to "
+                '["usage.read", "keys.manage", ...] in LAMINA_AUTH__ROLE_PERMISSIONS'
+            )
+        return data
+
+    @field_validator("role_permissions")
+    @classmethod
+    def _known_permissions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        known = [p.value for p in Permission]
+        for role, permissions in value.items():
+            unknown = [p for p in permissions if p not in known]
+            if unknown:
+                raise ValueError(
+                    f"role {role!r}: unknown permission(s) {', '.join(map(repr, unknown))}; "
+                    f"expected any of {', '.join(known)}"
+                )
+        return value
+
+    def accepted_audiences(self) -> list[str]:
+        """``audience`` and ``audiences`` together, without repeats."""
+        both = [self.audience, *self.audiences] if self.audience else list(self.audiences)
+        return list(dict.fromkeys(both))
 
 
 class ApiSettings(BaseModel):
@@ -77,6 +153,8 @@ class LaminaSettings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     api: ApiSettings = ApiSettings()
     redis: RedisSettings = RedisSettings()
+    limits: LimitsSettings = LimitsSettings()
+    caps: CapsSettings = CapsSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     inferencing: InferencingSettings = InferencingSettings()
     tools: ToolsSettings = ToolsSettings()
@@ -87,6 +165,9 @@ class LaminaSettings(BaseSettings):
 
     def usage_path(self) -> Path:
         return self.data_dir / "usage.db"
+
+    def api_keys_path(self) -> Path:
+        return self.data_dir / "api_keys.db"
 
     def conversations_path(self) -> Path:
         return self.intelligence.conversations_path or self.data_dir / "conversations.db"
@@ -114,18 +195,35 @@ def load_settings(**overrides: Any) -> LaminaSettings:
 
 def require_serving_settings(settings: LaminaSettings) -> None:
     """What the server needs beyond what ingestion needs: authentication that can work."""
-    if settings.auth.mode == "jwt":
-        missing = [
-            env_name(("auth", name))
-            for name in ("openid_config_url", "audience")
-            if getattr(settings.auth, name) is None
-        ]
-        if missing:
-            raise SettingsError(
-                "Invalid configuration:\n"
-                + "\n".join(f"  {m}: required when LAMINA_AUTH__MODE=jwt" for m in missing)
-                + "\n  (or set LAMINA_AUTH__MODE=dev for a local demo)"
-            )
+    auth = settings.auth
+    if auth.mode != "jwt":
+        return
+    required = "required when LAMINA_AUTH__MODE=jwt"
+    lines = []
+    if auth.openid_config_url is None:
+        lines.append(f"  {env_name(('auth', 'openid_config_url'))}: {required}")
+    if not auth.accepted_audiences():
+        lines.append(
+            f"  {env_name(('auth', 'audience'))}: {required} (or {env_name(('auth', 'audiences'))})"
+        )
+    if lines:
+        lines.append("  (or set LAMINA_AUTH__MODE=dev for a local demo)")
+    elif not auth.allowed_tenants and _issuer_names_no_tenant(auth):
+        # Multi-tenant metadata accepts every Entra tenant in the world: the operator
+        # has to say which ones are customers.
+        lines.append(
+            f"  {env_name(('auth', 'allowed_tenants'))}: required with multi-tenant metadata "
+            "('common'/'organizations') or a {tenantid} issuer: list the tenant ids to accept"
+        )
+    if lines:
+        raise SettingsError("Invalid configuration:\n" + "\n".join(lines))
+
+
+def _issuer_names_no_tenant(auth: AuthSettings) -> bool:
+    if auth.issuer is not None:
+        return "{tenantid}" in auth.issuer
+    url = (auth.openid_config_url or "").lower()
+    return "/common/" in url or "/organizations/" in url
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -8,14 +8,16 @@ from contextlib import aclosing
 from typing import Any
 
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import TypeAdapter
 from sse_starlette import EventSourceResponse
 
-from client_api.auth.dependencies import CurrentPrincipal
+from client_api.auth.dependencies import ChatCaller
+from client_api.composition import Services
+from client_api.edge.admission import check_tokens
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import ChatAnswer, ChatRequestBody
-from intelligence.contracts import ErrorEvent, TurnEvent, TurnRequest
+from intelligence.contracts import ErrorEvent, Principal, TurnEvent, TurnRequest
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -40,8 +42,9 @@ conversation) are returned as `application/problem+json` instead."""
 
 @router.post("/chat", response_model=ChatAnswer, summary="Ask a question (JSON)")
 async def chat(
-    body: ChatRequestBody, principal: CurrentPrincipal, services: ServicesDep
+    body: ChatRequestBody, request: Request, principal: ChatCaller, services: ServicesDep
 ) -> ChatAnswer:
+    await _edge_checks(body, request, principal, services)
     result = await services.assistant.run_turn(_turn(body), principal)
     return ChatAnswer(
         conversation_id=result.conversation_id,
@@ -63,12 +66,21 @@ async def chat(
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
 async def chat_stream(
-    body: ChatRequestBody, principal: CurrentPrincipal, services: ServicesDep
+    body: ChatRequestBody, request: Request, principal: ChatCaller, services: ServicesDep
 ) -> EventSourceResponse:
+    await _edge_checks(body, request, principal, services)
     # start_turn validates and persists the user message before the response
     # starts, so every refusal up to here is a proper HTTP error, never a 200.
     started = await services.assistant.start_turn(_turn(body), principal)
     return EventSourceResponse(_sse(started.events), ping=15)
+
+
+async def _edge_checks(
+    body: ChatRequestBody, request: Request, principal: Principal, services: Services
+) -> None:
+    """Caps and token budget, before anything is stored or any model is called."""
+    await services.caps.check_message(body.message)
+    await check_tokens(request, principal)
 
 
 def _turn(body: ChatRequestBody) -> TurnRequest:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from client_api.auth.dependencies import CurrentPrincipal
+from client_api.auth.dependencies import ConversationsCaller
 from client_api.problems import Problem
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import (
@@ -23,7 +23,7 @@ _NOT_FOUND = Problem(404, "Not found", "No such conversation.")
 
 @router.get("", response_model=ConversationList, summary="List my conversations, newest first")
 async def list_conversations(
-    principal: CurrentPrincipal,
+    principal: ConversationsCaller,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -41,7 +41,7 @@ async def list_conversations(
 
 @router.get("/{conversation_id}", response_model=ConversationDetail, summary="Read one")
 async def get_conversation(
-    conversation_id: str, principal: CurrentPrincipal, services: ServicesDep
+    conversation_id: str, principal: ConversationsCaller, services: ServicesDep
 ) -> ConversationDetail:
     conversation = await services.conversations.get(principal, conversation_id)
     if conversation is None:
@@ -55,7 +55,7 @@ async def get_conversation(
 
 @router.delete("/{conversation_id}", status_code=204, summary="Delete one, with its messages")
 async def delete_conversation(
-    conversation_id: str, principal: CurrentPrincipal, services: ServicesDep
+    conversation_id: str, principal: ConversationsCaller, services: ServicesDep
 ) -> Response:
     if not await services.conversations.delete(principal, conversation_id):
         raise _NOT_FOUND

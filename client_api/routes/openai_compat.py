@@ -23,7 +23,8 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from client_api.auth.dependencies import CurrentPrincipal
+from client_api.auth.dependencies import ModelsCaller
+from client_api.problems import OPENAI_COMPATIBLE_TAG
 from client_api.routes.deps import ServicesDep
 from inferencing.contracts import (
     ChatDelta,
@@ -38,13 +39,15 @@ from inferencing.contracts import (
     ResponseSchema,
     Role,
     RouteInfo,
+    TokenQuotaExceeded,
+    TokenRateLimited,
     ToolCall,
     ToolDefinition,
     UnknownDeployment,
 )
 from inferencing.providers.openai_wire import wire_tool_call
 
-router = APIRouter(tags=["openai-compatible"])
+router = APIRouter(tags=[OPENAI_COMPATIBLE_TAG])
 
 AUTO = "auto"
 
@@ -152,12 +155,13 @@ class OpenAIError(Exception):
 async def chat_completions(
     body: Annotated[ChatCompletionsBody, Body()],
     request: Request,
-    principal: CurrentPrincipal,
+    principal: ModelsCaller,
     services: ServicesDep,
 ) -> Response:
     gateway = services.gateway
     try:
         typed = _request(body)
+        await services.caps.check_completion(typed.messages, typed.tools, typed.max_tokens)
         if body.stream:
             deltas = aiter(gateway.stream(typed, principal))
             # Fail over, or fail with a proper status, before the response starts.
@@ -175,6 +179,8 @@ async def chat_completions(
         )
     except OpenAIError as exc:
         return exc.response()
+    except (TokenRateLimited, TokenQuotaExceeded):
+        raise  # the problem handlers answer these with the rate-limit headers
     except InferenceError as exc:
         return _error(exc).response()
     completion["lamina"] = {"route": _route(route)}
@@ -184,7 +190,7 @@ async def chat_completions(
 
 
 @router.get("/v1/models", summary="Deployments the caller may name as 'model'")
-async def models(principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+async def models(principal: ModelsCaller, services: ServicesDep) -> dict[str, Any]:
     today = datetime.now(UTC).date()
     data = [{"id": AUTO, "object": "model", "created": 0, "owned_by": "lamina"}]
     for deployment in services.gateway.deployments:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from client_api.auth.dependencies import CurrentPrincipal
+from client_api.auth.dependencies import UsageAdmin
 from client_api.problems import Problem
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import UsageReport, UsageReportRow
@@ -19,17 +19,14 @@ router = APIRouter(tags=["usage"])
     "/v1/usage",
     response_model=UsageReport,
     summary="Token usage and cost of the caller's tenant, grouped (administrators only)",
-    responses={403: {"description": "The caller is not an administrator"}},
+    responses={403: {"description": "The caller lacks the usage.read permission"}},
 )
 async def usage(
-    principal: CurrentPrincipal,
+    principal: UsageAdmin,
     services: ServicesDep,
     by: Annotated[GroupBy, Query(description="tenant, user, model or deployment")] = "user",
     since: Annotated[str, Query(description="7d, 24h, 30m, or an ISO date")] = "30d",
 ) -> UsageReport:
-    admin_role = services.settings.auth.admin_role
-    if admin_role not in principal.roles:
-        raise Problem(403, "Forbidden", f"Usage reports need the {admin_role!r} role.")
     try:
         start = parse_since(since)
     except ValueError as exc:

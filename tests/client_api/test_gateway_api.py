@@ -57,7 +57,13 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         settings = LaminaSettings(
             data_dir=tmp_path_factory.mktemp("data"),
             log_level="WARNING",
-            auth={"mode": "jwt", "openid_config_url": idp.config_url, "audience": AUDIENCE},
+            auth={
+                "mode": "jwt",
+                "openid_config_url": idp.config_url,
+                "audience": AUDIENCE,
+                "allowed_tenants": [TENANT, "fabrikam"],
+                "issuers": [idp.v2_issuer_template],
+            },
             inferencing={
                 "usage_flush_s": 0.05,
                 "retry": {"base_delay_s": 0.01, "max_delay_s": 0.05},

@@ -1,0 +1,80 @@
+"""The edge gate every API route passes after authentication and its permission check:
+requests-per-minute admission, and rate-limit headers on every response.
+
+Token limits and quotas are charged by the inferencing gateway around each model
+call; a chat turn also checks them up front (:func:`check_tokens`), so that a caller
+with no budget left is refused with a proper status before anything is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from client_api.edge.limits import RateLimited, RateLimiter
+from client_api.problems import Problem
+from intelligence.contracts import Principal
+
+_STATE_KEY = "rate_limit_headers"
+
+
+async def admit(request: Request, principal: Principal) -> None:
+    """Count the request against the caller's requests-per-minute limits (429 when full).
+
+    An app without services (one assembled from routers alone) has no limits to apply."""
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return
+    limiter: RateLimiter = services.limiter
+    try:
+        states = await limiter.admit(principal)
+    except RateLimited as refused:
+        headers = RateLimiter.headers(refused.states, retry_after_s=refused.retry_after_s)
+        raise Problem(429, "Too many requests", refused.message, headers=headers) from None
+    if states:
+        _remember(request, RateLimiter.headers(states))
+
+
+async def check_tokens(request: Request, principal: Principal) -> None:
+    """Refuse a chat turn up front when a token limit or quota has nothing left; raises
+    the inferencing layer's ``TokenRateLimited`` / ``TokenQuotaExceeded``."""
+    limiter: RateLimiter = request.app.state.services.limiter
+    states = await limiter.check_tokens(principal)
+    if states:
+        _remember(request, RateLimiter.headers(states))
+
+
+def _remember(request: Request, headers: Mapping[str, str]) -> None:
+    held: dict[str, str] = getattr(request.state, _STATE_KEY, None) or {}
+    held.update(headers)
+    setattr(request.state, _STATE_KEY, held)
+
+
+class RateLimitHeaders:
+    """ASGI middleware: add the rate-limit headers the gate recorded to the response,
+    whatever produced it (a model, a ``Response``, a stream or an error)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held = scope.get("state", {}).get(_STATE_KEY)
+                if held:
+                    present = {name.lower() for name, _ in message.get("headers", [])}
+                    extra = [
+                        (name.lower().encode(), value.encode())
+                        for name, value in held.items()
+                        if name.lower().encode() not in present
+                    ]
+                    message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
