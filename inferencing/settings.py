@@ -154,3 +154,50 @@ class InferencingSettings(BaseModel):
                 context_window=1_000_000 if self.provider == "extractive" else 128_000,
             )
         ]
+
+
+ContentCategory = Literal["Hate", "SelfHarm", "Sexual", "Violence"]
+_ALL_CATEGORIES: tuple[ContentCategory, ...] = ("Hate", "SelfHarm", "Sexual", "Violence")
+
+
+class ContentSafetySettings(BaseModel):
+    """Azure AI Content Safety: Prompt Shields and text moderation
+    (``LAMINA_CONTENT_SAFETY__*``). Without an endpoint, only the offline shield runs
+    and answers are not moderated."""
+
+    endpoint: str | None = Field(
+        default=None, description="https://<resource>.cognitiveservices.azure.com; empty: off"
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Resource key; empty: a Microsoft Entra token (managed identity)"
+    )
+    ad_scope: str = Field(default=_AZURE_SCOPE, description="Entra token scope, without api_key")
+    api_version: str = Field(default="2024-09-01", description="Content Safety REST API version")
+    timeout_s: float = Field(default=3.0, gt=0, description="Per call; slower counts as down")
+    severity_threshold: int = Field(
+        default=4,
+        ge=1,
+        le=7,
+        description="Lowest severity that flags an answer (0, 2, 4, 6 scale; 4 = medium)",
+    )
+    categories: list[ContentCategory] = Field(
+        default_factory=lambda: list(_ALL_CATEGORIES),
+        min_length=1,
+        description="Harm categories to analyse",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(
+                "endpoint must be an http(s) URL, e.g. https://<name>.cognitiveservices.azure.com"
+            )
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.endpoint is not None
