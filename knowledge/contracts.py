@@ -7,7 +7,9 @@ function here may return a chunk the caller is not allowed to see.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +59,34 @@ class AccessFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessScope:
+    """What a caller may see, condensed into two opaque strings, for keying caches.
+
+    ``fingerprint`` is the same for two callers exactly when they see the same chunks:
+    it hashes the tenant and those of the caller's principals (user id, groups) that
+    some ACL of the tenant names. Principals no ACL names change nothing a caller can
+    see, so callers who differ only in those share a fingerprint. ``generation``
+    changes whenever a document of the tenant is added, changed or deleted, in this
+    process or another; together, the two say "the same view of the same corpus".
+    """
+
+    fingerprint: str
+    generation: str
+
+    @classmethod
+    def of(
+        cls, tenant_id: str, *, users: Iterable[str], groups: Iterable[str], generation: str
+    ) -> AccessScope:
+        """The scope of a caller whose ``users`` / ``groups`` are the principals named in
+        some ACL of ``tenant_id`` (the caller's own, intersected with the named ones).
+        Every backend builds its scope here, so fingerprints mean the same everywhere."""
+        # JSON keeps the parts apart: no choice of names can make two callers collide.
+        canonical = json.dumps([tenant_id, sorted(set(users)), sorted(set(groups))])
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return cls(fingerprint=fingerprint, generation=generation)
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     chunk_id: str
     document_id: str
@@ -100,6 +130,11 @@ class Retriever(Protocol):
         """The chunk if it exists and the caller may see it, else ``None`` (never a hint which)."""
         ...
 
+    async def access_scope(self, caller: KnowledgeCaller) -> AccessScope:
+        """The caller's :class:`AccessScope`: equal for callers who see the same chunks of
+        the same corpus, different as soon as their view or the tenant's corpus differs."""
+        ...
+
 
 class KnowledgeIndex(Protocol):
     """An index backend. ``search`` applies ``access`` inside its query, before ranking."""
@@ -125,6 +160,12 @@ class KnowledgeIndex(Protocol):
         ...
 
     async def get_chunk(self, chunk_id: str, access: AccessFilter) -> Chunk | None: ...
+
+    async def access_scope(self, access: AccessFilter) -> AccessScope:
+        """See :meth:`Retriever.access_scope`. ``generation`` must change with every
+        ``replace_document`` / ``delete_document`` that changes a chunk of the tenant,
+        including writes by another process; it may stay put when nothing changed."""
+        ...
 
     async def count_chunks(self) -> int: ...
 

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 from knowledge.contracts import (
     AccessFilter,
+    AccessScope,
     Chunk,
     IndexUnavailable,
     KnowledgeCaller,
@@ -48,6 +49,9 @@ class SecurityTrimmedRetriever:
         if chunk.chunk_id != chunk_id or not access.allows(chunk.access):
             self._report_violation([chunk.chunk_id])
         return chunk
+
+    async def access_scope(self, caller: KnowledgeCaller) -> AccessScope:
+        return await self._index.access_scope(AccessFilter.for_caller(caller))
 
     def _report_violation(self, chunk_ids: list[str]) -> NoReturn:
         # Ids only: the log must not carry the content the caller was denied.

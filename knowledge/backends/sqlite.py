@@ -5,6 +5,11 @@ Layout: ``chunks`` holds each chunk and its tenant / public flag,
 ``chunks_fts`` is an external-content FTS5 table over ``chunks`` kept in step
 by triggers. Every read joins the ACL predicate into the same statement that
 ranks, so a forbidden chunk can never take a top-k slot or come back.
+
+``corpus_generations`` counts, per tenant, the writes that changed one of its
+chunks, and ``index_identity`` holds a random id of the database file; together
+they make the ``generation`` of :meth:`SqliteKnowledgeIndex.access_scope`, which
+caches key on, so a write by any process (``lamina ingest``) is seen by all.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -22,12 +27,15 @@ import aiosqlite
 from knowledge.contracts import (
     AccessControl,
     AccessFilter,
+    AccessScope,
     Chunk,
     IndexUnavailable,
     RetrievedPassage,
 )
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# Version 2 only added tables and an index (IF NOT EXISTS), so opening upgrades a version 1 file.
+_UPGRADABLE = (0, 1, _SCHEMA_VERSION)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -51,6 +59,22 @@ CREATE TABLE IF NOT EXISTS chunk_principals (
     principal TEXT NOT NULL,
     PRIMARY KEY (chunk, principal)
 ) WITHOUT ROWID;
+
+-- Which principals a tenant's ACLs name (access_scope) without scanning every grant.
+CREATE INDEX IF NOT EXISTS chunk_principals_by_principal ON chunk_principals (principal, chunk);
+
+-- Bumped in the transaction of every write that changes a chunk of the tenant.
+CREATE TABLE IF NOT EXISTS corpus_generations (
+    tenant_id  TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Generations restart at zero in a new file: the file's random id keeps the old keys apart.
+CREATE TABLE IF NOT EXISTS index_identity (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    instance TEXT NOT NULL
+);
+INSERT OR IGNORE INTO index_identity (id, instance) VALUES (1, lower(hex(randomblob(16))));
 
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (
     text, title, section,
@@ -112,6 +136,31 @@ WHERE chunks_fts MATCH :query AND c.tenant_id = :tenant AND NOT ({_PERMITTED})
 _GET_CHUNK = (
     f"SELECT {_CHUNK_COLUMNS} FROM chunks AS c WHERE c.chunk_id = :chunk_id AND {_PERMITTED}"
 )
+
+_DOCUMENT_CHUNKS = f"SELECT {_CHUNK_COLUMNS} FROM chunks AS c WHERE c.document_id = ?"
+
+_DOCUMENT_TENANTS = "SELECT DISTINCT tenant_id FROM chunks WHERE document_id = ?"
+
+_BUMP_GENERATION = """
+INSERT INTO corpus_generations (tenant_id, generation) VALUES (?, 1)
+ON CONFLICT (tenant_id) DO UPDATE SET generation = generation + 1
+"""
+
+# One statement, so one snapshot: the file's identity, the tenant's generation, and the
+# caller's principals that some chunk of the tenant grants (the rest change nothing the
+# caller can see; the index on chunk_principals (principal, ...) makes each a seek).
+_ACCESS_SCOPE = """
+SELECT
+    (SELECT instance FROM index_identity WHERE id = 1),
+    coalesce((SELECT generation FROM corpus_generations WHERE tenant_id = :tenant), 0),
+    (
+        SELECT json_group_array(wanted.value) FROM json_each(:principals) AS wanted
+        WHERE EXISTS (
+            SELECT 1 FROM chunk_principals AS p JOIN chunks AS c ON c.id = p.chunk
+            WHERE p.principal = wanted.value AND c.tenant_id = :tenant
+        )
+    )
+"""
 
 _INSERT_CHUNK = """
 INSERT INTO chunks
@@ -176,6 +225,13 @@ def _chunk_from_row(row: sqlite3.Row) -> Chunk:
     )
 
 
+def _same_chunks(stored: Sequence[Chunk], replacement: Sequence[Chunk]) -> bool:
+    def by_id(chunks: Sequence[Chunk]) -> list[Chunk]:
+        return sorted(chunks, key=lambda chunk: chunk.chunk_id)
+
+    return len(stored) == len(replacement) and by_id(stored) == by_id(replacement)
+
+
 class SqliteKnowledgeIndex:
     """The embedded :class:`~knowledge.contracts.KnowledgeIndex`: one SQLite file, FTS5 BM25.
 
@@ -210,7 +266,7 @@ class SqliteKnowledgeIndex:
             async with db.execute("PRAGMA user_version") as cursor:
                 row = await cursor.fetchone()
             version = int(row[0]) if row else 0
-            if version not in (0, _SCHEMA_VERSION):
+            if version not in _UPGRADABLE:
                 raise IndexUnavailable(
                     f"knowledge index schema version {version} is not supported; re-ingest"
                 )
@@ -253,6 +309,14 @@ class SqliteKnowledgeIndex:
         if strays:
             raise ValueError(f"chunks {strays} do not belong to document {document_id!r}")
         async with self._transaction("IMMEDIATE") as db:
+            async with db.execute(_DOCUMENT_CHUNKS, (document_id,)) as cursor:
+                stored = [_chunk_from_row(row) for row in await cursor.fetchall()]
+            if _same_chunks(stored, chunks):
+                # Re-ingesting an unchanged file must not move the generation: that would
+                # empty every answer cache of the tenant on each ``lamina ingest`` run.
+                return
+            tenants = {chunk.access.tenant_id for chunk in (*stored, *chunks)}
+            await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in sorted(tenants)])
             # Principals and FTS rows follow through ON DELETE CASCADE and the trigger.
             await db.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
             for chunk in chunks:
@@ -279,6 +343,11 @@ class SqliteKnowledgeIndex:
 
     async def delete_document(self, document_id: str) -> None:
         async with self._transaction("IMMEDIATE") as db:
+            async with db.execute(_DOCUMENT_TENANTS, (document_id,)) as cursor:
+                tenants = [str(row[0]) for row in await cursor.fetchall()]
+            if not tenants:
+                return
+            await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in tenants])
             await db.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
 
     async def search(
@@ -312,12 +381,38 @@ class SqliteKnowledgeIndex:
             "tenant": access.tenant_id,
             "principals": _principals(access),
         }
-        async with (
-            self._transaction("DEFERRED") as db,
-            db.execute(_GET_CHUNK, parameters) as cursor,
-        ):
-            row = await cursor.fetchone()
-        return _chunk_from_row(row) if row else None
+        # A cache hit re-reads every source chunk: one statement, one hop, no BEGIN/COMMIT.
+        rows = await self._read_one_statement(_GET_CHUNK, parameters)
+        return _chunk_from_row(rows[0]) if rows else None
+
+    async def _read_one_statement(
+        self, sql: str, parameters: Mapping[str, object]
+    ) -> list[sqlite3.Row]:
+        """Rows of one SELECT, under the lock. A single statement reads one snapshot in
+        autocommit mode, so it needs no explicit transaction (and its two extra hops)."""
+        async with self._lock:
+            db = self._db
+            if db is None:
+                raise IndexUnavailable("the knowledge index is not open")
+            try:
+                return list(await db.execute_fetchall(sql, parameters))
+            except sqlite3.Error as exc:
+                raise IndexUnavailable("the knowledge index failed; try again later") from exc
+
+    async def access_scope(self, access: AccessFilter) -> AccessScope:
+        parameters = {"tenant": access.tenant_id, "principals": _principals(access)}
+        # Asked before every cached turn: one statement, one hop to the database thread.
+        rows = await self._read_one_statement(_ACCESS_SCOPE, parameters)
+        row = rows[0] if rows else None
+        if row is None or row[0] is None:
+            raise IndexUnavailable("the knowledge index has no identity; re-open it")
+        named: list[str] = json.loads(row[2]) if row[2] else []
+        return AccessScope.of(
+            access.tenant_id,
+            users=(p[2:] for p in named if p.startswith("u:")),
+            groups=(p[2:] for p in named if p.startswith("g:")),
+            generation=f"{row[0]}:{int(row[1])}",
+        )
 
     async def count_chunks(self) -> int:
         async with (

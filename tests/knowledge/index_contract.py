@@ -352,6 +352,87 @@ class KnowledgeIndexContract:
         assert trimmed_for_ceo == 2
         assert await index.search("no such term", ALICE_HR, 5) == ([], 0)
 
+    # --- access scope: what caches key on -------------------------------------
+
+    async def test_callers_who_see_the_same_chunks_share_a_fingerprint(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+        await index.replace_document("memo", make_chunks("memo", SECRET_TEXT, acl=FINANCE))
+        # Neither "employees", "book-club" nor any user id is named by an ACL: no difference.
+        dana = caller_filter("contoso", "dana@contoso.com", "hr", "book-club")
+        alice = await index.access_scope(ALICE_HR)
+        assert await index.access_scope(dana) == alice
+        assert await index.access_scope(caller_filter("contoso", "eve@contoso.com", "hr")) == alice
+
+        bob = await index.access_scope(BOB_ENGINEER)
+        assert await index.access_scope(NOBODY) == bob
+
+    async def test_callers_who_see_different_chunks_have_different_fingerprints(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+        await index.replace_document("memo", make_chunks("memo", SECRET_TEXT, acl=FINANCE))
+        await index.replace_document("faq", make_chunks("faq", "hello", acl=PUBLIC))
+        callers = [
+            ALICE_HR,
+            BOB_ENGINEER,  # sees only the public document
+            CEO,  # listed by name
+            caller_filter("contoso", "frank@contoso.com", "hr", "finance"),
+            caller_filter("contoso", "gina@contoso.com", "finance"),
+            caller_filter("fabrikam", "alice@contoso.com", "hr"),  # same names, other tenant
+        ]
+        fingerprints = [(await index.access_scope(c)).fingerprint for c in callers]
+        assert len(set(fingerprints)) == len(callers)
+
+    async def test_user_and_group_names_never_collide_in_a_fingerprint(
+        self, index: KnowledgeIndex
+    ) -> None:
+        await index.replace_document(
+            "a", make_chunks("a", "for a user called hr", acl=access(users=["hr"]))
+        )
+        await index.replace_document("b", make_chunks("b", "for the group hr", acl=HR))
+        user_named_hr = await index.access_scope(caller_filter("contoso", "hr"))
+        member_of_hr = await index.access_scope(caller_filter("contoso", "zoe@contoso.com", "hr"))
+        assert user_named_hr.fingerprint != member_of_hr.fingerprint
+
+    async def test_a_principal_counts_once_an_acl_names_it(self, index: KnowledgeIndex) -> None:
+        await index.replace_document("faq", make_chunks("faq", "hello", acl=PUBLIC))
+        before = await index.access_scope(BOB_ENGINEER)
+        assert before.fingerprint == (await index.access_scope(NOBODY)).fingerprint
+
+        await index.replace_document(
+            "design", make_chunks("design", "the design review", acl=access(groups=["engineering"]))
+        )
+        after = await index.access_scope(BOB_ENGINEER)
+        assert after.fingerprint != (await index.access_scope(NOBODY)).fingerprint
+        assert after.generation != before.generation
+
+    async def test_every_change_to_a_tenants_documents_moves_its_generation(
+        self, index: KnowledgeIndex
+    ) -> None:
+        seen = [(await index.access_scope(ALICE_HR)).generation]
+
+        async def changed() -> None:
+            generation = (await index.access_scope(ALICE_HR)).generation
+            assert generation not in seen
+            seen.append(generation)
+
+        await index.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+        await changed()
+        await index.replace_document("leave", make_chunks("leave", "30 days", acl=HR))
+        await changed()
+        await index.replace_document("leave", make_chunks("leave", "30 days", acl=FINANCE))
+        await changed()
+        await index.replace_document(
+            "other", make_chunks("other", "no grant for alice", acl=FINANCE)
+        )
+        await changed()  # invisible to her, yet her tenant's corpus changed
+        await index.delete_document("leave")
+        await changed()
+        await index.replace_document("other", [])
+        await changed()
+
     # --- hostile input -------------------------------------------------------
 
     @pytest.mark.parametrize("query", HOSTILE_QUERIES)

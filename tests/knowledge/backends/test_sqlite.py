@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from knowledge.backends.sqlite import SqliteKnowledgeIndex, to_match_expression
-from knowledge.contracts import IndexUnavailable
+from knowledge.contracts import AccessFilter, IndexUnavailable
 from tests.knowledge.factories import access, caller_filter, make_chunks
 from tests.knowledge.index_contract import KnowledgeIndexContract
 
@@ -131,3 +131,106 @@ class TestMatchExpression:
             text = "".join(generator.choice(alphabet) for _ in range(generator.randint(0, 30)))
             expression = to_match_expression(text)
             assert expression is None or shape.fullmatch(expression), text
+
+
+# --- access scope: generations -------------------------------------------------------
+
+ALICE = caller_filter("contoso", "alice@contoso.com", "hr")
+HR = access(groups=["hr"])
+
+
+async def generation(index: SqliteKnowledgeIndex, caller: AccessFilter = ALICE) -> str:
+    return (await index.access_scope(caller)).generation
+
+
+async def test_an_unchanged_document_keeps_the_generation(index: SqliteKnowledgeIndex) -> None:
+    await index.replace_document("leave", make_chunks("leave", "27 days", "carry 5", acl=HR))
+    before = await generation(index)
+    # What `lamina ingest` does to every file it finds again: nothing changed, nothing moves.
+    await index.replace_document("leave", make_chunks("leave", "27 days", "carry 5", acl=HR))
+    await index.delete_document("never-indexed")
+    await index.replace_document("never-indexed", [])
+    assert await generation(index) == before
+
+
+async def test_a_failed_replacement_keeps_the_generation(index: SqliteKnowledgeIndex) -> None:
+    await index.replace_document("a", make_chunks("a", "first version", acl=PUBLIC))
+    await index.replace_document("b", make_chunks("b", "other", acl=PUBLIC))
+    before = await generation(index)
+    first, second = make_chunks("a", "second version", "also second", acl=PUBLIC)
+    with pytest.raises(IndexUnavailable):
+        await index.replace_document("a", [first, dataclasses.replace(second, chunk_id="b-0")])
+    assert await generation(index) == before
+
+
+async def test_generations_are_per_tenant(index: SqliteKnowledgeIndex) -> None:
+    carol = caller_filter("fabrikam", "carol@fabrikam.com", "hr")
+    await index.replace_document("c", make_chunks("c", "contoso text", acl=HR))
+    contoso, fabrikam = await generation(index), await generation(index, carol)
+    await index.replace_document(
+        "f", make_chunks("f", "fabrikam", acl=access("fabrikam", public=True))
+    )
+    assert await generation(index) == contoso
+    assert await generation(index, carol) != fabrikam
+
+    # A document that moves between tenants changes both.
+    contoso, fabrikam = await generation(index), await generation(index, carol)
+    await index.replace_document(
+        "c", make_chunks("c", "now fabrikam's", acl=access("fabrikam", public=True))
+    )
+    assert await generation(index) != contoso
+    assert await generation(index, carol) != fabrikam
+
+
+async def test_a_write_by_another_process_is_seen(
+    index: SqliteKnowledgeIndex, tmp_path: Path
+) -> None:
+    before = await index.access_scope(ALICE)
+    # `lamina ingest` runs in another process with its own connection to the same file.
+    ingest = SqliteKnowledgeIndex(tmp_path / "nested" / "knowledge.db")
+    await ingest.open()
+    try:
+        await ingest.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+    finally:
+        await ingest.close()
+    after = await index.access_scope(ALICE)
+    assert after.generation != before.generation
+    assert after.fingerprint != before.fingerprint  # "hr" is named now
+
+
+async def test_a_new_database_never_repeats_an_old_generation(tmp_path: Path) -> None:
+    generations = []
+    for name in ("first.db", "second.db"):
+        index = SqliteKnowledgeIndex(tmp_path / name)
+        await index.open()
+        await index.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+        generations.append(await generation(index))
+        await index.close()
+    # Same writes, same counter: only the file's identity tells the two apart.
+    assert generations[0] != generations[1]
+    assert generations[0].endswith(":1") and generations[1].endswith(":1")
+
+
+async def test_a_version_1_index_is_upgraded_in_place(tmp_path: Path) -> None:
+    index = SqliteKnowledgeIndex(tmp_path / "k.db")
+    await index.open()
+    await index.replace_document("leave", make_chunks("leave", "27 days", acl=HR))
+    await index.close()
+    with sqlite3.connect(tmp_path / "k.db") as raw:  # what version 1 wrote
+        raw.executescript(
+            "DROP TABLE corpus_generations; DROP TABLE index_identity;"
+            " DROP INDEX chunk_principals_by_principal; PRAGMA user_version = 1;"
+        )
+
+    index = SqliteKnowledgeIndex(tmp_path / "k.db")
+    await index.open()
+    try:
+        scope = await index.access_scope(ALICE)
+        await index.replace_document("leave", make_chunks("leave", "30 days", acl=HR))
+        assert await generation(index) != scope.generation
+        passages, _ = await index.search("days", ALICE, 5)
+        assert [p.chunk.text for p in passages] == ["30 days"]
+    finally:
+        await index.close()
+    with sqlite3.connect(tmp_path / "k.db") as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (2,)
