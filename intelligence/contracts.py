@@ -243,12 +243,27 @@ class CitationsEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheOutcome:
+    """How the answer cache took part in a turn (shown to the client as a header and
+    in the response): ``hit`` (the answer came from the cache), ``miss`` (it was looked
+    up, not found, and the new answer may be stored) or ``skipped`` (not looked up, or
+    not stored: ``reason`` says why, e.g. ``multi_turn`` or ``tool_steps``)."""
+
+    status: Literal["hit", "miss", "skipped"]
+    similarity: float | None = None
+    """Cosine similarity of the nearest cached question, when one was compared."""
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DoneEvent:
     conversation_id: str
     message_id: str
     usage: Usage | None = None
     route: RouteInfo | None = None
     """Which model deployment answered, and why (from the inferencing gateway)."""
+    cache: CacheOutcome | None = None
+    """``None`` when no answer cache is configured."""
     type: Literal["done"] = "done"
 
 
@@ -283,6 +298,7 @@ class TurnResult:
     steps: tuple[StepOutcome, ...] = field(default=())
     usage: Usage | None = None
     route: RouteInfo | None = None
+    cache: CacheOutcome | None = None
 
 
 class Assistant(Protocol):
@@ -318,5 +334,21 @@ class InputRejected(IntelligenceError):
     """The message is empty, too long, or fails an input check."""
 
 
+@dataclass
+class UnsafeInput(InputRejected):
+    """A safety check refused the message; nothing of the turn was stored.
+
+    ``code`` says why, for clients: ``prompt_injection`` (the message looks like an
+    attempt to override the assistant's instructions) or ``safety_unavailable`` (the
+    check could not run and no offline fallback is configured; worth retrying)."""
+
+    code: str = "prompt_injection"
+
+
+@dataclass
 class AnswerFailed(IntelligenceError):
-    """The turn could not be answered (model or retrieval failure after retries)."""
+    """The turn could not be answered (model or retrieval failure after retries, a
+    token limit or quota, or an answer withheld by a content filter); ``code`` is the
+    turn's error code, as in :class:`ErrorEvent`."""
+
+    code: str = "answer_failed"

@@ -27,14 +27,18 @@ from inferencing.contracts import (
     InferenceError,
     Role,
     RouteInfo,
+    TokenQuotaExceeded,
+    TokenRateLimited,
     ToolCall,
     Usage,
 )
+from intelligence.answer_cache import AnswerCache, CacheHit, CacheLookup, answer_variant
 from intelligence.contracts import (
     AnswerDelta,
     AnswerFailed,
     AuditLog,
     AuditRecord,
+    CacheOutcome,
     Citation,
     CitationsEvent,
     ConversationMessage,
@@ -59,6 +63,7 @@ from intelligence.contracts import (
     TurnResult,
 )
 from intelligence.prompts import Prompt, PromptLibrary
+from intelligence.safety import AnswerStopped, SafetyPolicy, TurnScope
 from intelligence.settings import IntelligenceSettings
 from knowledge.contracts import KnowledgeError, RetrievalQuery, RetrievedPassage, Retriever
 from tools.contracts import (
@@ -114,6 +119,7 @@ class _Turn:
     error: ErrorEvent | None = None
     stored: bool = False
     route: RouteInfo | None = None
+    cache: CacheOutcome | None = None
 
     def fail(self, error: ErrorEvent) -> None:
         self.error = error
@@ -150,6 +156,8 @@ class Orchestrator:
         max_output_tokens: int | None = None,
         temperature: float | None = None,
         assistant_name: str = "Lamina",
+        safety: SafetyPolicy | None = None,
+        answer_cache: AnswerCache | None = None,
     ) -> None:
         self._retriever = retriever
         self._toolset = toolset
@@ -163,7 +171,21 @@ class Orchestrator:
         self._max_output_tokens = max_output_tokens
         self._temperature = temperature
         self._assistant_name = assistant_name
+        self._safety = safety
         self._answer_prompt: Prompt = prompts.get(settings.answer_prompt)
+        self._answer_cache = answer_cache
+        # Everything besides model, sources and question that shapes an answer: a change
+        # to any of it (even a prompt edited without a new version) must not replay old ones.
+        self._answer_variant = answer_variant(
+            self._answer_prompt.id,
+            self._answer_prompt.template,
+            {
+                "top_k": top_k,
+                "max_output_tokens": max_output_tokens,
+                "temperature": temperature,
+                "assistant_name": assistant_name,
+            },
+        )
 
     # --- public API ----------------------------------------------------------
 
@@ -175,6 +197,11 @@ class Orchestrator:
             raise InputRejected(
                 f"The message is {len(question)} characters long; "
                 f"the limit is {self._settings.max_message_chars}."
+            )
+        if self._safety is not None:
+            # Before anything is stored: a refused message leaves nothing but its audit record.
+            await self._safety.check_input(
+                question, TurnScope(principal, request.correlation_id, request.conversation_id)
             )
         if request.conversation_id is None:
             conversation = await self._conversations.create(principal, _title_from(question))
@@ -220,7 +247,7 @@ class Orchestrator:
                     case CitationsEvent():
                         citations = event.citations
                     case ErrorEvent():
-                        raise AnswerFailed(event.message)
+                        raise AnswerFailed(event.message, event.code)
                     case DoneEvent():
                         assert plan is not None
                         return TurnResult(
@@ -232,6 +259,7 @@ class Orchestrator:
                             steps=tuple(outcomes),
                             usage=event.usage,
                             route=event.route,
+                            cache=event.cache,
                         )
         raise AnswerFailed("The answer ended unexpectedly.")
 
@@ -240,6 +268,13 @@ class Orchestrator:
     async def _run(self, turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
         principal, execution = turn.principal, turn.execution
         try:
+            # Before planning: a hit saves the planner's and the model's calls.
+            lookup = await self._look_up_answer(turn)
+            if lookup is not None and lookup.hit is not None:
+                async with _closing(self._replay(turn, lookup.hit)) as replayed:
+                    async for event in replayed:
+                        yield event
+                return
             turn.plan = await self._planner.plan(
                 _PlanningContext(turn.question, turn.history, principal)
             )
@@ -248,17 +283,32 @@ class Orchestrator:
                 async for event in step_events:
                     yield event
             sources = _number_sources(execution.passages)
+            model_sources = sources
+            scope = TurnScope(principal, turn.correlation_id, turn.conversation_id, turn.reply_id)
+            if self._safety is not None:
+                # Passages and tool outputs may carry instructions planted for the model.
+                screened = await self._safety.screen_context(
+                    sources, execution.tool_results, execution.tool_calls, scope
+                )
+                sources, model_sources = screened.citable, screened.sources
+                execution.tool_results = screened.tool_results
             answer_step = next(s for s in turn.plan.steps if s.kind is StepKind.ANSWER)
             yield StepEvent(answer_step)
             usage: Usage | None = None
-            request = self._answer_request(turn, sources)
+            request = self._answer_request(turn, model_sources)
+            guard = self._safety.answer_guard(scope) if self._safety is not None else None
             async with _closing(self._model.stream(request, principal)) as deltas:
                 async for delta in deltas:
                     if delta.content:
-                        turn.answer.append(delta.content)
-                        yield AnswerDelta(delta.content)
+                        # The guard redacts PII and holds text back until it is safe to send.
+                        for text in await guard.feed(delta.content) if guard else [delta.content]:
+                            turn.answer.append(text)
+                            yield AnswerDelta(text)
                     usage = _last_usage(delta, usage)
                     turn.route = delta.route or turn.route
+            for text in await guard.finish() if guard else []:
+                turn.answer.append(text)
+                yield AnswerDelta(text)
             turn.citations = _cited("".join(turn.answer), sources)
             outcome = StepOutcome(
                 answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
@@ -269,8 +319,15 @@ class Orchestrator:
             await asyncio.shield(self._store(turn))
             yield StepEvent(answer_step, outcome)
             yield CitationsEvent(turn.citations)
-            yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route)
+            await self._remember_answer(turn, lookup)
+            yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route, turn.cache)
             return
+        except AnswerStopped as exc:
+            turn.fail(exc.event)
+        except TokenRateLimited as exc:
+            turn.fail(ErrorEvent("rate_limited", exc.message, exc.retryable))
+        except TokenQuotaExceeded as exc:
+            turn.fail(ErrorEvent("quota_exceeded", exc.message, False))
         except InferenceError as exc:
             log.warning("model call failed: %s", exc, extra={"details": exc.details})
             turn.fail(ErrorEvent("model_unavailable", exc.message, exc.retryable))
@@ -336,7 +393,68 @@ class Orchestrator:
                 "prompt": self._answer_prompt.id,
                 "model": self._model.name,
                 "route": _route_summary(turn.route),
+                "cache": _cache_summary(turn.cache),
             },
+        )
+
+    # --- the answer cache ------------------------------------------------------
+
+    async def _look_up_answer(self, turn: _Turn) -> CacheLookup | None:
+        if self._answer_cache is None:
+            return None
+        lookup = await self._answer_cache.lookup(
+            question=turn.question,
+            history=turn.history,
+            principal=turn.principal,
+            prompt_version=self._answer_variant,
+        )
+        turn.cache = lookup.outcome
+        return lookup
+
+    async def _replay(self, turn: _Turn, hit: CacheHit) -> AsyncIterator[TurnEvent]:
+        """A cached answer, as the same events and records as an answer from the model."""
+        step = PlanStep(
+            id="s1",
+            kind=StepKind.ANSWER,
+            description="Reuse the answer given to the same question",
+        )
+        turn.plan = Plan(
+            steps=(step,),
+            planner="cache",
+            rationale=f"cosine similarity {hit.similarity:.4f} to a cached question",
+        )
+        # The sources were fetched again with the caller's identity: audit them as read.
+        turn.execution.passages.extend(RetrievedPassage(chunk, 0.0) for chunk in hit.chunks)
+        yield PlanEvent(turn.plan)
+        yield StepEvent(step)
+        # The output check runs on every answer sent, cached or not: its rules may have
+        # changed since the answer was stored.
+        scope = TurnScope(turn.principal, turn.correlation_id, turn.conversation_id, turn.reply_id)
+        guard = self._safety.answer_guard(scope) if self._safety is not None else None
+        texts = [*await guard.feed(hit.answer), *await guard.finish()] if guard else [hit.answer]
+        for text in texts:
+            turn.answer.append(text)
+            yield AnswerDelta(text)
+        turn.citations = hit.citations
+        outcome = StepOutcome(step.id, StepStatus.OK, f"{len(hit.citations)} citation(s), cached")
+        turn.execution.outcomes.append(outcome)
+        turn.status = MessageStatus.COMPLETE
+        await asyncio.shield(self._store(turn))
+        yield StepEvent(step, outcome)
+        yield CitationsEvent(turn.citations)
+        yield DoneEvent(turn.conversation_id, turn.reply_id, cache=turn.cache)
+
+    async def _remember_answer(self, turn: _Turn, lookup: CacheLookup | None) -> None:
+        if self._answer_cache is None or lookup is None or turn.plan is None:
+            return
+        turn.cache = await self._answer_cache.remember(
+            lookup,
+            answer="".join(turn.answer),
+            citations=turn.citations,
+            plan=turn.plan,
+            sources=[p.chunk for p in turn.execution.passages],
+            plan_summary=_plan_summary(turn.plan),
+            principal=turn.principal,
         )
 
     # --- steps -----------------------------------------------------------------
@@ -516,3 +634,9 @@ def _route_summary(route: RouteInfo | None) -> dict[str, object] | None:
         "model_version": route.model_version,
         "attempts": [list(attempt) for attempt in route.attempts],
     }
+
+
+def _cache_summary(outcome: CacheOutcome | None) -> dict[str, object] | None:
+    if outcome is None:
+        return None
+    return {"status": outcome.status, "similarity": outcome.similarity, "reason": outcome.reason}

@@ -23,3 +23,94 @@ class IntelligenceSettings(BaseModel):
     max_message_chars: int = Field(default=8_000, ge=1, description="Longer user messages: 422")
     answer_prompt: str = Field(default="grounded_answer", description="Prompt name in prompts/")
     planner_prompt: str = Field(default="planner", description="Prompt name in prompts/")
+
+
+class AnswerCacheSettings(BaseModel):
+    """The semantic answer cache (``LAMINA_ANSWER_CACHE__*``): answers reused for the same
+    question asked again in the same access scope, corpus, model, prompt and context."""
+
+    enabled: bool = Field(default=False, description="Look answers up and store them")
+    backend: Literal["auto", "in-process", "redis"] = Field(
+        default="auto",
+        description="auto: Redis when LAMINA_REDIS__URL is set, else in-process",
+    )
+    similarity_threshold: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Least cosine similarity between two questions for a hit",
+    )
+    ttl_s: float = Field(default=3600.0, gt=0, description="An entry is served this long at most")
+    max_entries_per_scope: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Entries kept per key scope (the oldest go first); each lookup compares all",
+    )
+    max_scopes: int = Field(
+        default=10_000, ge=1, description="Key scopes kept in-process (least recently used go)"
+    )
+    multi_turn: bool = Field(
+        default=False,
+        description="Also cache follow-up turns (keyed by the conversation so far)",
+    )
+    tool_turns: bool = Field(
+        default=False,
+        description="Also cache turns that called tools (then keyed per user and roles)",
+    )
+    lookup_timeout_s: float = Field(
+        default=1.0, gt=0, description="A lookup slower than this is a miss"
+    )
+    embedding_deployment: str | None = Field(
+        default=None,
+        description="Deployment whose embedding model compares questions; "
+        "empty: the offline hashing embedder (lexical, not semantic)",
+    )
+    hashing_dimensions: int = Field(
+        default=512, ge=16, le=65_536, description="Vector size of the hashing embedder"
+    )
+    redis_prefix: str = Field(
+        default="lamina:answer-cache:", min_length=1, description="Key prefix in Redis"
+    )
+
+
+PiiKind = Literal["email", "phone", "card", "iban"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "card", "iban")
+
+
+class SafetySettings(BaseModel):
+    """Safety checks on a turn (``LAMINA_SAFETY__*``): prompt injection in the message,
+    indirect injection in retrieved passages and tool outputs, PII in the answer, and
+    harm categories in the answer where a content moderator is configured."""
+
+    injection_check: bool = Field(default=True, description="Refuse messages flagged as attacks")
+    indirect_check: bool = Field(
+        default=True, description="Screen passages and tool outputs before the model sees them"
+    )
+    indirect_action: Literal["fence", "drop"] = Field(
+        default="fence",
+        description="fence: mark flagged content as untrusted data; drop: withhold it",
+    )
+    pii_redaction: bool = Field(default=True, description="Redact PII from answers as they stream")
+    pii_kinds: list[PiiKind] = Field(
+        default_factory=lambda: list(PII_KINDS),
+        description="Which kinds of PII to redact",
+    )
+    phone_region: str = Field(
+        default="US",
+        pattern=r"^[A-Z]{2}$",
+        description="Region for phone numbers written without a country code (ISO 3166 alpha-2)",
+    )
+    moderation: bool = Field(
+        default=True, description="Moderate answers when a content moderator is configured"
+    )
+    moderation_chunk_chars: int = Field(
+        default=400,
+        ge=50,
+        le=10_000,
+        description="Answer text held back and moderated at a time (less: earlier first bytes)",
+    )
+    moderation_on_error: Literal["allow", "block"] = Field(
+        default="allow",
+        description="Moderator down: allow (log, answer unmoderated) or block the answer",
+    )
