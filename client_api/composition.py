@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client_api.auth.api_keys import ApiKeyStore, open_api_key_store
 from client_api.edge.caps import RequestCaps
@@ -22,15 +23,21 @@ from client_api.edge.limits import (
     ResilientLimitStore,
 )
 from client_api.settings import LaminaSettings
-from inferencing.contracts import ChatModel
+from inferencing.contracts import ChatModel, EmbeddingModel
 from inferencing.gateway import Gateway, build_gateway
 from inferencing.gateway.breaker import BreakerStore, InProcessBreakerStore
 from inferencing.gateway.metering import SqliteUsageLedger, UsageLedger
+from inferencing.providers import build_embedding_model
+from inferencing.providers.hashing_embeddings import HashingEmbeddingModel
+from inferencing.safety.azure_content_safety import AzureContentSafety
+from inferencing.safety.heuristic import HeuristicPromptShield
 from inferencing.tokens import default_counter
-from intelligence.contracts import Assistant, ConversationStore, Planner, PlanningContext
+from intelligence.answer_cache import AnswerCache, AnswerCacheStore, InProcessAnswerCacheStore
+from intelligence.contracts import Assistant, AuditLog, ConversationStore, Planner, PlanningContext
 from intelligence.orchestrator import Orchestrator
 from intelligence.planning.deterministic import DeterministicPlanner
 from intelligence.prompts import PromptLibrary
+from intelligence.safety.policy import SafetyPolicy
 from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
@@ -38,6 +45,9 @@ from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
 from tools.contracts import Toolset
 from tools.policy import build_toolset
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +72,15 @@ class Services:
     limiter: RateLimiter
     caps: RequestCaps
     api_keys: ApiKeyStore
+    answer_cache: AnswerCache | None
     _stack: AsyncExitStack
+
+    def describe(self) -> dict[str, str]:
+        """Where shared state lives and whether it is degraded, for /readyz."""
+        checks = dict(self.state.describe())
+        if self.answer_cache is not None:
+            checks.update(self.answer_cache.describe())
+        return checks
 
     async def aclose(self) -> None:
         await self._stack.aclose()
@@ -77,6 +95,8 @@ class GatewayState:
     ledger: UsageLedger
     limits: LimitStore
     describe: Callable[[], dict[str, str]]
+    redis: Redis | None = None
+    """The shared client, when Redis is configured (the answer cache uses it too)."""
 
 
 async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -> GatewayState:
@@ -130,7 +150,80 @@ async def build_gateway_state(settings: LaminaSettings, stack: AsyncExitStack) -
         ledger,
         limits,
         lambda: {**breakers.describe(), **ledger.describe(), **limits.describe()},
+        redis,
     )
+
+
+def build_safety(settings: LaminaSettings, audit: AuditLog, stack: AsyncExitStack) -> SafetyPolicy:
+    """The offline prompt shield, or Azure AI Content Safety (Prompt Shields and
+    moderation) when an endpoint is configured, with the offline shield standing in
+    while the service cannot answer."""
+    offline = HeuristicPromptShield()
+    if not settings.content_safety.enabled:
+        return SafetyPolicy(shield=offline, settings=settings.safety, audit=audit)
+    azure = AzureContentSafety(settings.content_safety)
+    stack.push_async_callback(azure.aclose)
+    return SafetyPolicy(
+        shield=azure,
+        fallback_shield=offline,
+        moderator=azure,
+        settings=settings.safety,
+        audit=audit,
+    )
+
+
+def build_answer_cache(
+    settings: LaminaSettings, retriever: Retriever, redis: Redis | None, stack: AsyncExitStack
+) -> AnswerCache | None:
+    """The answer cache, when enabled: in Redis when one is configured (``auto``) or
+    asked for, else in-process; embeddings from a registry deployment or, by default,
+    the offline hashing embedder."""
+    config = settings.answer_cache
+    if not config.enabled:
+        return None
+    store: AnswerCacheStore
+    use_redis = config.backend == "redis" or (config.backend == "auto" and redis is not None)
+    if use_redis:
+        if redis is None:
+            raise ValueError("LAMINA_ANSWER_CACHE__BACKEND=redis needs LAMINA_REDIS__URL to be set")
+        # Imported here: only a shared deployment needs the Redis store.
+        from intelligence.stores.redis_answer_cache import RedisAnswerCacheStore
+
+        store = RedisAnswerCacheStore(
+            redis, prefix=config.redis_prefix, retry_after_s=settings.redis.retry_after_s
+        )
+    else:
+        store = InProcessAnswerCacheStore(max_scopes=config.max_scopes)
+    embedder: EmbeddingModel
+    if config.embedding_deployment is None:
+        embedder = HashingEmbeddingModel(dimensions=config.hashing_dimensions)
+    else:
+        registry = {d.name: d for d in settings.inferencing.registry()}
+        if config.embedding_deployment not in registry:
+            raise ValueError(
+                "LAMINA_ANSWER_CACHE__EMBEDDING_DEPLOYMENT names no deployment of the "
+                f"registry: {config.embedding_deployment!r}"
+            )
+        embedder = build_embedding_model(
+            registry[config.embedding_deployment], timeouts=settings.inferencing.timeouts
+        )
+        stack.push_async_callback(embedder.aclose)
+    return AnswerCache(
+        store=store,
+        embedder=embedder,
+        retriever=retriever,
+        settings=config,
+        model_version=_model_version(settings),
+    )
+
+
+def _model_version(settings: LaminaSettings) -> str:
+    """Every deployment and the planner: any change to them starts a fresh answer cache."""
+    deployments = sorted(
+        f"{d.name}:{d.provider}:{d.model}:{d.model_version}"
+        for d in settings.inferencing.registry()
+    )
+    return "|".join([*deployments, f"planner={settings.intelligence.planner}"])
 
 
 def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
@@ -198,6 +291,8 @@ async def build_services(settings: LaminaSettings) -> Services:
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()
         )
+        safety = build_safety(settings, audit, stack)
+        answer_cache = build_answer_cache(settings, retriever, state.redis, stack)
         assistant = Orchestrator(
             retriever=retriever,
             toolset=toolset,
@@ -206,6 +301,8 @@ async def build_services(settings: LaminaSettings) -> Services:
             conversations=conversations,
             audit=audit,
             prompts=prompts,
+            safety=safety,
+            answer_cache=answer_cache,
             settings=settings.intelligence,
             top_k=settings.knowledge.top_k,
             max_output_tokens=settings.inferencing.max_output_tokens,
@@ -228,5 +325,6 @@ async def build_services(settings: LaminaSettings) -> Services:
         limiter,
         RequestCaps(settings.caps, counter),
         api_keys,
+        answer_cache,
         stack,
     )

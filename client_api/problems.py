@@ -24,6 +24,7 @@ from intelligence.contracts import (
     ConversationNotFound,
     InputRejected,
     IntelligenceError,
+    UnsafeInput,
 )
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,21 @@ def _quota(exc: TokenQuotaExceeded) -> Problem:
 
 
 def _intelligence(exc: IntelligenceError) -> Problem:
-    status, title = _INTELLIGENCE_STATUS.get(type(exc), (500, "Request failed"))
+    if isinstance(exc, UnsafeInput) and exc.code == "safety_unavailable":
+        return Problem(
+            503,
+            "Safety check unavailable",
+            exc.message,
+            headers={"Retry-After": "5"},
+            extra={"code": exc.code},
+        )
+    if isinstance(exc, AnswerFailed) and exc.code in _ANSWER_FAILED_STATUS:
+        status, title = _ANSWER_FAILED_STATUS[exc.code]
+        return Problem(status, title, exc.message, extra={"code": exc.code})
+    status, title = next(
+        (_INTELLIGENCE_STATUS[kind] for kind in type(exc).__mro__ if kind in _INTELLIGENCE_STATUS),
+        (500, "Request failed"),
+    )
     return Problem(status, title, exc.message, extra={"code": getattr(exc, "code", None)})
 
 
@@ -194,6 +209,15 @@ _HANDLERS: dict[type[Exception], Callable[[Any], Problem]] = {
     TokenRateLimited: _token_rate,
     TokenQuotaExceeded: _quota,
     IntelligenceError: _intelligence,
+}
+
+
+_ANSWER_FAILED_STATUS = {
+    # A token limit or quota that ran out during the turn (the up-front check
+    # catches most before the turn starts).
+    "rate_limited": (429, "Too many tokens"),
+    "quota_exceeded": (403, "Quota exceeded"),
+    "content_filtered": (422, "Answer withheld"),
 }
 
 

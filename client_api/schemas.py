@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferencing.contracts import RouteInfo, Usage
 from intelligence.contracts import (
+    CacheOutcome,
     Citation,
     Conversation,
     ConversationMessage,
@@ -40,6 +41,10 @@ class ChatAnswer(BaseModel):
     usage: Usage | None = None
     route: RouteInfo | None = Field(
         default=None, description="The model deployment that answered, and why"
+    )
+    cache: CacheOutcome | None = Field(
+        default=None,
+        description="hit, miss or skipped, with the similarity; null when the answer cache is off",
     )
 
 

@@ -11,8 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from client_api.auth.permissions import ROLE_PERMISSIONS, USER_ROLE, Permission
 from client_api.edge.caps import CapsSettings
 from client_api.edge.limits import LimitsSettings
-from inferencing.settings import InferencingSettings
-from intelligence.settings import IntelligenceSettings
+from inferencing.settings import ContentSafetySettings, InferencingSettings
+from intelligence.settings import AnswerCacheSettings, IntelligenceSettings, SafetySettings
 from knowledge.settings import KnowledgeSettings
 from tools.settings import ToolsSettings
 
@@ -128,8 +128,8 @@ class ApiSettings(BaseModel):
 class RedisSettings(BaseModel):
     url: str | None = Field(
         default=None,
-        description="redis://host:6379/0 to share gateway state (breakers, usage) between "
-        "replicas; empty keeps it in-process",
+        description="redis://host:6379/0 to share state between replicas (breakers, usage, "
+        "rate limits, API keys, answer cache); empty keeps it in-process and in SQLite",
     )
     connect_timeout_s: float = Field(default=0.5, gt=0, description="To connect to Redis")
     command_timeout_s: float = Field(default=0.5, gt=0, description="For each Redis command")
@@ -155,6 +155,9 @@ class LaminaSettings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
     caps: CapsSettings = CapsSettings()
+    safety: SafetySettings = SafetySettings()
+    answer_cache: AnswerCacheSettings = AnswerCacheSettings()
+    content_safety: ContentSafetySettings = ContentSafetySettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     inferencing: InferencingSettings = InferencingSettings()
     tools: ToolsSettings = ToolsSettings()
@@ -194,12 +197,15 @@ def load_settings(**overrides: Any) -> LaminaSettings:
 
 
 def require_serving_settings(settings: LaminaSettings) -> None:
-    """What the server needs beyond what ingestion needs: authentication that can work."""
+    """What the server needs beyond what ingestion needs: authentication that can work,
+    and a chat API within its own caps."""
+    lines = _over_caps(settings)
     auth = settings.auth
     if auth.mode != "jwt":
+        if lines:
+            raise SettingsError("Invalid configuration:\n" + "\n".join(lines))
         return
     required = "required when LAMINA_AUTH__MODE=jwt"
-    lines = []
     if auth.openid_config_url is None:
         lines.append(f"  {env_name(('auth', 'openid_config_url'))}: {required}")
     if not auth.accepted_audiences():
@@ -217,6 +223,21 @@ def require_serving_settings(settings: LaminaSettings) -> None:
         )
     if lines:
         raise SettingsError("Invalid configuration:\n" + "\n".join(lines))
+
+
+def _over_caps(settings: LaminaSettings) -> list[str]:
+    caps, lines = settings.caps, []
+    if settings.intelligence.history_turns > caps.max_history_turns:
+        lines.append(
+            f"  {env_name(('intelligence', 'history_turns'))}: at most "
+            f"{env_name(('caps', 'max_history_turns'))} ({caps.max_history_turns})"
+        )
+    if settings.inferencing.max_output_tokens > caps.max_output_tokens:
+        lines.append(
+            f"  {env_name(('inferencing', 'max_output_tokens'))}: at most "
+            f"{env_name(('caps', 'max_output_tokens'))} ({caps.max_output_tokens})"
+        )
+    return lines
 
 
 def _issuer_names_no_tenant(auth: AuthSettings) -> bool:

@@ -882,10 +882,6 @@ def _decoded(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str | None]:
 # --- opening the configured store -------------------------------------------------------
 
 
-def api_keys_path(settings: LaminaSettings) -> Path:
-    return settings.data_dir / "api_keys.db"
-
-
 async def open_api_key_store(
     settings: LaminaSettings, stack: AsyncExitStack, *, clock: Clock = utc_now
 ) -> ApiKeyStore:
@@ -907,7 +903,7 @@ async def open_api_key_store(
         )
         stack.push_async_callback(client.aclose)
         return RedisApiKeyStore(client, clock=clock)
-    store = SqliteApiKeyStore(api_keys_path(settings), clock=clock)
+    store = SqliteApiKeyStore(settings.api_keys_path(), clock=clock)
     await store.open()
     stack.push_async_callback(store.aclose)
     return store

@@ -135,6 +135,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max:
+                await self._drain(receive, message)
                 await self._refuse(send)
                 return
             chunks.append(chunk)
@@ -150,6 +151,17 @@ class BodySizeLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self._app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, message: Message) -> None:
+        """Read what is left of a modest overshoot, so that the client, still sending,
+        reads the 413 instead of a connection reset; a body far over the cap is not
+        worth reading."""
+        drained = 0
+        while message.get("more_body", False) and drained <= self._max:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            drained += len(message.get("body", b""))
 
     async def _refuse(self, send: Send) -> None:
         body = (

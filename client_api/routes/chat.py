@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any
 
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 from sse_starlette import EventSourceResponse
 
@@ -17,7 +17,7 @@ from client_api.composition import Services
 from client_api.edge.admission import check_tokens
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import ChatAnswer, ChatRequestBody
-from intelligence.contracts import ErrorEvent, Principal, TurnEvent, TurnRequest
+from intelligence.contracts import CacheOutcome, ErrorEvent, Principal, TurnEvent, TurnRequest
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -32,7 +32,8 @@ _STREAM_DOC = """Server-sent events, one JSON object per event; the SSE event na
 - `delta` — a piece of answer text
 - `citations` — the sources cited in the answer as `[n]`
 - `done` — the answer is complete and stored (`conversation_id`, `message_id`, `usage`,
-  `route`: the model deployment that answered, and why)
+  `route`: the model deployment that answered, and why; `cache`: hit, miss or skipped,
+  with the similarity)
 - `error` — the turn failed after the stream began (`code`, `message`, `retryable`,
   `correlation_id`); no `done` follows
 
@@ -42,10 +43,16 @@ conversation) are returned as `application/problem+json` instead."""
 
 @router.post("/chat", response_model=ChatAnswer, summary="Ask a question (JSON)")
 async def chat(
-    body: ChatRequestBody, request: Request, principal: ChatCaller, services: ServicesDep
+    body: ChatRequestBody,
+    request: Request,
+    response: Response,
+    principal: ChatCaller,
+    services: ServicesDep,
 ) -> ChatAnswer:
     await _edge_checks(body, request, principal, services)
     result = await services.assistant.run_turn(_turn(body), principal)
+    if result.cache is not None:
+        response.headers[CACHE_HEADER] = cache_header(result.cache)
     return ChatAnswer(
         conversation_id=result.conversation_id,
         message_id=result.message_id,
@@ -55,6 +62,7 @@ async def chat(
         steps=list(result.steps),
         usage=result.usage,
         route=result.route,
+        cache=result.cache,
     )
 
 
@@ -81,6 +89,19 @@ async def _edge_checks(
     """Caps and token budget, before anything is stored or any model is called."""
     await services.caps.check_message(body.message)
     await check_tokens(request, principal)
+
+
+CACHE_HEADER = "X-Lamina-Cache"
+
+
+def cache_header(outcome: CacheOutcome) -> str:
+    """``hit; similarity=0.9731``, ``miss; similarity=0.4120``, ``skipped; reason=multi_turn``."""
+    parts: list[str] = [outcome.status]
+    if outcome.similarity is not None:
+        parts.append(f"similarity={outcome.similarity:.4f}")
+    if outcome.reason:
+        parts.append(f"reason={outcome.reason}")
+    return "; ".join(parts)
 
 
 def _turn(body: ChatRequestBody) -> TurnRequest:

@@ -25,7 +25,7 @@ async def readyz(request: Request) -> JSONResponse:
     services = getattr(request.app.state, "services", None)
     if services is None:
         return JSONResponse(Health(status="starting").model_dump(), status_code=503)
-    checks: dict[str, str] = dict(services.state.describe())
+    checks: dict[str, str] = services.describe()
     for deployment, state in (await services.gateway.breaker_states()).items():
         checks[f"breaker.{deployment}"] = state.value
     try:

@@ -127,3 +127,21 @@ def test_a_chunked_body_under_the_cap_arrives_whole(echo_server: str) -> None:
     status, body = _chunked_post(echo_server, [b"x" * 1000, b"y" * 1000])
     assert status == 200
     assert b'"received":2000' in body
+
+
+def test_the_chat_api_may_not_exceed_the_caps_it_enforces() -> None:
+    from client_api.settings import LaminaSettings, SettingsError, require_serving_settings
+
+    settings = LaminaSettings(
+        auth={"mode": "dev"},
+        caps={"max_output_tokens": 500, "max_history_turns": 4},
+        inferencing={"max_output_tokens": 800},
+        intelligence={"history_turns": 6},
+    )
+    with pytest.raises(SettingsError) as refused:
+        require_serving_settings(settings)
+    assert "LAMINA_INFERENCING__MAX_OUTPUT_TOKENS: at most LAMINA_CAPS__MAX_OUTPUT_TOKENS" in str(
+        refused.value
+    )
+    assert "LAMINA_INTELLIGENCE__HISTORY_TURNS" in str(refused.value)
+    require_serving_settings(LaminaSettings(auth={"mode": "dev"}))
