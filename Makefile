@@ -36,6 +36,8 @@ bench: $(STAMP)
 	command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; } || echo "wrk unavailable: bench.gateway_overhead falls back to bench.loadgen"
 	$(BIN)/python -m bench.chat_latency --requests 100
 	$(BIN)/python -m bench.gateway_overhead
+	$(BIN)/python -m bench.edge_overhead
+	$(BIN)/python -m bench.injection_detection
 
 clean:
 	rm -rf $(VENV) .lamina .mypy_cache .pytest_cache .ruff_cache
