@@ -286,7 +286,7 @@ async def build_services(settings: LaminaSettings) -> Services:
         )
         stack.push_async_callback(chat_model.aclose)
         await chat_model.warm_up()
-        api_keys = await open_api_key_store(settings, stack)
+        api_keys = await open_api_key_store(settings, stack, shared_redis=state.redis)
         toolset = build_toolset(settings.tools)
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()

@@ -883,7 +883,11 @@ def _decoded(raw: Mapping[bytes | str, bytes | str]) -> dict[str, str | None]:
 
 
 async def open_api_key_store(
-    settings: LaminaSettings, stack: AsyncExitStack, *, clock: Clock = utc_now
+    settings: LaminaSettings,
+    stack: AsyncExitStack,
+    *,
+    clock: Clock = utc_now,
+    shared_redis: redis.asyncio.Redis | None = None,
 ) -> ApiKeyStore:
     """The store the server and ``lamina keys`` share: Redis when ``LAMINA_REDIS__URL``
     is set, else SQLite under ``LAMINA_DATA_DIR``. Closed with ``stack``.
@@ -893,6 +897,8 @@ async def open_api_key_store(
     Opening does not contact Redis, so a server still starts (and serves JWT callers)
     while Redis is down.
     """
+    if shared_redis is not None:  # the server's shared client
+        return RedisApiKeyStore(shared_redis, clock=clock)
     if settings.redis.url:
         from inferencing.gateway.redis_state import redis_client
 

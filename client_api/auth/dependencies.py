@@ -14,6 +14,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from client_api.auth.api_keys import looks_like_api_key
 from client_api.auth.jwt import AuthenticationError, JwtValidator
 from client_api.auth.permissions import Permission, PermissionDenied, PermissionPolicy
 from client_api.edge.admission import admit
@@ -23,8 +24,6 @@ from intelligence.contracts import Principal
 
 log = logging.getLogger(__name__)
 
-API_KEY_PREFIX = "lam_"
-"""A bearer token with this prefix is an API key, not a JWT."""
 API_KEY_HEADERS = ("api-key", "X-API-Key")
 """Headers an API key may come in: Azure OpenAI's clients send ``api-key``."""
 
@@ -118,7 +117,7 @@ def _presented_api_key(request: Request, bearer: str | None) -> str | None:
     rather than guessing which one the caller meant."""
     presented = {v.strip() for name in API_KEY_HEADERS if (v := request.headers.get(name))}
     presented.discard("")
-    if bearer and bearer.startswith(API_KEY_PREFIX):
+    if bearer and looks_like_api_key(bearer):
         presented.add(bearer)
     elif bearer and presented:
         raise AuthenticationError("Send either a bearer token or an API key, not both.")
