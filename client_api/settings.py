@@ -123,6 +123,10 @@ class ApiSettings(BaseModel):
         default=False,
         description="Serve /docs and /openapi.json without authentication (always in dev mode)",
     )
+    mcp_server: bool = Field(
+        default=True,
+        description="Serve the caller's permitted tools and knowledge search over MCP at /mcp",
+    )
 
 
 class RedisSettings(BaseModel):

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from inferencing.contracts import RouteInfo, Usage
+from tools.contracts import ApprovalDecision, ApprovalRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,8 @@ class MessageStatus(StrEnum):
     STREAMING = "streaming"
     INTERRUPTED = "interrupted"
     FAILED = "failed"
+    AWAITING_APPROVAL = "awaiting_approval"
+    """The turn paused at a high-risk tool call; it resumes when a person decides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +278,35 @@ class ErrorEvent:
     type: Literal["error"] = "error"
 
 
-TurnEvent = PlanEvent | StepEvent | AnswerDelta | CitationsEvent | DoneEvent | ErrorEvent
+@dataclass(frozen=True, slots=True)
+class ApprovalRequiredEvent:
+    """The turn paused before a high-risk tool call; nothing else follows on this stream.
+
+    A person (the user, or someone with an approver role) decides with
+    ``POST /v1/approvals/{approval_id}``; the turn then resumes where it stopped."""
+
+    approval_id: str
+    step_id: str
+    tool: str
+    arguments: Mapping[str, Any]
+    summary: str
+    """What will happen if it is approved, in one line."""
+    expires_at: datetime
+    conversation_id: str
+    message_id: str
+    """The paused answer, which the resumed turn completes."""
+    type: Literal["approval_required"] = "approval_required"
+
+
+TurnEvent = (
+    PlanEvent
+    | StepEvent
+    | AnswerDelta
+    | CitationsEvent
+    | ApprovalRequiredEvent
+    | DoneEvent
+    | ErrorEvent
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +330,32 @@ class TurnResult:
     usage: Usage | None = None
     route: RouteInfo | None = None
     cache: CacheOutcome | None = None
+    approval: ApprovalRequiredEvent | None = None
+    """Set when the turn paused for approval (``answer`` is then empty)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalDecisionRequest:
+    approval_id: str
+    decision: ApprovalDecision
+    arguments: Mapping[str, Any] | None = None
+    """With ``EDIT``: the arguments to run the tool with instead."""
+    reason: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumedTurn:
+    """A decision recorded, and the paused turn continuing from where it stopped."""
+
+    approval: ApprovalRequest
+    """The approval after the decision (for the decider; its ``resume`` is internal)."""
+    conversation_id: str
+    message_id: str
+    for_requester: bool
+    """False when an approver decided for someone else: ``events`` carry the requester's
+    answer, so drain them (the answer is stored) but never show them to the decider."""
+    events: AsyncGenerator[TurnEvent, None]
 
 
 class Assistant(Protocol):
@@ -310,6 +367,14 @@ class Assistant(Protocol):
 
     async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
         """The same turn, collected into one result."""
+        ...
+
+    async def decide(self, request: ApprovalDecisionRequest, principal: Principal) -> ResumedTurn:
+        """Record a decision on a paused turn's high-risk call, then resume the turn.
+
+        Raises the tools layer's ``ApprovalNotFound``, ``ApprovalConflict`` or
+        ``InvalidToolArguments`` (for edited arguments) before anything streams, and
+        :class:`ApprovalsUnavailable` when no approval gate is configured."""
         ...
 
 
@@ -343,6 +408,10 @@ class UnsafeInput(InputRejected):
     check could not run and no offline fallback is configured; worth retrying)."""
 
     code: str = "prompt_injection"
+
+
+class ApprovalsUnavailable(IntelligenceError):
+    """This deployment has no approval gate: high-risk tools cannot run at all."""
 
 
 @dataclass

@@ -36,6 +36,8 @@ from intelligence.answer_cache import AnswerCache, CacheHit, CacheLookup, answer
 from intelligence.contracts import (
     AnswerDelta,
     AnswerFailed,
+    ApprovalDecisionRequest,
+    ApprovalsUnavailable,
     AuditLog,
     AuditRecord,
     CacheOutcome,
@@ -53,6 +55,7 @@ from intelligence.contracts import (
     Planner,
     PlanStep,
     Principal,
+    ResumedTurn,
     StartedTurn,
     StepEvent,
     StepKind,
@@ -262,6 +265,9 @@ class Orchestrator:
                             cache=event.cache,
                         )
         raise AnswerFailed("The answer ended unexpectedly.")
+
+    async def decide(self, request: ApprovalDecisionRequest, principal: Principal) -> ResumedTurn:
+        raise ApprovalsUnavailable("High-risk tools need an approval gate; none is configured.")
 
     # --- the turn --------------------------------------------------------------
 

@@ -23,6 +23,19 @@ class IntelligenceSettings(BaseModel):
     max_message_chars: int = Field(default=8_000, ge=1, description="Longer user messages: 422")
     answer_prompt: str = Field(default="grounded_answer", description="Prompt name in prompts/")
     planner_prompt: str = Field(default="planner", description="Prompt name in prompts/")
+    max_rounds: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Planning rounds per turn (the model sees results, then may call more)",
+    )
+    max_steps: int = Field(
+        default=12, ge=1, le=100, description="Searches and tool calls per turn, all rounds"
+    )
+    max_tool_calls: int = Field(default=8, ge=0, le=100, description="Tool calls per turn")
+    max_turn_s: float = Field(
+        default=120.0, gt=0, le=3600, description="Wall time for planning and steps of a turn"
+    )
 
 
 class AnswerCacheSettings(BaseModel):

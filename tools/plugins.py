@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import ErrorDetails, to_jsonable_python
 
-from tools.contracts import InvalidToolArguments, JsonValue, RiskLevel, ToolCaller, ToolSpec
+from tools.contracts import (
+    DEFAULT_TOOL_TIMEOUT_S,
+    InvalidToolArguments,
+    JsonValue,
+    RiskLevel,
+    ToolCaller,
+    ToolSpec,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -232,7 +239,7 @@ class FunctionTool(Tool, Generic[P, R]):
             required_roles=required_roles,
             # A write is not assumed safe to retry unless its author says so.
             idempotent=(risk == RiskLevel.READ) if idempotent is None else idempotent,
-            **({} if timeout_s is None else {"timeout_s": timeout_s}),
+            timeout_s=DEFAULT_TOOL_TIMEOUT_S if timeout_s is None else timeout_s,
         )
 
     @property

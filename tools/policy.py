@@ -8,8 +8,9 @@ through it. :class:`PolicyEnforcedToolset` takes the raw tools from a sealed
 2. refuses a caller with none of the tool's roles (``ToolPermissionDenied``);
 3. validates the arguments against the tool's JSON schema, before the tool
    runs (``InvalidToolArguments``, with errors a model can correct);
-4. refuses a ``HIGH`` risk tool, which only runs once a person approves the
-   call (``ToolApprovalRequired``; approval itself is not built yet);
+4. refuses a ``HIGH`` risk tool (``ToolApprovalRequired``): it runs only through
+   :meth:`PolicyEnforcedToolset.call_approved`, which the approval gate
+   (:mod:`tools.approvals`) calls once per approval a person gave;
 5. runs the tool under its timeout (``ToolTimeout``);
 6. turns any failure into ``ToolExecutionFailed`` with a safe message (the
    details go to the log, never to the caller);
@@ -143,9 +144,28 @@ class PolicyEnforcedToolset:
         return [guarded.spec for guarded in self._tools.values() if may_use(guarded.spec, caller)]
 
     async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
+        return await self._audited_call(name, arguments, caller, approved=False)
+
+    def check(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolSpec:
+        """Everything :meth:`call` checks before running, without running: the spec if the
+        caller may call ``name`` with ``arguments``, else the ``ToolError`` a call would raise.
+        The approval gate asks this before it asks a person."""
+        guarded, _ = self._admit(name, arguments, caller)
+        return guarded.spec
+
+    async def call_approved(
+        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller
+    ) -> ToolResult:
+        """Run a high-risk tool whose call a person approved. For the approval gate only,
+        which calls it once per approval it has claimed; every other check still applies."""
+        return await self._audited_call(name, arguments, caller, approved=True)
+
+    async def _audited_call(
+        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller, *, approved: bool
+    ) -> ToolResult:
         started = time.perf_counter()
         try:
-            output = await self._checked_call(name, arguments, caller)
+            output = await self._checked_call(name, arguments, caller, approved=approved)
         except ToolError as exc:
             self._audit(name, caller, type(exc).__name__, started)
             raise
@@ -155,9 +175,9 @@ class PolicyEnforcedToolset:
         self._audit(name, caller, "ok", started)
         return ToolResult(tool=name, output=output)
 
-    async def _checked_call(
+    def _admit(
         self, name: str, arguments: Mapping[str, Any], caller: ToolCaller
-    ) -> JsonValue:
+    ) -> tuple[_GuardedTool, Any]:
         guarded = self._tools.get(name)
         if guarded is None:
             raise _unknown_tool(name)
@@ -171,8 +191,15 @@ class PolicyEnforcedToolset:
             raise InvalidToolArguments(
                 name, "the arguments do not match the tool's schema: " + "; ".join(errors), errors
             )
+        return guarded, checked
+
+    async def _checked_call(
+        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller, *, approved: bool
+    ) -> JsonValue:
+        guarded, checked = self._admit(name, arguments, caller)
+        spec = guarded.spec
         # Fail closed: anything not plainly read or write needs a person's approval.
-        if spec.risk not in (RiskLevel.READ, RiskLevel.WRITE):
+        if spec.risk not in (RiskLevel.READ, RiskLevel.WRITE) and not approved:
             raise ToolApprovalRequired(
                 name, "this action needs a person's approval before it runs; it was not run"
             )

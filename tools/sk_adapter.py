@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import Field, TypeAdapter, WithJsonSchema
 from pydantic_core import to_jsonable_python
 
-from tools.contracts import JsonValue, RiskLevel, ToolCaller, ToolSpec
+from tools.contracts import DEFAULT_TOOL_TIMEOUT_S, JsonValue, RiskLevel, ToolCaller, ToolSpec
 from tools.plugins import Tool, annotated, arguments_model, check_tool_name, parameters_schema
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ class KernelFunctionTool(Tool):
             idempotent=(
                 (policy.risk is RiskLevel.READ) if policy.idempotent is None else policy.idempotent
             ),
-            **({} if policy.timeout_s is None else {"timeout_s": policy.timeout_s}),
+            timeout_s=DEFAULT_TOOL_TIMEOUT_S if policy.timeout_s is None else policy.timeout_s,
+            origin="semantic-kernel",
         )
 
     def __repr__(self) -> str:

@@ -13,10 +13,16 @@ class StaticCaller:
     tenant_id: str = "contoso"
     user_id: str = "test-user"
     roles: frozenset[str] = field(default=frozenset())
+    scopes: frozenset[str] = field(default=frozenset())
 
     def __init__(
-        self, tenant_id: str = "contoso", user_id: str = "test-user", roles: Iterable[str] = ()
+        self,
+        tenant_id: str = "contoso",
+        user_id: str = "test-user",
+        roles: Iterable[str] = (),
+        scopes: Iterable[str] = (),
     ) -> None:
         object.__setattr__(self, "tenant_id", tenant_id)
         object.__setattr__(self, "user_id", user_id)
         object.__setattr__(self, "roles", frozenset(roles))
+        object.__setattr__(self, "scopes", frozenset(scopes))
