@@ -89,8 +89,19 @@ class Citation:
     section: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A search or tool call of this turn that ran (or was refused), as a model sees it."""
+
+    step: PlanStep
+    outcome: StepOutcome
+    content: str
+    """What the step produced (passages, a tool's JSON output, or why it did not run)."""
+
+
 class PlanningContext(Protocol):
-    """What a planner is given: the question, the recent history, the caller."""
+    """What a planner is given: the question, the recent history, the caller, and the
+    results of the rounds planned so far in this turn (empty on the first round)."""
 
     @property
     def question(self) -> str: ...
@@ -101,9 +112,16 @@ class PlanningContext(Protocol):
     @property
     def principal(self) -> Principal: ...
 
+    @property
+    def rounds(self) -> Sequence[Sequence[StepResult]]: ...
+
 
 class Planner(Protocol):
-    async def plan(self, context: PlanningContext) -> Plan: ...
+    async def plan(self, context: PlanningContext) -> Plan:
+        """The next steps. With ``context.rounds`` empty, the whole turn's first plan; after
+        a round of model-planned calls (steps with a ``tool_call_id``), the planner is asked
+        again with their results and returns more steps, or only the answer step."""
+        ...
 
 
 # --- conversations ------------------------------------------------------------

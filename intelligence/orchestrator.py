@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -29,7 +29,6 @@ from inferencing.contracts import (
     RouteInfo,
     TokenQuotaExceeded,
     TokenRateLimited,
-    ToolCall,
     Usage,
 )
 from intelligence.answer_cache import AnswerCache, CacheHit, CacheLookup, answer_variant
@@ -37,6 +36,7 @@ from intelligence.contracts import (
     AnswerDelta,
     AnswerFailed,
     ApprovalDecisionRequest,
+    ApprovalRequiredEvent,
     ApprovalsUnavailable,
     AuditLog,
     AuditRecord,
@@ -60,6 +60,7 @@ from intelligence.contracts import (
     StepEvent,
     StepKind,
     StepOutcome,
+    StepResult,
     StepStatus,
     TurnEvent,
     TurnRequest,
@@ -68,9 +69,23 @@ from intelligence.contracts import (
 from intelligence.prompts import Prompt, PromptLibrary
 from intelligence.safety import AnswerStopped, SafetyPolicy, TurnScope
 from intelligence.settings import IntelligenceSettings
+from intelligence.turn_state import (
+    BudgetExceeded,
+    Suspension,
+    Turn,
+    TurnBudget,
+    read_suspension,
+    suspend,
+    tool_messages,
+)
 from knowledge.contracts import KnowledgeError, RetrievalQuery, RetrievedPassage, Retriever
 from tools.contracts import (
+    ApprovalConflict,
+    ApprovalGate,
+    ApprovalRequest,
+    ApprovalStatus,
     InvalidToolArguments,
+    RiskLevel,
     ToolApprovalRequired,
     ToolError,
     ToolPermissionDenied,
@@ -90,43 +105,7 @@ class _PlanningContext:
     question: str
     history: Sequence[ConversationMessage]
     principal: Principal
-
-
-@dataclass
-class _Execution:
-    """What the steps produced, gathered for the answer."""
-
-    passages: list[RetrievedPassage] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_results: list[ChatMessage] = field(default_factory=list)
-    outcomes: list[StepOutcome] = field(default_factory=list)
-    trimmed: int = 0
-    indexes: set[str] = field(default_factory=set)
-
-
-@dataclass
-class _Turn:
-    """One turn's state, from the stored user message to the stored reply."""
-
-    conversation_id: str
-    reply_id: str
-    question: str
-    history: Sequence[ConversationMessage]
-    principal: Principal
-    correlation_id: str | None
-    answer: list[str] = field(default_factory=list)
-    plan: Plan | None = None
-    citations: tuple[Citation, ...] = ()
-    execution: _Execution = field(default_factory=_Execution)
-    status: MessageStatus = MessageStatus.FAILED
-    error: ErrorEvent | None = None
-    stored: bool = False
-    route: RouteInfo | None = None
-    cache: CacheOutcome | None = None
-
-    def fail(self, error: ErrorEvent) -> None:
-        self.error = error
-        self.status = MessageStatus.INTERRUPTED if self.answer else MessageStatus.FAILED
+    rounds: Sequence[Sequence[StepResult]] = ()
 
 
 @asynccontextmanager
@@ -142,7 +121,14 @@ async def _closing(stream: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]
 
 
 class Orchestrator:
-    """Implements :class:`intelligence.contracts.Assistant`."""
+    """Implements :class:`intelligence.contracts.Assistant`.
+
+    A turn runs in rounds: plan, run the round's searches and tool calls concurrently,
+    and, when the model planned them, show it the results and plan again, until it is
+    ready to answer or the turn's budget (rounds, steps, tool calls, time) runs out.
+    A high-risk tool call pauses the turn: the approval gate stores the pending call
+    with everything needed to continue, and :meth:`decide` resumes it.
+    """
 
     def __init__(
         self,
@@ -161,6 +147,7 @@ class Orchestrator:
         assistant_name: str = "Lamina",
         safety: SafetyPolicy | None = None,
         answer_cache: AnswerCache | None = None,
+        approvals: ApprovalGate | None = None,
     ) -> None:
         self._retriever = retriever
         self._toolset = toolset
@@ -175,6 +162,7 @@ class Orchestrator:
         self._temperature = temperature
         self._assistant_name = assistant_name
         self._safety = safety
+        self._approvals = approvals
         self._answer_prompt: Prompt = prompts.get(settings.answer_prompt)
         self._answer_cache = answer_cache
         # Everything besides model, sources and question that shapes an answer: a change
@@ -227,81 +215,127 @@ class Orchestrator:
             )
         except LookupError:  # deleted between the check above and the insert
             raise ConversationNotFound("No such conversation.") from None
-        turn = _Turn(
-            conversation.id, reply.id, question, history, principal, request.correlation_id
+        turn = Turn(
+            conversation.id,
+            reply.id,
+            question,
+            history,
+            principal,
+            request.correlation_id,
+            TurnBudget(self._settings),
         )
         return StartedTurn(conversation.id, user_message.id, self._run(turn))
 
     async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
         started = await self.start_turn(request, principal)
-        parts: list[str] = []
-        plan: Plan | None = None
-        citations: tuple[Citation, ...] = ()
-        outcomes: list[StepOutcome] = []
-        async with aclosing(started.events) as events:
-            async for event in events:
-                match event:
-                    case PlanEvent():
-                        plan = event.plan
-                    case StepEvent(outcome=StepOutcome() as outcome):
-                        outcomes.append(outcome)
-                    case AnswerDelta():
-                        parts.append(event.text)
-                    case CitationsEvent():
-                        citations = event.citations
-                    case ErrorEvent():
-                        raise AnswerFailed(event.message, event.code)
-                    case DoneEvent():
-                        assert plan is not None
-                        return TurnResult(
-                            conversation_id=event.conversation_id,
-                            message_id=event.message_id,
-                            answer="".join(parts),
-                            citations=citations,
-                            plan=plan,
-                            steps=tuple(outcomes),
-                            usage=event.usage,
-                            route=event.route,
-                            cache=event.cache,
-                        )
-        raise AnswerFailed("The answer ended unexpectedly.")
+        return await collect_turn(started.events)
 
     async def decide(self, request: ApprovalDecisionRequest, principal: Principal) -> ResumedTurn:
-        raise ApprovalsUnavailable("High-risk tools need an approval gate; none is configured.")
+        if self._approvals is None:
+            raise ApprovalsUnavailable(
+                "High-risk tools need an approval gate, and none is configured."
+            )
+        # Read first: a turn that already went on (a retried decision) must not run again.
+        seen = await self._approvals.get(request.approval_id, principal)
+        suspension = read_suspension(seen.resume)
+        requester = (principal.tenant_id, principal.user_id) == (seen.tenant_id, seen.requested_by)
+        owner = principal if requester else suspension.principal
+        history, reply = await self._paused_reply(owner, suspension)
+        if reply is None or reply.status is not MessageStatus.AWAITING_APPROVAL:
+            raise ApprovalConflict(
+                seen.tool,
+                "This turn has already resumed, or its conversation is gone.",
+                seen.status,
+            )
+        approval = await self._approvals.decide(
+            request.approval_id,
+            request.decision,
+            principal,
+            arguments=request.arguments,
+            reason=request.reason,
+        )
+        turn = Turn(
+            suspension.conversation_id,
+            suspension.reply_id,
+            suspension.question,
+            history,
+            owner,
+            request.correlation_id or suspension.correlation_id,
+            TurnBudget(self._settings, suspension.elapsed_s),
+            plan=suspension.plan,
+            waiting=list(suspension.waiting),
+            replan=suspension.replan,
+        )
+        execution = turn.execution
+        execution.rounds = [list(results) for results in suspension.rounds]
+        execution.outcomes = [result.outcome for r in suspension.rounds for result in r]
+        execution.steps_run = suspension.steps_run
+        execution.tool_calls_run = suspension.tool_calls_run
+        execution.screened = suspension.screened
+        events = self._run(turn, resume=(approval, suspension.step))
+        return ResumedTurn(approval, turn.conversation_id, turn.reply_id, requester, events)
+
+    async def _paused_reply(
+        self, owner: Principal, suspension: Suspension
+    ) -> tuple[list[ConversationMessage], ConversationMessage | None]:
+        """The history before the paused turn's question, and its paused reply."""
+        messages = await self._conversations.messages(owner, suspension.conversation_id)
+        for index, message in enumerate(messages):
+            if message.id == suspension.reply_id:
+                # The question sits right before its reply; history is what came before.
+                earlier = messages[: max(index - 1, 0)]
+                last = self._settings.history_turns
+                return (earlier[-last:] if last else []), message
+        return [], None
 
     # --- the turn --------------------------------------------------------------
 
-    async def _run(self, turn: _Turn) -> AsyncGenerator[TurnEvent, None]:
+    async def _run(
+        self, turn: Turn, resume: tuple[ApprovalRequest, PlanStep] | None = None
+    ) -> AsyncGenerator[TurnEvent, None]:
         principal, execution = turn.principal, turn.execution
+        lookup: CacheLookup | None = None
         try:
-            # Before planning: a hit saves the planner's and the model's calls.
-            lookup = await self._look_up_answer(turn)
-            if lookup is not None and lookup.hit is not None:
-                async with _closing(self._replay(turn, lookup.hit)) as replayed:
-                    async for event in replayed:
+            if resume is None:
+                # Before planning: a hit saves the planner's and the model's calls.
+                lookup = await self._look_up_answer(turn)
+                if lookup is not None and lookup.hit is not None:
+                    async with _closing(self._replay(turn, lookup.hit)) as replayed:
+                        async for event in replayed:
+                            yield event
+                    return
+            else:
+                # Passages are not stored with a paused turn: search again, as the caller
+                # is now (their access may have changed while the turn waited).
+                await self._retrieve_again(turn)
+                async with _closing(self._resume_step(turn, *resume)) as resumed:
+                    async for event in resumed:
                         yield event
+            if turn.pending is None:
+                async with _closing(self._rounds(turn)) as rounds:
+                    async for event in rounds:
+                        yield event
+            if turn.pending is not None:
+                turn.status = MessageStatus.AWAITING_APPROVAL
+                await asyncio.shield(self._store(turn))
+                yield turn.pending
                 return
-            turn.plan = await self._planner.plan(
-                _PlanningContext(turn.question, turn.history, principal)
-            )
-            yield PlanEvent(turn.plan)
-            async with _closing(self._execute(turn.plan, principal, execution)) as step_events:
-                async for event in step_events:
-                    yield event
+            assert turn.plan is not None
             sources = _number_sources(execution.passages)
             model_sources = sources
             scope = TurnScope(principal, turn.correlation_id, turn.conversation_id, turn.reply_id)
+            await self._screen_new_results(turn)
             if self._safety is not None:
-                # Passages and tool outputs may carry instructions planted for the model.
-                screened = await self._safety.screen_context(
-                    sources, execution.tool_results, execution.tool_calls, scope
-                )
+                # Passages may carry instructions planted for the model.
+                screened = await self._safety.screen_context(sources, [], [], scope)
                 sources, model_sources = screened.citable, screened.sources
-                execution.tool_results = screened.tool_results
+            tool_results = [message for _, message in execution.round_trips()]
             answer_step = next(s for s in turn.plan.steps if s.kind is StepKind.ANSWER)
             yield StepEvent(answer_step)
             usage: Usage | None = None
-            request = self._answer_request(turn, model_sources)
+            request = self._answer_request(
+                turn, model_sources, tool_messages(execution.rounds, tool_results)
+            )
             guard = self._safety.answer_guard(scope) if self._safety is not None else None
             async with _closing(self._model.stream(request, principal)) as deltas:
                 async for delta in deltas:
@@ -328,6 +362,8 @@ class Orchestrator:
             await self._remember_answer(turn, lookup)
             yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route, turn.cache)
             return
+        except BudgetExceeded as exc:
+            turn.fail(ErrorEvent("turn_budget_exceeded", exc.message, False))
         except AnswerStopped as exc:
             turn.fail(exc.event)
         except TokenRateLimited as exc:
@@ -357,7 +393,7 @@ class Orchestrator:
         if turn.error is not None:
             yield turn.error
 
-    async def _store(self, turn: _Turn) -> None:
+    async def _store(self, turn: Turn) -> None:
         await self._conversations.finish_message(
             turn.principal,
             turn.reply_id,
@@ -373,7 +409,7 @@ class Orchestrator:
             # The answer is stored; a failing audit sink must not turn it into an error.
             log.exception("could not append the audit record of turn %s", turn.reply_id)
 
-    def _audit_record(self, turn: _Turn) -> AuditRecord:
+    def _audit_record(self, turn: Turn) -> AuditRecord:
         execution = turn.execution
         return AuditRecord(
             event="chat.turn",
@@ -392,6 +428,7 @@ class Orchestrator:
                     {"step": o.step_id, "status": o.status.value, "summary": o.summary}
                     for o in execution.outcomes
                 ],
+                "approval": turn.pending.approval_id if turn.pending else None,
                 "sources": sorted({p.chunk.chunk_id for p in execution.passages}),
                 "cited": [c.chunk_id for c in turn.citations],
                 "trimmed_candidates": execution.trimmed,
@@ -405,7 +442,7 @@ class Orchestrator:
 
     # --- the answer cache ------------------------------------------------------
 
-    async def _look_up_answer(self, turn: _Turn) -> CacheLookup | None:
+    async def _look_up_answer(self, turn: Turn) -> CacheLookup | None:
         if self._answer_cache is None:
             return None
         lookup = await self._answer_cache.lookup(
@@ -417,7 +454,7 @@ class Orchestrator:
         turn.cache = lookup.outcome
         return lookup
 
-    async def _replay(self, turn: _Turn, hit: CacheHit) -> AsyncIterator[TurnEvent]:
+    async def _replay(self, turn: Turn, hit: CacheHit) -> AsyncIterator[TurnEvent]:
         """A cached answer, as the same events and records as an answer from the model."""
         step = PlanStep(
             id="s1",
@@ -450,7 +487,7 @@ class Orchestrator:
         yield CitationsEvent(turn.citations)
         yield DoneEvent(turn.conversation_id, turn.reply_id, cache=turn.cache)
 
-    async def _remember_answer(self, turn: _Turn, lookup: CacheLookup | None) -> None:
+    async def _remember_answer(self, turn: Turn, lookup: CacheLookup | None) -> None:
         if self._answer_cache is None or lookup is None or turn.plan is None:
             return
         turn.cache = await self._answer_cache.remember(
@@ -463,21 +500,102 @@ class Orchestrator:
             principal=turn.principal,
         )
 
-    # --- steps -----------------------------------------------------------------
+    # --- rounds ------------------------------------------------------------------
 
-    async def _execute(
-        self, plan: Plan, principal: Principal, execution: _Execution
-    ) -> AsyncIterator[TurnEvent]:
-        """Run every retrieve and tool step. They do not depend on one another, so
-        they run concurrently; events report each as it starts and ends."""
-        steps = [s for s in plan.steps if s.kind is not StepKind.ANSWER]
+    async def _rounds(self, turn: Turn) -> AsyncIterator[TurnEvent]:
+        """Plan and run rounds until the plan is only the answer, or the turn pauses."""
+        execution = turn.execution
+        first = turn.plan is None
+        while first or turn.replan:
+            await self._screen_new_results(turn)
+            context = _PlanningContext(
+                turn.question, turn.history, turn.principal, execution.rounds
+            )
+            async with asyncio.timeout(turn.budget.remaining_s()) as deadline:
+                try:
+                    plan = await self._planner.plan(context)
+                except TimeoutError:
+                    if deadline.expired():
+                        raise turn.budget.out_of_time() from None
+                    raise
+            turn.plan = _extend(turn.plan, plan)
+            yield PlanEvent(turn.plan)
+            steps = [s for s in plan.steps if s.kind is not StepKind.ANSWER]
+            if not steps:
+                return
+            turn.budget.admit(execution, steps)
+            execution.rounds.append([])
+            # Only what the model asked for is shown back to it for another round.
+            turn.replan = any(step.tool_call_id for step in steps)
+            first = False
+            async with _closing(self._round(turn, steps)) as events:
+                async for event in events:
+                    yield event
+            if turn.pending is not None:
+                return
+
+    async def _screen_new_results(self, turn: Turn) -> None:
+        """Screen the model-planned results not screened yet, once, before any model sees
+        them: a flagged passage or tool output is fenced or withheld in place, so a planted
+        instruction can steer neither the next plan nor the answer."""
+        execution = turn.execution
+        fresh = [
+            result for results in execution.rounds for result in results if result.step.tool_call_id
+        ][execution.screened :]
+        if self._safety is None or not fresh:
+            execution.screened += len(fresh)
+            return
+        round_trips = execution.round_trips()[execution.screened :]
+        scope = TurnScope(turn.principal, turn.correlation_id, turn.conversation_id, turn.reply_id)
+        screened = await self._safety.screen_context(
+            [], [m for _, m in round_trips], [c for c, _ in round_trips], scope
+        )
+        contents = {
+            result.step.tool_call_id: message.content or ""
+            for result, message in zip(fresh, screened.tool_results, strict=True)
+        }
+        execution.rounds = [
+            [
+                replace(result, content=contents[result.step.tool_call_id])
+                if result.step.tool_call_id in contents
+                else result
+                for result in results
+            ]
+            for results in execution.rounds
+        ]
+        execution.screened += len(fresh)
+
+    async def _round(self, turn: Turn, steps: Sequence[PlanStep]) -> AsyncIterator[TurnEvent]:
+        """Run a round's searches and ordinary tool calls concurrently, then put its
+        high-risk calls to a person, one at a time."""
+        specs = self._toolset.list_tools(turn.principal)
+        high_risk = {spec.name for spec in specs if spec.risk is RiskLevel.HIGH}
+        gated = [s for s in steps if s.kind is StepKind.CALL_TOOL and s.tool in high_risk]
+        ordinary = [s for s in steps if s not in gated]
+        async with _closing(self._execute(turn, ordinary)) as events:
+            async for event in events:
+                yield event
+        turn.waiting = gated
+        async with _closing(self._ask_for_approvals(turn)) as events:
+            async for event in events:
+                yield event
+
+    async def _execute(self, turn: Turn, steps: Sequence[PlanStep]) -> AsyncIterator[TurnEvent]:
+        """Run steps that do not depend on one another concurrently, within the turn's
+        time budget; events report each as it starts and ends."""
         for step in steps:
             yield StepEvent(step)
-        tasks = [asyncio.create_task(self._run_step(s, principal, execution)) for s in steps]
+        if not steps:
+            return
+        remaining = turn.budget.remaining_s()
+        tasks = [asyncio.create_task(self._run_step(s, turn)) for s in steps]
         try:
-            for finished in asyncio.as_completed(tasks):
-                step, outcome = await finished
-                execution.outcomes.append(outcome)
+            for finished in asyncio.as_completed(tasks, timeout=remaining):
+                try:
+                    step, outcome, content = await finished
+                except TimeoutError:
+                    raise turn.budget.out_of_time() from None
+                turn.execution.record(step, outcome, content)
                 yield StepEvent(step, outcome)
         finally:
             for task in tasks:
@@ -485,63 +603,126 @@ class Orchestrator:
             # Wait for cancelled steps to unwind, so none outlives the turn unobserved.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _run_step(
-        self, step: PlanStep, principal: Principal, execution: _Execution
-    ) -> tuple[PlanStep, StepOutcome]:
+    async def _run_step(self, step: PlanStep, turn: Turn) -> tuple[PlanStep, StepOutcome, str]:
         if step.kind is StepKind.RETRIEVE:
-            result = await self._retriever.retrieve(
-                RetrievalQuery(step.query or "", top_k=self._top_k), principal
-            )
-            execution.passages.extend(result.passages)
-            execution.trimmed += result.trimmed_count
-            execution.indexes.add(result.index)
-            if step.tool_call_id:
-                titles = ", ".join(sorted({p.chunk.title for p in result.passages})) or "none"
-                self._record_call(step, execution, f"Found passages from: {titles}.")
-            return step, StepOutcome(
-                step.id, StepStatus.OK, f"{len(result.passages)} passage(s) found"
-            )
-        return step, await self._call_tool(step, principal, execution)
-
-    async def _call_tool(
-        self, step: PlanStep, principal: Principal, execution: _Execution
-    ) -> StepOutcome:
+            passages = await self._retrieve(step, turn)
+            outcome = StepOutcome(step.id, StepStatus.OK, f"{len(passages)} passage(s) found")
+            return step, outcome, _passages_for_model(passages)
         name = step.tool or ""
         try:
-            result = await self._toolset.call(name, step.arguments or {}, principal)
-        except ToolApprovalRequired as exc:
-            outcome = StepOutcome(step.id, StepStatus.NEEDS_APPROVAL, exc.message)
-        except (ToolPermissionDenied, UnknownTool) as exc:
-            outcome = StepOutcome(step.id, StepStatus.REFUSED, exc.message)
-        except InvalidToolArguments as exc:
-            detail = "; ".join(exc.errors) or exc.message
-            outcome = StepOutcome(step.id, StepStatus.FAILED, f"Invalid arguments: {detail}")
+            result = await self._toolset.call(name, step.arguments or {}, turn.principal)
         except ToolError as exc:
-            outcome = StepOutcome(step.id, StepStatus.FAILED, exc.message)
-        else:
-            self._record_call(step, execution, json.dumps(result.output, default=str))
-            return StepOutcome(step.id, StepStatus.OK, f"{name} returned a result")
-        self._record_call(step, execution, f"Error ({outcome.status.value}): {outcome.summary}")
-        return outcome
+            outcome = _refusal(step, exc)
+            return step, outcome, f"Error ({outcome.status.value}): {outcome.summary}"
+        outcome = StepOutcome(step.id, StepStatus.OK, f"{name} returned a result")
+        return step, outcome, json.dumps(result.output, default=str)
 
-    @staticmethod
-    def _record_call(step: PlanStep, execution: _Execution, content: str) -> None:
-        """Echo a model-planned call and its result back to the model, as a tool round trip."""
-        if not step.tool_call_id:
-            return
-        name = step.tool or "search_knowledge"
-        arguments = step.arguments if step.kind is StepKind.CALL_TOOL else {"query": step.query}
-        execution.tool_calls.append(ToolCall(step.tool_call_id, name, json.dumps(arguments)))
-        execution.tool_results.append(
-            ChatMessage(Role.TOOL, content=content, tool_call_id=step.tool_call_id)
+    async def _retrieve(self, step: PlanStep, turn: Turn) -> list[RetrievedPassage]:
+        result = await self._retriever.retrieve(
+            RetrievalQuery(step.query or "", top_k=self._top_k), turn.principal
         )
+        execution = turn.execution
+        execution.passages.extend(result.passages)
+        execution.trimmed += result.trimmed_count
+        execution.indexes.add(result.index)
+        return list(result.passages)
+
+    async def _retrieve_again(self, turn: Turn) -> None:
+        searches = [
+            result.step
+            for results in turn.execution.rounds
+            for result in results
+            if result.step.kind is StepKind.RETRIEVE
+        ]
+        await asyncio.gather(*(self._retrieve(step, turn) for step in searches))
+
+    # --- approval ------------------------------------------------------------------
+
+    async def _ask_for_approvals(self, turn: Turn) -> AsyncIterator[TurnEvent]:
+        """Put the round's waiting high-risk calls to a person: the first one that a
+        person must decide pauses the turn (``turn.pending``)."""
+        while turn.waiting:
+            step = turn.waiting.pop(0)
+            yield StepEvent(step)
+            if self._approvals is None:
+                outcome = StepOutcome(
+                    step.id,
+                    StepStatus.NEEDS_APPROVAL,
+                    "This action needs a person's approval, and this service has no way to "
+                    "ask for one; it was not run.",
+                )
+                turn.execution.record(step, outcome, f"Error (not run): {outcome.summary}")
+                yield StepEvent(step, outcome)
+                continue
+            try:
+                approval = await self._approvals.request(
+                    step.tool or "",
+                    step.arguments or {},
+                    turn.principal,
+                    resume=suspend(turn, step),
+                )
+            except ToolError as exc:
+                outcome = _refusal(step, exc)
+                turn.execution.record(
+                    step, outcome, f"Error ({outcome.status.value}): {outcome.summary}"
+                )
+                yield StepEvent(step, outcome)
+                continue
+            outcome = StepOutcome(
+                step.id, StepStatus.NEEDS_APPROVAL, f"Waiting for approval: {approval.summary}"
+            )
+            turn.execution.outcomes.append(outcome)
+            yield StepEvent(step, outcome)
+            turn.pending = ApprovalRequiredEvent(
+                approval_id=approval.id,
+                step_id=step.id,
+                tool=approval.tool,
+                arguments=approval.arguments,
+                summary=approval.summary,
+                expires_at=approval.expires_at,
+                conversation_id=turn.conversation_id,
+                message_id=turn.reply_id,
+            )
+            return
+
+    async def _resume_step(
+        self, turn: Turn, approval: ApprovalRequest, step: PlanStep
+    ) -> AsyncIterator[TurnEvent]:
+        """Finish the step a person decided, then the rest of its round."""
+        assert self._approvals is not None
+        yield StepEvent(step)
+        if approval.status is ApprovalStatus.REJECTED:
+            reason = f" Their reason: {approval.reason}" if approval.reason else ""
+            summary = f"A person rejected this action; it was not run.{reason}"
+            outcome = StepOutcome(step.id, StepStatus.REFUSED, summary)
+            content = f"The user rejected this call; do not retry it.{reason}"
+        else:
+            try:
+                result = await self._approvals.execute(approval.id, turn.principal)
+            except ApprovalConflict as exc:
+                outcome = StepOutcome(step.id, StepStatus.FAILED, exc.message)
+                content = f"Error (not run again): {exc.message}"
+            except ToolError as exc:
+                outcome = _refusal(step, exc)
+                content = f"Error ({outcome.status.value}): {outcome.summary}"
+            else:
+                edited = " with arguments a person chose" if approval.requested_arguments else ""
+                outcome = StepOutcome(step.id, StepStatus.OK, f"{result.tool} ran{edited}")
+                content = json.dumps(result.output, default=str)
+        turn.execution.record(step, outcome, content)
+        yield StepEvent(step, outcome)
+        async with _closing(self._ask_for_approvals(turn)) as events:
+            async for event in events:
+                yield event
 
     # --- the answer --------------------------------------------------------------
 
     def _answer_request(
-        self, turn: _Turn, sources: Sequence[tuple[int, RetrievedPassage]]
+        self,
+        turn: Turn,
+        sources: Sequence[tuple[int, RetrievedPassage]],
+        round_trips: Sequence[ChatMessage],
     ) -> ChatRequest:
-        execution = turn.execution
         system = self._prompts.render(
             self._answer_prompt,
             assistant_name=self._assistant_name,
@@ -565,9 +746,7 @@ class Orchestrator:
             if m.content and m.status is MessageStatus.COMPLETE
         ]
         messages.append(ChatMessage(Role.USER, turn.question))
-        if execution.tool_calls:
-            messages.append(ChatMessage(Role.ASSISTANT, tool_calls=tuple(execution.tool_calls)))
-            messages += execution.tool_results
+        messages += round_trips
         documents = [GroundingDocument(ref, p.chunk.title, p.chunk.text) for ref, p in sources]
         return ChatRequest(
             messages=messages,
@@ -576,6 +755,95 @@ class Orchestrator:
             temperature=self._temperature,
             prompt_version=self._answer_prompt.id,
         )
+
+
+async def collect_turn(events: AsyncGenerator[TurnEvent, None]) -> TurnResult:
+    """A turn's events collected into one result (raises :class:`AnswerFailed` on an error)."""
+    parts: list[str] = []
+    plan: Plan | None = None
+    citations: tuple[Citation, ...] = ()
+    outcomes: list[StepOutcome] = []
+    async with aclosing(events) as stream:
+        async for event in stream:
+            match event:
+                case PlanEvent():
+                    plan = event.plan
+                case StepEvent(outcome=StepOutcome() as outcome):
+                    outcomes.append(outcome)
+                case AnswerDelta():
+                    parts.append(event.text)
+                case CitationsEvent():
+                    citations = event.citations
+                case ErrorEvent():
+                    raise AnswerFailed(event.message, event.code)
+                case ApprovalRequiredEvent():
+                    assert plan is not None
+                    return TurnResult(
+                        conversation_id=event.conversation_id,
+                        message_id=event.message_id,
+                        answer="".join(parts),
+                        citations=citations,
+                        plan=plan,
+                        steps=tuple(outcomes),
+                        approval=event,
+                    )
+                case DoneEvent():
+                    assert plan is not None
+                    return TurnResult(
+                        conversation_id=event.conversation_id,
+                        message_id=event.message_id,
+                        answer="".join(parts),
+                        citations=citations,
+                        plan=plan,
+                        steps=tuple(outcomes),
+                        usage=event.usage,
+                        route=event.route,
+                        cache=event.cache,
+                    )
+    raise AnswerFailed("The answer ended unexpectedly.")
+
+
+def _extend(plan: Plan | None, following: Plan) -> Plan:
+    """The turn's plan so far with a further round's steps, ending with its answer step."""
+    if plan is None:
+        return following
+    done = tuple(step for step in plan.steps if step.kind is not StepKind.ANSWER)
+    rationale = " ".join(text for text in (plan.rationale, following.rationale) if text)
+    return Plan(steps=done + following.steps, planner=plan.planner, rationale=rationale)
+
+
+def _refusal(step: PlanStep, error: ToolError) -> StepOutcome:
+    """A tool error as a step outcome whose summary a model can act on."""
+    if isinstance(error, ToolApprovalRequired):
+        return StepOutcome(step.id, StepStatus.NEEDS_APPROVAL, error.message)
+    if isinstance(error, ToolPermissionDenied | UnknownTool):
+        return StepOutcome(step.id, StepStatus.REFUSED, error.message)
+    if isinstance(error, InvalidToolArguments):
+        detail = "; ".join(error.errors) or error.message
+        return StepOutcome(step.id, StepStatus.FAILED, f"Invalid arguments: {detail}")
+    return StepOutcome(step.id, StepStatus.FAILED, error.message)
+
+
+_PASSAGES_FOR_MODEL = 3
+_PASSAGE_CHARS_FOR_MODEL = 600
+
+
+def _passages_for_model(passages: Sequence[RetrievedPassage]) -> str:
+    """What a model-planned search returned, as the model sees it before answering: the
+    best few passages, shortened. The answer itself is grounded on all of them."""
+    if not passages:
+        return "No passages found."
+    best = sorted(passages, key=lambda p: p.score, reverse=True)[:_PASSAGES_FOR_MODEL]
+    lines = []
+    for passage in best:
+        text = " ".join(passage.chunk.text.split())
+        if len(text) > _PASSAGE_CHARS_FOR_MODEL:
+            text = text[: _PASSAGE_CHARS_FOR_MODEL - 3].rstrip() + "..."
+        lines.append(f"[{passage.chunk.title}] {text}")
+    more = len(passages) - len(best)
+    if more > 0:
+        lines.append(f"(and {more} more passage(s))")
+    return "\n".join(lines)
 
 
 def _title_from(question: str) -> str:

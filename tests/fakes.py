@@ -18,7 +18,7 @@ from inferencing.contracts import (
     Role,
     Usage,
 )
-from intelligence.contracts import AuditRecord
+from intelligence.contracts import AuditRecord, Plan, PlanningContext, StepKind
 from knowledge.contracts import (
     AccessControl,
     AccessFilter,
@@ -188,3 +188,19 @@ class InMemoryAuditLog:
 
     async def append(self, record: AuditRecord) -> None:
         self.records.append(record)
+
+
+class FixedPlanner:
+    """Plans ``plan`` for a turn's first round; asked again with the results of model-planned
+    calls, plans only its answer step, as a model does once it has what it needs."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan_to_return = plan
+        self.contexts: list[PlanningContext] = []
+
+    async def plan(self, context: PlanningContext) -> Plan:
+        self.contexts.append(context)
+        if not context.rounds:
+            return self.plan_to_return
+        answer = tuple(s for s in self.plan_to_return.steps if s.kind is StepKind.ANSWER)
+        return Plan(steps=answer, planner=self.plan_to_return.planner)

@@ -33,7 +33,7 @@ from inferencing.contracts import (
     ToolCall,
     ToolDefinition,
 )
-from intelligence.contracts import Plan, PlanningContext, PlanStep, StepKind
+from intelligence.contracts import Plan, PlanningContext, PlanStep, StepKind, StepResult
 from tools.contracts import Toolset, ToolSpec
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class _PlanningCall:
     history: tuple[ChatMessage, ...]
     question: str
     functions: tuple[_OfferedFunction, ...]
+    rounds: tuple[tuple[tuple[ToolCall, str], ...], ...] = ()
+    """Earlier rounds of this turn: each the calls the model made and their results."""
 
 
 class _AskModel(Protocol):
@@ -119,6 +121,10 @@ class ModelPlanner:
     called them, followed by one answer step that depends on all of them. If it calls
     nothing, the plan grounds on the question (retrieve, then answer), as the
     deterministic planner does. At most ``max_steps`` steps, the answer included.
+
+    Asked again after a round (``context.rounds``), the model sees its earlier calls
+    and their results; more calls become the next steps (numbered on from the last
+    round), no call means the plan is just the answer step.
 
     Calls to functions that were not offered, and arguments that are not a JSON
     object, are kept as steps (with empty arguments and a note): the tools layer's
@@ -159,19 +165,27 @@ class ModelPlanner:
             history=_history_messages(context),
             question=context.question,
             functions=functions,
+            rounds=_earlier_rounds(context.rounds, functions),
         )
         ask_model = await _load_semantic_kernel_adapter()
         turn = await ask_model(call)
-        return self._to_plan(turn, functions, context.question)
+        first = 1 + sum(len(results) for results in context.rounds)
+        return self._to_plan(turn, functions, context.question, first, follow_up=bool(call.rounds))
 
     def _to_plan(
-        self, turn: _ModelTurn, functions: Sequence[_OfferedFunction], question: str
+        self,
+        turn: _ModelTurn,
+        functions: Sequence[_OfferedFunction],
+        question: str,
+        first: int = 1,
+        *,
+        follow_up: bool = False,
     ) -> Plan:
         by_name = {function.tool: function for function in functions if function.tool}
         by_name.update((function.name, function) for function in functions)
         rationale = [turn.text.strip()] if turn.text.strip() else []
         calls = turn.calls
-        if not calls:
+        if not calls and not follow_up:
             grounding = {"query": question}
             calls = (_RequestedCall(call_id=None, name=SEARCH_KNOWLEDGE, arguments=grounding),)
             rationale.append("The model called no function: grounding on the question.")
@@ -184,11 +198,11 @@ class ModelPlanner:
 
         steps = [
             _step(f"s{index}", requested, by_name.get(requested.name), question)
-            for index, requested in enumerate(calls, start=1)
+            for index, requested in enumerate(calls, start=first)
         ]
         steps.append(
             PlanStep(
-                id=f"s{len(steps) + 1}",
+                id=f"s{first + len(steps)}",
                 kind=StepKind.ANSWER,
                 description=_ANSWER_DESCRIPTION,
                 depends_on=tuple(step.id for step in steps),
@@ -293,6 +307,31 @@ def _unique_function_name(tool_name: str, used: set[str]) -> str:
         suffix = f"_{counter}"
         name = base[: _MAX_NAME_LENGTH - len(suffix)] + suffix
     return name
+
+
+def _earlier_rounds(
+    rounds: Sequence[Sequence[StepResult]], functions: Sequence[_OfferedFunction]
+) -> tuple[tuple[tuple[ToolCall, str], ...], ...]:
+    """The model's own calls of earlier rounds, under the names it was offered, with results.
+
+    Steps the model did not plan (no ``tool_call_id``) are not shown as its calls."""
+    names = {function.tool: function.name for function in functions if function.tool}
+    earlier: list[tuple[tuple[ToolCall, str], ...]] = []
+    for results in rounds:
+        calls: list[tuple[ToolCall, str]] = []
+        for result in results:
+            step = result.step
+            if not step.tool_call_id:
+                continue
+            if step.kind is StepKind.RETRIEVE:
+                name, arguments = SEARCH_KNOWLEDGE, {"query": step.query}
+            else:
+                tool = step.tool or ""
+                name, arguments = names.get(tool, tool), dict(step.arguments or {})
+            calls.append((ToolCall(step.tool_call_id, name, json.dumps(arguments)), result.content))
+        if calls:
+            earlier.append(tuple(calls))
+    return tuple(earlier)
 
 
 def _history_messages(context: PlanningContext) -> tuple[ChatMessage, ...]:
@@ -544,6 +583,35 @@ def _build_semantic_kernel_adapter() -> _AskModel:
             else:
                 history.add_assistant_message(message.content or "")
         history.add_user_message(call.question)
+        for calls in call.rounds:
+            history.add_message(
+                ChatMessageContent(
+                    role=AuthorRole.ASSISTANT,
+                    items=[
+                        FunctionCallContent(
+                            id=tool_call.id,
+                            plugin_name=_PLUGIN_NAME,
+                            function_name=tool_call.name,
+                            arguments=tool_call.arguments,
+                        )
+                        for tool_call, _ in calls
+                    ],
+                )
+            )
+            for tool_call, content in calls:
+                history.add_message(
+                    ChatMessageContent(
+                        role=AuthorRole.TOOL,
+                        items=[
+                            FunctionResultContent(
+                                id=tool_call.id,
+                                plugin_name=_PLUGIN_NAME,
+                                function_name=tool_call.name,
+                                result=content,
+                            )
+                        ],
+                    )
+                )
         settings = GatewayExecutionSettings(
             function_choice_behavior=FunctionChoiceBehavior.Auto(auto_invoke=False)
         )

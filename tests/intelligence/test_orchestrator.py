@@ -19,7 +19,6 @@ from intelligence.contracts import (
     MessageStatus,
     Plan,
     PlanEvent,
-    PlanningContext,
     PlanStep,
     Principal,
     StepEvent,
@@ -36,6 +35,7 @@ from intelligence.stores.sqlite import SqliteConversationStore
 from tests.fakes import (
     FakeTool,
     FakeToolset,
+    FixedPlanner,
     InMemoryAuditLog,
     InMemoryRetriever,
     ScriptedChatModel,
@@ -51,16 +51,6 @@ CHUNKS = [
     chunk("leave", "Employees receive 27 days of annual leave.", groups=frozenset({"hr"})),
     chunk("falcon", "Project Falcon budget is 4.2 million.", groups=frozenset({"finance"})),
 ]
-
-
-class FixedPlanner:
-    def __init__(self, plan: Plan) -> None:
-        self.plan_to_return = plan
-        self.contexts: list[PlanningContext] = []
-
-    async def plan(self, context: PlanningContext) -> Plan:
-        self.contexts.append(context)
-        return self.plan_to_return
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from intelligence.contracts import (
     ErrorEvent,
     MessageStatus,
     Plan,
-    PlanningContext,
     PlanStep,
     Principal,
     StepKind,
@@ -47,6 +46,7 @@ from intelligence.stores.sqlite import SqliteConversationStore
 from tests.fakes import (
     FakeTool,
     FakeToolset,
+    FixedPlanner,
     InMemoryAuditLog,
     InMemoryRetriever,
     ScriptedChatModel,
@@ -282,14 +282,6 @@ async def test_content_safety_verdicts_are_used_when_the_service_is_up(
 
 
 # --- the orchestrator with a safety policy ------------------------------------------------------
-
-
-class FixedPlanner:
-    def __init__(self, plan: Plan) -> None:
-        self.plan_to_return = plan
-
-    async def plan(self, context: PlanningContext) -> Plan:
-        return self.plan_to_return
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from intelligence.contracts import (
     PlanningContext,
     Principal,
     StepKind,
+    StepResult,
 )
 from intelligence.planning.model_planner import (
     SEARCH_KNOWLEDGE,
@@ -134,6 +135,7 @@ class Context:
     principal: Principal = field(
         default_factory=lambda: Principal(tenant_id="contoso", user_id="alice")
     )
+    rounds: Sequence[Sequence[StepResult]] = ()
 
 
 HR = Principal(tenant_id="contoso", user_id="bob", roles=frozenset({"hr"}))
