@@ -19,7 +19,7 @@ from client_api.composition import build_services
 from client_api.edge.admission import RateLimitHeaders
 from client_api.edge.caps import BodySizeLimit
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
-from client_api.routes import chat, conversations, health, openai_compat, usage
+from client_api.routes import approvals, chat, conversations, health, openai_compat, usage
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
 
 
@@ -74,6 +74,7 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(conversations.router)
+    app.include_router(approvals.router)
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
     return app

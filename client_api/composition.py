@@ -43,7 +43,7 @@ from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
-from tools.contracts import Toolset
+from tools.contracts import ApprovalGate, Toolset
 from tools.policy import build_toolset
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Services:
     caps: RequestCaps
     api_keys: ApiKeyStore
     answer_cache: AnswerCache | None
+    approvals: ApprovalGate | None
+    """Where high-risk tool calls wait for a person; None: they never run."""
     _stack: AsyncExitStack
 
     def describe(self) -> dict[str, str]:
@@ -288,6 +290,7 @@ async def build_services(settings: LaminaSettings) -> Services:
         await chat_model.warm_up()
         api_keys = await open_api_key_store(settings, stack, shared_redis=state.redis)
         toolset = build_toolset(settings.tools)
+        approvals: ApprovalGate | None = None
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()
         )
@@ -303,6 +306,7 @@ async def build_services(settings: LaminaSettings) -> Services:
             prompts=prompts,
             safety=safety,
             answer_cache=answer_cache,
+            approvals=approvals,
             settings=settings.intelligence,
             top_k=settings.knowledge.top_k,
             max_output_tokens=settings.inferencing.max_output_tokens,
@@ -326,5 +330,6 @@ async def build_services(settings: LaminaSettings) -> Services:
         RequestCaps(settings.caps, counter),
         api_keys,
         answer_cache,
+        approvals,
         stack,
     )

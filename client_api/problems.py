@@ -21,11 +21,13 @@ from client_api.edge.limits import RateLimiter
 from inferencing.contracts import TokenQuotaExceeded, TokenRateLimited
 from intelligence.contracts import (
     AnswerFailed,
+    ApprovalsUnavailable,
     ConversationNotFound,
     InputRejected,
     IntelligenceError,
     UnsafeInput,
 )
+from tools.contracts import ApprovalConflict, ApprovalNotFound, InvalidToolArguments, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,29 @@ _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
     InputRejected: (422, "Message rejected"),
     ConversationNotFound: (404, "Not found"),
     AnswerFailed: (502, "The answer could not be produced"),
+    ApprovalsUnavailable: (404, "Approvals are not enabled"),
 }
+
+
+def _tool(exc: ToolError) -> Problem:
+    """Tool errors reach the edge only from approval decisions."""
+    if isinstance(exc, ApprovalNotFound):
+        return Problem(404, "Not found", exc.message, extra={"code": "approval_not_found"})
+    if isinstance(exc, ApprovalConflict):
+        return Problem(
+            409,
+            "Approval already settled",
+            exc.message,
+            extra={"code": f"approval_{exc.status.value}", "approval_status": exc.status.value},
+        )
+    if isinstance(exc, InvalidToolArguments):
+        return Problem(
+            422,
+            "Invalid tool arguments",
+            exc.message,
+            extra={"code": "invalid_tool_arguments", "errors": list(exc.errors)},
+        )
+    return Problem(422, "Tool refused", exc.message, extra={"code": type(exc).__name__})
 
 
 def _validation(exc: RequestValidationError) -> Problem:
@@ -209,6 +233,7 @@ _HANDLERS: dict[type[Exception], Callable[[Any], Problem]] = {
     TokenRateLimited: _token_rate,
     TokenQuotaExceeded: _quota,
     IntelligenceError: _intelligence,
+    ToolError: _tool,
 }
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from inferencing.contracts import RouteInfo, Usage
 from intelligence.contracts import (
+    ApprovalRequiredEvent,
     CacheOutcome,
     Citation,
     Conversation,
@@ -16,6 +18,7 @@ from intelligence.contracts import (
     Plan,
     StepOutcome,
 )
+from tools.contracts import ApprovalDecision, ApprovalRequest, ApprovalStatus
 
 # A hard ceiling on what the edge parses; the configurable limit is enforced by
 # the intelligence layer (LAMINA_INTELLIGENCE__MAX_MESSAGE_CHARS).
@@ -45,6 +48,11 @@ class ChatAnswer(BaseModel):
     cache: CacheOutcome | None = Field(
         default=None,
         description="hit, miss or skipped, with the similarity; null when the answer cache is off",
+    )
+    approval: ApprovalRequiredEvent | None = Field(
+        default=None,
+        description="Set when the turn paused before a high-risk action: decide it with "
+        "POST /v1/approvals/{approval_id}; `answer` is then empty",
     )
 
 
@@ -113,3 +121,68 @@ class UsageReport(BaseModel):
     by: str
     since: datetime
     rows: list[UsageReportRow]
+
+
+class ApprovalView(BaseModel):
+    """A high-risk tool call waiting for, or past, a person's decision."""
+
+    id: str
+    tool: str
+    arguments: dict[str, Any] = Field(description="What the tool runs with, after any edit")
+    summary: str
+    status: ApprovalStatus
+    requested_by: str
+    created_at: datetime
+    expires_at: datetime
+    requested_arguments: dict[str, Any] | None = Field(
+        default=None, description="What was asked for, when a decider edited the arguments"
+    )
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, approval: ApprovalRequest) -> ApprovalView:
+        return cls(
+            id=approval.id,
+            tool=approval.tool,
+            arguments=dict(approval.arguments),
+            summary=approval.summary,
+            status=approval.status,
+            requested_by=approval.requested_by,
+            created_at=approval.created_at,
+            expires_at=approval.expires_at,
+            requested_arguments=(
+                dict(approval.requested_arguments)
+                if approval.requested_arguments is not None
+                else None
+            ),
+            decided_by=approval.decided_by,
+            decided_at=approval.decided_at,
+            reason=approval.reason,
+        )
+
+
+class ApprovalList(BaseModel):
+    items: list[ApprovalView]
+
+
+class ApprovalDecisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decision: ApprovalDecision = Field(
+        description="approve, edit (approve these arguments), reject"
+    )
+    arguments: dict[str, Any] | None = Field(
+        default=None, description="With edit: the arguments to run the tool with instead"
+    )
+    reason: str | None = Field(default=None, max_length=1000, description="Shown to the model")
+
+
+class ApprovalOutcome(BaseModel):
+    approval: ApprovalView
+    answer: ChatAnswer | None = Field(
+        default=None,
+        description="The resumed turn's answer, for the requester; null when an approver "
+        "decided for someone else (the answer is in the requester's conversation)",
+    )

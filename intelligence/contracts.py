@@ -9,6 +9,7 @@ so the same identity travels all the way down.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -394,6 +395,52 @@ class Assistant(Protocol):
         ``InvalidToolArguments`` (for edited arguments) before anything streams, and
         :class:`ApprovalsUnavailable` when no approval gate is configured."""
         ...
+
+
+async def collect_turn(events: AsyncGenerator[TurnEvent, None]) -> TurnResult:
+    """A turn's events collected into one result (raises :class:`AnswerFailed` on an error)."""
+    parts: list[str] = []
+    plan: Plan | None = None
+    citations: tuple[Citation, ...] = ()
+    outcomes: list[StepOutcome] = []
+    async with aclosing(events) as stream:
+        async for event in stream:
+            match event:
+                case PlanEvent():
+                    plan = event.plan
+                case StepEvent(outcome=StepOutcome() as outcome):
+                    outcomes.append(outcome)
+                case AnswerDelta():
+                    parts.append(event.text)
+                case CitationsEvent():
+                    citations = event.citations
+                case ErrorEvent():
+                    raise AnswerFailed(event.message, event.code)
+                case ApprovalRequiredEvent():
+                    assert plan is not None
+                    return TurnResult(
+                        conversation_id=event.conversation_id,
+                        message_id=event.message_id,
+                        answer="".join(parts),
+                        citations=citations,
+                        plan=plan,
+                        steps=tuple(outcomes),
+                        approval=event,
+                    )
+                case DoneEvent():
+                    assert plan is not None
+                    return TurnResult(
+                        conversation_id=event.conversation_id,
+                        message_id=event.message_id,
+                        answer="".join(parts),
+                        citations=citations,
+                        plan=plan,
+                        steps=tuple(outcomes),
+                        usage=event.usage,
+                        route=event.route,
+                        cache=event.cache,
+                    )
+    raise AnswerFailed("The answer ended unexpectedly.")
 
 
 # --- errors ---------------------------------------------------------------------

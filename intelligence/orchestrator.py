@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -34,7 +34,6 @@ from inferencing.contracts import (
 from intelligence.answer_cache import AnswerCache, CacheHit, CacheLookup, answer_variant
 from intelligence.contracts import (
     AnswerDelta,
-    AnswerFailed,
     ApprovalDecisionRequest,
     ApprovalRequiredEvent,
     ApprovalsUnavailable,
@@ -65,6 +64,7 @@ from intelligence.contracts import (
     TurnEvent,
     TurnRequest,
     TurnResult,
+    collect_turn,
 )
 from intelligence.prompts import Prompt, PromptLibrary
 from intelligence.safety import AnswerStopped, SafetyPolicy, TurnScope
@@ -755,52 +755,6 @@ class Orchestrator:
             temperature=self._temperature,
             prompt_version=self._answer_prompt.id,
         )
-
-
-async def collect_turn(events: AsyncGenerator[TurnEvent, None]) -> TurnResult:
-    """A turn's events collected into one result (raises :class:`AnswerFailed` on an error)."""
-    parts: list[str] = []
-    plan: Plan | None = None
-    citations: tuple[Citation, ...] = ()
-    outcomes: list[StepOutcome] = []
-    async with aclosing(events) as stream:
-        async for event in stream:
-            match event:
-                case PlanEvent():
-                    plan = event.plan
-                case StepEvent(outcome=StepOutcome() as outcome):
-                    outcomes.append(outcome)
-                case AnswerDelta():
-                    parts.append(event.text)
-                case CitationsEvent():
-                    citations = event.citations
-                case ErrorEvent():
-                    raise AnswerFailed(event.message, event.code)
-                case ApprovalRequiredEvent():
-                    assert plan is not None
-                    return TurnResult(
-                        conversation_id=event.conversation_id,
-                        message_id=event.message_id,
-                        answer="".join(parts),
-                        citations=citations,
-                        plan=plan,
-                        steps=tuple(outcomes),
-                        approval=event,
-                    )
-                case DoneEvent():
-                    assert plan is not None
-                    return TurnResult(
-                        conversation_id=event.conversation_id,
-                        message_id=event.message_id,
-                        answer="".join(parts),
-                        citations=citations,
-                        plan=plan,
-                        steps=tuple(outcomes),
-                        usage=event.usage,
-                        route=event.route,
-                        cache=event.cache,
-                    )
-    raise AnswerFailed("The answer ended unexpectedly.")
 
 
 def _extend(plan: Plan | None, following: Plan) -> Plan:

@@ -17,7 +17,14 @@ from client_api.composition import Services
 from client_api.edge.admission import check_tokens
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import ChatAnswer, ChatRequestBody
-from intelligence.contracts import CacheOutcome, ErrorEvent, Principal, TurnEvent, TurnRequest
+from intelligence.contracts import (
+    CacheOutcome,
+    ErrorEvent,
+    Principal,
+    TurnEvent,
+    TurnRequest,
+    TurnResult,
+)
 
 router = APIRouter(prefix="/v1", tags=["chat"])
 
@@ -26,7 +33,8 @@ _EVENT: TypeAdapter[TurnEvent] = TypeAdapter(TurnEvent)
 _STREAM_DOC = """Server-sent events, one JSON object per event; the SSE event name equals its
 `type`:
 
-- `plan` — the typed plan (`planner`, `steps`)
+- `plan` — the typed plan (`planner`, `steps`); sent again, extended, after each further
+  round of planning (the model saw results and chose more steps)
 - `step` — a step started (`outcome` null) or ended (`outcome.status`: ok, failed,
   refused, needs_approval)
 - `delta` — a piece of answer text
@@ -34,6 +42,9 @@ _STREAM_DOC = """Server-sent events, one JSON object per event; the SSE event na
 - `done` — the answer is complete and stored (`conversation_id`, `message_id`, `usage`,
   `route`: the model deployment that answered, and why; `cache`: hit, miss or skipped,
   with the similarity)
+- `approval_required` — the turn paused before a high-risk action (`approval_id`, `tool`,
+  `arguments`, `summary`, `expires_at`); nothing follows. Decide with
+  `POST /v1/approvals/{approval_id}` (or `/stream`), and the turn resumes there
 - `error` — the turn failed after the stream began (`code`, `message`, `retryable`,
   `correlation_id`); no `done` follows
 
@@ -53,6 +64,10 @@ async def chat(
     result = await services.assistant.run_turn(_turn(body), principal)
     if result.cache is not None:
         response.headers[CACHE_HEADER] = cache_header(result.cache)
+    return chat_answer(result)
+
+
+def chat_answer(result: TurnResult) -> ChatAnswer:
     return ChatAnswer(
         conversation_id=result.conversation_id,
         message_id=result.message_id,
@@ -63,6 +78,7 @@ async def chat(
         usage=result.usage,
         route=result.route,
         cache=result.cache,
+        approval=result.approval,
     )
 
 
@@ -80,7 +96,7 @@ async def chat_stream(
     # start_turn validates and persists the user message before the response
     # starts, so every refusal up to here is a proper HTTP error, never a 200.
     started = await services.assistant.start_turn(_turn(body), principal)
-    return EventSourceResponse(_sse(started.events), ping=15)
+    return EventSourceResponse(sse_events(started.events), ping=15)
 
 
 async def _edge_checks(
@@ -112,7 +128,7 @@ def _turn(body: ChatRequestBody) -> TurnRequest:
     )
 
 
-async def _sse(events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(events: AsyncGenerator[TurnEvent, None]) -> AsyncIterator[dict[str, Any]]:
     cid = correlation_id.get()
     # aclosing: when the client hangs up, the turn is closed at once and records
     # itself as interrupted, instead of waiting for garbage collection.
