@@ -4,8 +4,10 @@ Cross-cutting behaviour is a wrapper around a toolset, not a flag threaded
 through it. :class:`PolicyEnforcedToolset` takes the raw tools from a sealed
 :class:`~tools.registry.ToolRegistry` and, for every call, in this order:
 
-1. refuses an unknown tool (:class:`~tools.contracts.UnknownTool`);
-2. refuses a caller with none of the tool's roles (``ToolPermissionDenied``);
+1. refuses an unknown tool (:class:`~tools.contracts.UnknownTool`), and a tool
+   limited to other tenants (``ToolSpec.tenants``) exactly the same way;
+2. refuses a caller with none of the tool's roles, or none of its delegated
+   scopes (``ToolPermissionDenied``, saying which is missing);
 3. validates the arguments against the tool's JSON schema, before the tool
    runs (``InvalidToolArguments``, with errors a model can correct);
 4. refuses a ``HIGH`` risk tool (``ToolApprovalRequired``): it runs only through
@@ -14,10 +16,16 @@ through it. :class:`PolicyEnforcedToolset` takes the raw tools from a sealed
 5. runs the tool under its timeout (``ToolTimeout``);
 6. turns any failure into ``ToolExecutionFailed`` with a safe message (the
    details go to the log, never to the caller);
-7. caps the output at ``max_output_chars`` of JSON.
+7. caps the output at ``max_output_chars`` of JSON;
+8. audits the call, whatever its outcome: a line on the ``tools.audit`` logger
+   and, given a sink, a :class:`~tools.contracts.ToolAuditRecord` with the
+   arguments redacted (:func:`tools.audit.redact_arguments`).
 
-:class:`FilteredToolset` hides tools by name (``ToolsSettings.enabled``).
-:func:`build_toolset` composes registry, discovery, policy and filter.
+:class:`TenantEnabledToolset` hides tools per tenant (``ToolsSettings.tenants``),
+:class:`FilteredToolset` by name (``ToolsSettings.enabled``); a hidden tool is an
+unknown tool. :func:`build_tools` composes registry, discovery, policy, the two
+filters and the approval gate (:mod:`tools.approvals`), which sees exactly the
+tools the toolset shows.
 """
 
 from __future__ import annotations
@@ -29,16 +37,23 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from datetime import datetime
+from typing import Any, NoReturn, Protocol
 
 from jsonschema.protocols import Validator
 from jsonschema.validators import Draft202012Validator, validator_for
 
+from tools.approvals.gate import HumanApprovalGate
+from tools.approvals.store import ApprovalStore
+from tools.audit import record_safely, redact_arguments, utc_now
 from tools.contracts import (
+    ApprovalGate,
     InvalidToolArguments,
     JsonValue,
     RiskLevel,
     ToolApprovalRequired,
+    ToolAuditRecord,
+    ToolAuditSink,
     ToolCaller,
     ToolError,
     ToolExecutionFailed,
@@ -50,8 +65,8 @@ from tools.contracts import (
     UnknownTool,
 )
 from tools.plugins import Tool
-from tools.registry import ToolRegistry
-from tools.settings import ToolsSettings
+from tools.registry import PluginLoadError, ToolRegistry
+from tools.settings import TenantToolSettings, ToolsSettings
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("tools.audit")
@@ -64,9 +79,43 @@ def _unknown_tool(name: str) -> UnknownTool:
     return UnknownTool(name, f"there is no tool named {name!r}")
 
 
-def may_use(spec: ToolSpec, caller: ToolCaller) -> bool:
+def visible_to(spec: ToolSpec, caller: ToolCaller) -> bool:
+    """Whether the tool exists for ``caller``'s tenant (``ToolSpec.tenants`` empty or naming it)."""
+    return not spec.tenants or caller.tenant_id in spec.tenants
+
+
+def has_role(spec: ToolSpec, caller: ToolCaller) -> bool:
     """Whether ``caller`` holds at least one of the tool's roles (or the tool needs none)."""
     return not spec.required_roles or not spec.required_roles.isdisjoint(caller.roles)
+
+
+def has_scope(spec: ToolSpec, caller: ToolCaller) -> bool:
+    """Whether ``caller``'s token grants at least one of the tool's delegated scopes
+    (or the tool needs none)."""
+    return not spec.required_scopes or not spec.required_scopes.isdisjoint(caller.scopes)
+
+
+def may_use(spec: ToolSpec, caller: ToolCaller) -> bool:
+    """Whether ``caller`` sees the tool and may call it: its tenant, a role, a scope."""
+    return visible_to(spec, caller) and has_role(spec, caller) and has_scope(spec, caller)
+
+
+def _permission_denied(spec: ToolSpec, caller: ToolCaller) -> ToolPermissionDenied | None:
+    # Says what is missing, never which roles or scopes would do: the caller learns
+    # what to ask an administrator for, not how the deployment is set up.
+    role, scope = has_role(spec, caller), has_scope(spec, caller)
+    if role and scope:
+        return None
+    if not role and not scope:
+        message = (
+            "you do not have a role that may use this tool, and your sign-in does not"
+            " grant a permission (scope) it needs"
+        )
+    elif not role:
+        message = "you do not have a role that may use this tool"
+    else:
+        message = "your sign-in does not grant a permission (scope) this tool needs"
+    return ToolPermissionDenied(spec.name, message)
 
 
 def schema_errors(validator: Validator, arguments: Any) -> tuple[str, ...]:
@@ -118,15 +167,77 @@ class _GuardedTool:
     validator: Validator
 
 
+class GuardedToolset(Toolset, Protocol):
+    """A toolset behind the execution policy, with the two entry points the approval
+    gate drives: the checks alone, and the run of an approved high-risk call.
+
+    :class:`PolicyEnforcedToolset` and the wrappers around it implement it; a wrapper
+    applies its own visibility to both, so the gate sees what callers see.
+    """
+
+    def check(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        authorize: bool = True,
+    ) -> ToolSpec:
+        """The spec if ``caller`` may call ``name`` with ``arguments``, else the
+        ``ToolError`` a call would raise. ``authorize=False`` skips the caller's roles
+        and scopes, keeping the tenant's visibility and the schema check."""
+        ...
+
+    async def call_approved(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        approval_id: str | None = None,
+    ) -> ToolResult:
+        """Run a high-risk call a person approved, through every other check."""
+        ...
+
+    async def refuse(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        error: ToolError,
+        *,
+        approval_id: str | None = None,
+    ) -> NoReturn:
+        """Audit a call that a wrapper refused before it reached the policy (a tool
+        hidden from the caller), then raise ``error``: every call attempt is audited."""
+        ...
+
+
 class PolicyEnforcedToolset:
     """The tools of a registry behind the execution policy (see the module docstring).
 
     Building it seals the registry: this object is then the only holder of the
     runnable tools.
+
+    Args:
+        registry: the tools; sealed here.
+        settings: timeouts and the output cap.
+        audit: where every call's :class:`~tools.contracts.ToolAuditRecord` goes; a
+            failing sink is logged and never fails the call.
+        clock: the time stamped on audit records.
     """
 
-    def __init__(self, registry: ToolRegistry, settings: ToolsSettings) -> None:
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        settings: ToolsSettings,
+        *,
+        audit: ToolAuditSink | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self._max_output_chars = settings.max_output_chars
+        self._audit_sink = audit
+        self._clock = clock
         self._tools: dict[str, _GuardedTool] = {}
         for name, tool in registry.seal().items():
             timeout_s = settings.default_timeout_s if tool.timeout_s is None else tool.timeout_s
@@ -140,50 +251,103 @@ class PolicyEnforcedToolset:
                 validator=validator_class(schema, format_checker=validator_class.FORMAT_CHECKER),
             )
 
+    def specs(self) -> list[ToolSpec]:
+        """Every tool's spec, with its effective timeout, whoever may use it (for
+        operators: ``lamina tools list``)."""
+        return [guarded.spec for guarded in self._tools.values()]
+
     def list_tools(self, caller: ToolCaller) -> Sequence[ToolSpec]:
         return [guarded.spec for guarded in self._tools.values() if may_use(guarded.spec, caller)]
 
     async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
-        return await self._audited_call(name, arguments, caller, approved=False)
+        return await self._audited_call(name, arguments, caller, approved=False, approval_id=None)
 
-    def check(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolSpec:
+    def check(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        authorize: bool = True,
+    ) -> ToolSpec:
         """Everything :meth:`call` checks before running, without running: the spec if the
         caller may call ``name`` with ``arguments``, else the ``ToolError`` a call would raise.
-        The approval gate asks this before it asks a person."""
-        guarded, _ = self._admit(name, arguments, caller)
+        The approval gate asks this before it asks a person.
+
+        ``authorize=False`` skips the caller's roles and scopes (not the tenant's
+        visibility, nor the schema): for a decider editing someone else's call, whose
+        own roles do not matter; the requester's are checked when the call runs."""
+        guarded, _ = self._admit(name, arguments, caller, authorize=authorize)
         return guarded.spec
 
     async def call_approved(
-        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        approval_id: str | None = None,
     ) -> ToolResult:
         """Run a high-risk tool whose call a person approved. For the approval gate only,
-        which calls it once per approval it has claimed; every other check still applies."""
-        return await self._audited_call(name, arguments, caller, approved=True)
+        which calls it once per approval it has claimed; every other check still applies.
+        ``approval_id`` goes into the call's audit record."""
+        return await self._audited_call(
+            name, arguments, caller, approved=True, approval_id=approval_id
+        )
+
+    async def refuse(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        error: ToolError,
+        *,
+        approval_id: str | None = None,
+    ) -> NoReturn:
+        """Audit a call a wrapper refused before it got here, then raise ``error``."""
+        await self._audit(
+            name, arguments, caller, type(error).__name__, time.perf_counter(), approval_id
+        )
+        raise error
 
     async def _audited_call(
-        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller, *, approved: bool
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        approved: bool,
+        approval_id: str | None,
     ) -> ToolResult:
         started = time.perf_counter()
         try:
             output = await self._checked_call(name, arguments, caller, approved=approved)
         except ToolError as exc:
-            self._audit(name, caller, type(exc).__name__, started)
+            await self._audit(name, arguments, caller, type(exc).__name__, started, approval_id)
             raise
         except asyncio.CancelledError:
-            self._audit(name, caller, "cancelled", started)
+            await self._audit(name, arguments, caller, "cancelled", started, approval_id)
             raise
-        self._audit(name, caller, "ok", started)
+        await self._audit(name, arguments, caller, "ok", started, approval_id)
         return ToolResult(tool=name, output=output)
 
     def _admit(
-        self, name: str, arguments: Mapping[str, Any], caller: ToolCaller
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        authorize: bool = True,
     ) -> tuple[_GuardedTool, Any]:
         guarded = self._tools.get(name)
-        if guarded is None:
+        # A tool of other tenants is reported exactly like a missing one: its
+        # existence is their business.
+        if guarded is None or not visible_to(guarded.spec, caller):
             raise _unknown_tool(name)
         spec = guarded.spec
-        if not may_use(spec, caller):
-            raise ToolPermissionDenied(name, "you do not have a role that may use this tool")
+        denied = _permission_denied(spec, caller) if authorize else None
+        if denied is not None:
+            raise denied
         # A copy: the tool runs with exactly the arguments that were checked.
         checked: Any = dict(arguments) if isinstance(arguments, Mapping) else arguments
         errors = schema_errors(guarded.validator, checked)
@@ -221,24 +385,48 @@ class PolicyEnforcedToolset:
             logger.exception("tool %r failed", name)
             raise ToolExecutionFailed(name, "the tool failed; the error has been logged") from None
 
-    def _audit(self, name: str, caller: ToolCaller, outcome: str, started: float) -> None:
+    async def _audit(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        outcome: str,
+        started: float,
+        approval_id: str | None,
+    ) -> None:
+        duration_ms = (time.perf_counter() - started) * 1000
         audit_logger.info(
             "tool call %s by %s/%s: %s in %.0f ms",
             name,
             caller.tenant_id,
             caller.user_id,
             outcome,
-            (time.perf_counter() - started) * 1000,
+            duration_ms,
         )
+        if self._audit_sink is None:
+            return
+        entry = ToolAuditRecord(
+            event="tool.call",
+            tool=name,
+            tenant_id=caller.tenant_id,
+            user_id=caller.user_id,
+            outcome=outcome,
+            arguments=redact_arguments(arguments) if isinstance(arguments, Mapping) else {},
+            duration_ms=duration_ms,
+            approval_id=approval_id,
+            at=self._clock(),
+        )
+        await record_safely(self._audit_sink, entry)
 
 
 class FilteredToolset:
     """A toolset showing only the tools whose names ``allowed`` accepts.
 
-    A hidden tool is reported as unknown, exactly like one that does not exist.
+    A hidden tool is reported as unknown, exactly like one that does not exist, to
+    callers and to the approval gate alike.
     """
 
-    def __init__(self, inner: Toolset, allowed: Callable[[str], bool]) -> None:
+    def __init__(self, inner: GuardedToolset, allowed: Callable[[str], bool]) -> None:
         self._inner = inner
         self._allowed = allowed
 
@@ -247,12 +435,150 @@ class FilteredToolset:
 
     async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
         if not self._allowed(name):
-            raise _unknown_tool(name)
+            await self._inner.refuse(name, arguments, caller, _unknown_tool(name))
         return await self._inner.call(name, arguments, caller)
 
+    def check(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        authorize: bool = True,
+    ) -> ToolSpec:
+        self._refuse_hidden(name)
+        return self._inner.check(name, arguments, caller, authorize=authorize)
 
-def build_toolset(settings: ToolsSettings, extra: Iterable[object] = ()) -> Toolset:
-    """The toolset a deployment hands out: every tool behind the execution policy.
+    async def call_approved(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        approval_id: str | None = None,
+    ) -> ToolResult:
+        if not self._allowed(name):
+            await self.refuse(name, arguments, caller, _unknown_tool(name), approval_id=approval_id)
+        return await self._inner.call_approved(name, arguments, caller, approval_id=approval_id)
+
+    async def refuse(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        error: ToolError,
+        *,
+        approval_id: str | None = None,
+    ) -> NoReturn:
+        await self._inner.refuse(name, arguments, caller, error, approval_id=approval_id)
+
+    def _refuse_hidden(self, name: str) -> None:
+        if not self._allowed(name):
+            raise _unknown_tool(name)
+
+
+class TenantEnabledToolset:
+    """A toolset showing each tenant only the tools its settings enable.
+
+    For a caller whose tenant has :class:`~tools.settings.TenantToolSettings`,
+    ``enabled`` (when set) lists the only tools it sees, and ``disabled`` removes
+    tools; tenants without settings see every tool. A hidden tool is reported as
+    unknown, exactly like one that does not exist, to callers and to the approval
+    gate alike.
+    """
+
+    def __init__(self, inner: GuardedToolset, tenants: Mapping[str, TenantToolSettings]) -> None:
+        self._inner = inner
+        self._rules: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
+            tenant: (
+                None if rule.enabled is None else frozenset(rule.enabled),
+                frozenset(rule.disabled),
+            )
+            for tenant, rule in tenants.items()
+        }
+
+    def allows(self, name: str, tenant_id: str) -> bool:
+        """Whether tenant ``tenant_id`` may see the tool ``name``."""
+        rule = self._rules.get(tenant_id)
+        if rule is None:
+            return True
+        enabled, disabled = rule
+        return (enabled is None or name in enabled) and name not in disabled
+
+    def list_tools(self, caller: ToolCaller) -> Sequence[ToolSpec]:
+        return [
+            spec
+            for spec in self._inner.list_tools(caller)
+            if self.allows(spec.name, caller.tenant_id)
+        ]
+
+    async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
+        if not self.allows(name, caller.tenant_id):
+            await self._inner.refuse(name, arguments, caller, _unknown_tool(name))
+        return await self._inner.call(name, arguments, caller)
+
+    def check(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        authorize: bool = True,
+    ) -> ToolSpec:
+        self._refuse_hidden(name, caller)
+        return self._inner.check(name, arguments, caller, authorize=authorize)
+
+    async def call_approved(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        *,
+        approval_id: str | None = None,
+    ) -> ToolResult:
+        if not self.allows(name, caller.tenant_id):
+            await self.refuse(name, arguments, caller, _unknown_tool(name), approval_id=approval_id)
+        return await self._inner.call_approved(name, arguments, caller, approval_id=approval_id)
+
+    async def refuse(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        error: ToolError,
+        *,
+        approval_id: str | None = None,
+    ) -> NoReturn:
+        await self._inner.refuse(name, arguments, caller, error, approval_id=approval_id)
+
+    def _refuse_hidden(self, name: str, caller: ToolCaller) -> None:
+        if not self.allows(name, caller.tenant_id):
+            raise _unknown_tool(name)
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltTools:
+    """What :func:`build_tools` assembled."""
+
+    toolset: GuardedToolset
+    """What callers get: policy, then per-tenant enablement, then the global filter."""
+    approvals: ApprovalGate | None
+    """The approval gate over :attr:`toolset`, when an approval store was given."""
+    specs: tuple[ToolSpec, ...]
+    """Every registered tool, whoever may see it (for ``lamina tools list``)."""
+    load_errors: tuple[PluginLoadError, ...]
+    """Plugins that failed to load and were skipped."""
+
+
+def build_tools(
+    settings: ToolsSettings,
+    extra: Iterable[object] = (),
+    *,
+    audit: ToolAuditSink | None = None,
+    approval_store: ApprovalStore | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> BuiltTools:
+    """Assemble the tools layer a deployment hands out.
 
     Args:
         settings: the tools layer's settings.
@@ -261,19 +587,57 @@ def build_toolset(settings: ToolsSettings, extra: Iterable[object] = ()) -> Tool
             (a Tool, an ``@tool`` function, a semantic-kernel plugin, an iterable
             or zero-argument factory of those). A clash among them is an error; a
             discovered plugin clashing with them is skipped and logged.
+        audit: receives an audit record of every call and approval step.
+        approval_store: where approvals are kept (opened by the caller); without
+            one there is no approval gate, and high-risk tools never run.
+        clock: the time of audit records and approvals.
     """
     registry = ToolRegistry()
     for source in extra:
         registry.add(source)
     if settings.load_entry_points:
         registry.discover()
-    toolset: Toolset = PolicyEnforcedToolset(registry, settings)
+    policy = PolicyEnforcedToolset(registry, settings, audit=audit, clock=clock)
+    known = {spec.name for spec in policy.specs()}
+    toolset: GuardedToolset = policy
+    if settings.tenants:
+        for tenant, rule in settings.tenants.items():
+            _warn_unknown(
+                f"LAMINA_TOOLS__TENANTS[{tenant!r}]", [*(rule.enabled or ()), *rule.disabled], known
+            )
+        toolset = TenantEnabledToolset(toolset, settings.tenants)
     if settings.enabled is not None:
         enabled = frozenset(settings.enabled)
-        unknown = sorted(name for name in enabled if name not in registry)
-        if unknown:
-            logger.warning(
-                "LAMINA_TOOLS__ENABLED names tools that are not registered: %s", ", ".join(unknown)
-            )
+        _warn_unknown("LAMINA_TOOLS__ENABLED", enabled, known)
         toolset = FilteredToolset(toolset, enabled.__contains__)
-    return toolset
+    approvals = (
+        None
+        if approval_store is None
+        else HumanApprovalGate(
+            toolset, approval_store, settings.approvals, audit=audit, clock=clock
+        )
+    )
+    return BuiltTools(
+        toolset=toolset,
+        approvals=approvals,
+        specs=tuple(policy.specs()),
+        load_errors=tuple(registry.load_errors),
+    )
+
+
+def _warn_unknown(setting: str, names: Iterable[str], known: set[str]) -> None:
+    unknown = sorted(set(names) - known)
+    if unknown:
+        logger.warning("%s names tools that are not registered: %s", setting, ", ".join(unknown))
+
+
+def build_toolset(settings: ToolsSettings, extra: Iterable[object] = ()) -> Toolset:
+    """The toolset a deployment hands out: every tool behind the execution policy,
+    filtered per tenant and by name. :func:`build_tools` also builds the approval gate
+    and wires audit; this is its toolset alone.
+
+    Args:
+        settings: the tools layer's settings.
+        extra: tool sources registered before discovery (see :func:`build_tools`).
+    """
+    return build_tools(settings, extra).toolset

@@ -6,29 +6,41 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Annotated, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import BaseModel, Field, model_validator
 
+from tools.audit import REDACTED, redact_arguments, redact_text
 from tools.contracts import (
     InvalidToolArguments,
+    JsonValue,
     RiskLevel,
     ToolApprovalRequired,
+    ToolAuditRecord,
+    ToolCaller,
     ToolExecutionFailed,
     ToolPermissionDenied,
     Toolset,
+    ToolSpec,
     ToolTimeout,
     UnknownTool,
 )
-from tools.plugins import tool
-from tools.policy import FilteredToolset, PolicyEnforcedToolset, build_toolset, cap_output
+from tools.plugins import Tool, tool
+from tools.policy import (
+    FilteredToolset,
+    PolicyEnforcedToolset,
+    TenantEnabledToolset,
+    build_tools,
+    build_toolset,
+    cap_output,
+)
 from tools.registry import ToolRegistry
-from tools.settings import ToolsSettings
+from tools.settings import TenantToolSettings, ToolsSettings
 from tools.testing import StaticCaller
-
-if TYPE_CHECKING:
-    pass
 
 EMPLOYEE = StaticCaller(roles={"employee"})
 AGENT = StaticCaller(roles={"servicedesk.agent"})
@@ -37,6 +49,21 @@ SETTINGS = ToolsSettings(load_entry_points=False)
 
 runs: list[str] = []
 """Names of the tools whose bodies ran; cleared before each test."""
+
+NOON = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class RecordingSink:
+    """An audit sink keeping what it is given; ``fail`` makes it raise instead."""
+
+    records: list[ToolAuditRecord] = field(default_factory=list)
+    fail: bool = False
+
+    async def record(self, entry: ToolAuditRecord) -> None:
+        if self.fail:
+            raise ConnectionError("audit store down")
+        self.records.append(entry)
 
 
 @pytest.fixture(autouse=True)
@@ -69,11 +96,13 @@ async def wipe_laptop(serial: str) -> str:
     return "wiped"
 
 
-def toolset(*sources: object, settings: ToolsSettings = SETTINGS) -> PolicyEnforcedToolset:
+def toolset(
+    *sources: object, settings: ToolsSettings = SETTINGS, audit: RecordingSink | None = None
+) -> PolicyEnforcedToolset:
     registry = ToolRegistry()
     for source in sources:
         registry.add(source)
-    return PolicyEnforcedToolset(registry, settings)
+    return PolicyEnforcedToolset(registry, settings, audit=audit, clock=lambda: NOON)
 
 
 def listed(toolset: Toolset, caller: StaticCaller) -> list[str]:
@@ -162,9 +191,10 @@ async def test_unknown_tool() -> None:
 
 
 async def test_caller_without_any_required_role_is_refused() -> None:
-    with pytest.raises(ToolPermissionDenied):
+    with pytest.raises(ToolPermissionDenied) as caught:
         await toolset(book_room).call("book_room", {"room": "Fjord"}, AGENT)
     assert runs == []
+    assert caught.value.message == "you do not have a role that may use this tool"
 
 
 async def test_one_of_the_required_roles_is_enough() -> None:
@@ -214,6 +244,446 @@ def test_list_tools_shows_only_what_the_caller_may_use() -> None:
     assert listed(tools, NOBODY) == ["public_time"]
     assert listed(tools, EMPLOYEE) == ["public_time", "book_room", "wipe_laptop"]
     assert listed(tools, AGENT) == ["public_time", "wipe_laptop"]
+
+
+# --- scopes and tenants ------------------------------------------------------------
+
+
+class Restricted(Tool):
+    """A tool whose spec names scopes or tenants (``@tool`` takes neither)."""
+
+    def __init__(self, inner: Tool, **spec_changes: Any) -> None:
+        self._inner = inner
+        self.spec = replace(inner.spec, **spec_changes)
+        self.timeout_s = inner.timeout_s
+
+    async def invoke(self, arguments: Mapping[str, Any], caller: ToolCaller) -> JsonValue:
+        return await self._inner.invoke(arguments, caller)
+
+
+@tool
+def read_file(path: str) -> str:
+    """Read a file of the caller's OneDrive."""
+    runs.append("read_file")
+    return path
+
+
+FILES = Restricted(read_file, required_scopes=frozenset({"Files.Read", "Files.ReadWrite"}))
+SIGNED_IN = StaticCaller(roles={"employee"}, scopes={"User.Read", "Files.Read"})
+API_KEY = StaticCaller(roles={"employee"})
+"""API keys and app tokens carry no delegated scopes."""
+FABRIKAM = StaticCaller("fabrikam", roles={"employee"})
+NORTHWIND = StaticCaller("northwind", roles={"employee"})
+
+
+async def test_a_tool_with_scopes_needs_one_of_them() -> None:
+    tools = toolset(FILES)
+
+    result = await tools.call("read_file", {"path": "plan.docx"}, SIGNED_IN)
+    with pytest.raises(ToolPermissionDenied) as caught:
+        await tools.call("read_file", {"path": "plan.docx"}, API_KEY)
+
+    assert result.output == "plan.docx"
+    assert runs == ["read_file"]
+    assert (
+        caught.value.message == "your sign-in does not grant a permission (scope) this tool needs"
+    )
+    assert listed(tools, SIGNED_IN) == ["read_file"]
+    assert listed(tools, API_KEY) == []
+
+
+async def test_a_caller_missing_both_role_and_scope_is_told_both() -> None:
+    tools = toolset(
+        Restricted(
+            read_file, required_roles=frozenset({"hr"}), required_scopes=frozenset({"Files.Read"})
+        )
+    )
+
+    with pytest.raises(ToolPermissionDenied) as caught:
+        await tools.call("read_file", {"path": "a"}, API_KEY)
+
+    assert caught.value.message == (
+        "you do not have a role that may use this tool, and your sign-in does not"
+        " grant a permission (scope) it needs"
+    )
+    assert "hr" not in caught.value.message
+    assert "Files" not in caught.value.message
+
+
+async def test_a_tool_of_other_tenants_is_unknown_exactly_like_a_missing_one() -> None:
+    fabrikam_only = Restricted(book_room, tenants=frozenset({"fabrikam"}))
+    tools = toolset(fabrikam_only)
+
+    with pytest.raises(UnknownTool) as hidden:
+        await tools.call("book_room", {"room": "Fjord"}, EMPLOYEE)
+    with pytest.raises(UnknownTool) as hidden_from_a_caller_without_the_role:
+        await tools.call("book_room", {"room": "Fjord"}, NOBODY)
+    with pytest.raises(UnknownTool) as missing:
+        await tools.call("book_rooms", {"room": "Fjord"}, EMPLOYEE)
+    with pytest.raises(UnknownTool):
+        tools.check("book_room", {"room": "Fjord"}, EMPLOYEE, authorize=False)
+
+    assert hidden.value.message == "there is no tool named 'book_room'"
+    assert hidden_from_a_caller_without_the_role.value.message == hidden.value.message
+    assert missing.value.message == "there is no tool named 'book_rooms'"
+    assert listed(tools, EMPLOYEE) == []
+    assert runs == []
+    assert listed(tools, FABRIKAM) == ["book_room"]
+    assert (await tools.call("book_room", {"room": "Fjord"}, FABRIKAM)).output["room"] == "Fjord"
+
+
+def test_check_without_authorization_skips_only_roles_and_scopes() -> None:
+    tools = toolset(book_room, FILES)
+
+    assert tools.check("book_room", {"room": "Fjord"}, NOBODY, authorize=False).name == "book_room"
+    assert tools.check("read_file", {"path": "a"}, API_KEY, authorize=False).name == "read_file"
+    with pytest.raises(InvalidToolArguments):
+        tools.check("book_room", {"room": "F"}, NOBODY, authorize=False)
+    with pytest.raises(ToolPermissionDenied):
+        tools.check("book_room", {"room": "Fjord"}, NOBODY)
+    assert runs == []
+
+
+# --- per-tenant enablement ---------------------------------------------------------
+
+TENANTS = {
+    "contoso": TenantToolSettings(enabled=["public_time", "book_room"], disabled=["book_room"]),
+    "fabrikam": TenantToolSettings(disabled=["public_time"]),
+}
+
+
+def test_each_tenant_sees_the_tools_its_settings_enable() -> None:
+    tools = TenantEnabledToolset(toolset(public_time, book_room, wipe_laptop), TENANTS)
+
+    assert listed(tools, EMPLOYEE) == ["public_time"], "enabled, less disabled"
+    assert listed(tools, FABRIKAM) == ["book_room", "wipe_laptop"]
+    assert listed(tools, NORTHWIND) == ["public_time", "book_room", "wipe_laptop"], "no settings"
+
+
+async def test_a_tool_disabled_for_the_tenant_is_unknown_to_every_entry_point() -> None:
+    tools = TenantEnabledToolset(toolset(public_time, book_room, wipe_laptop), TENANTS)
+
+    with pytest.raises(UnknownTool) as on_call:
+        await tools.call("book_room", {"room": "Fjord"}, EMPLOYEE)
+    with pytest.raises(UnknownTool) as on_check:
+        tools.check("wipe_laptop", {"serial": "X1"}, EMPLOYEE)
+    with pytest.raises(UnknownTool) as on_approved_run:
+        await tools.call_approved("wipe_laptop", {"serial": "X1"}, EMPLOYEE, approval_id="apr_1")
+
+    assert on_call.value.message == "there is no tool named 'book_room'"
+    assert on_check.value.message == on_approved_run.value.message
+    assert on_check.value.message == "there is no tool named 'wipe_laptop'"
+    assert runs == []
+    await tools.call_approved("wipe_laptop", {"serial": "X1"}, FABRIKAM)
+    assert runs == ["wipe_laptop"]
+
+
+async def test_tenant_enablement_still_applies_the_policy() -> None:
+    tools = TenantEnabledToolset(toolset(book_room), TENANTS)
+    fabrikam_agent = StaticCaller("fabrikam", roles={"servicedesk.agent"})
+
+    with pytest.raises(ToolPermissionDenied):
+        await tools.call("book_room", {"room": "Fjord"}, fabrikam_agent)
+
+
+def test_build_tools_layers_policy_tenants_and_the_enabled_filter() -> None:
+    settings = ToolsSettings(
+        load_entry_points=False,
+        enabled=["public_time", "book_room"],
+        tenants={"contoso": TenantToolSettings(disabled=["book_room"])},
+    )
+    built = build_tools(settings, [public_time, book_room, wipe_laptop])
+
+    assert listed(built.toolset, EMPLOYEE) == ["public_time"]
+    assert listed(built.toolset, FABRIKAM) == ["public_time", "book_room"]
+    assert [spec.name for spec in built.specs] == ["public_time", "book_room", "wipe_laptop"]
+    assert built.approvals is None, "no store, no gate: high-risk tools cannot run"
+    assert built.load_errors == ()
+
+
+def test_tenant_settings_naming_unknown_tools_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    build_tools(
+        ToolsSettings(
+            load_entry_points=False,
+            tenants={"contoso": TenantToolSettings(enabled=["public_tiem"], disabled=["wipe"])},
+        ),
+        [public_time],
+    )
+    assert "LAMINA_TOOLS__TENANTS['contoso'] names tools that are not registered" in caplog.text
+    assert "public_tiem, wipe" in caplog.text
+
+
+# --- audit -------------------------------------------------------------------------
+
+
+async def test_every_call_is_audited_with_its_outcome() -> None:
+    sink = RecordingSink()
+    tools = toolset(book_room, wipe_laptop, audit=sink)
+
+    await tools.call("book_room", {"room": "Fjord", "hours": 2}, EMPLOYEE)
+    refused: list[tuple[str, dict[str, object], StaticCaller, type[Exception]]] = [
+        ("book_room", {"room": "F"}, EMPLOYEE, InvalidToolArguments),
+        ("book_room", {"room": "Fjord"}, AGENT, ToolPermissionDenied),
+        ("no_such_tool", {}, EMPLOYEE, UnknownTool),
+        ("wipe_laptop", {"serial": "X1"}, EMPLOYEE, ToolApprovalRequired),
+    ]
+    for name, arguments, caller, error in refused:
+        with pytest.raises(error):
+            await tools.call(name, arguments, caller)
+
+    assert [(record.tool, record.outcome) for record in sink.records] == [
+        ("book_room", "ok"),
+        ("book_room", "InvalidToolArguments"),
+        ("book_room", "ToolPermissionDenied"),
+        ("no_such_tool", "UnknownTool"),
+        ("wipe_laptop", "ToolApprovalRequired"),
+    ]
+    first = sink.records[0]
+    assert first.event == "tool.call"
+    assert (first.tenant_id, first.user_id) == ("contoso", "test-user")
+    assert first.arguments == {"room": "Fjord", "hours": 2}
+    assert first.duration_ms is not None
+    assert first.duration_ms >= 0
+    assert first.approval_id is None
+    assert first.at == NOON
+
+
+async def test_calls_to_hidden_tools_are_audited_like_unknown_ones() -> None:
+    sink = RecordingSink()
+    settings = ToolsSettings(
+        load_entry_points=False,
+        enabled=["public_time", "wipe_laptop"],
+        tenants={"contoso": TenantToolSettings(disabled=["wipe_laptop"])},
+    )
+    tools = build_tools(settings, [public_time, book_room, wipe_laptop], audit=sink).toolset
+
+    with pytest.raises(UnknownTool):
+        await tools.call("book_room", {"room": "Fjord", "password": "x"}, EMPLOYEE)
+    with pytest.raises(UnknownTool):
+        await tools.call("wipe_laptop", {"serial": "X1"}, EMPLOYEE)
+    with pytest.raises(UnknownTool):
+        await tools.call_approved("wipe_laptop", {"serial": "X1"}, EMPLOYEE, approval_id="apr_2")
+
+    assert [(r.tool, r.outcome, r.approval_id) for r in sink.records] == [
+        ("book_room", "UnknownTool", None),
+        ("wipe_laptop", "UnknownTool", None),
+        ("wipe_laptop", "UnknownTool", "apr_2"),
+    ]
+    assert sink.records[0].arguments == {"room": "Fjord", "password": REDACTED}
+    assert runs == []
+
+
+async def test_audited_arguments_are_redacted_and_the_tool_gets_them_whole() -> None:
+    received: list[dict[str, object]] = []
+
+    @tool
+    def connect(host: str, password: str, headers: dict[str, str]) -> str:
+        """Connect to a host."""
+        received.append({"password": password, "headers": headers})
+        return "connected"
+
+    sink = RecordingSink()
+    arguments = {
+        "host": "db.contoso.com",
+        "password": "hunter2",
+        "headers": {"Authorization": "Bearer abcdefghijklmnop1234", "Accept": "text/plain"},
+    }
+    await toolset(connect, audit=sink).call("connect", arguments, NOBODY)
+
+    (record,) = sink.records
+    assert record.arguments == {
+        "host": "db.contoso.com",
+        "password": REDACTED,
+        "headers": {"Authorization": REDACTED, "Accept": "text/plain"},
+    }
+    assert received == [{"password": "hunter2", "headers": arguments["headers"]}]
+
+
+async def test_a_cancelled_call_is_audited_as_cancelled() -> None:
+    started = asyncio.Event()
+
+    @tool
+    async def wait_forever() -> None:
+        """Waits."""
+        started.set()
+        await asyncio.sleep(30)
+
+    sink = RecordingSink()
+    task = asyncio.create_task(toolset(wait_forever, audit=sink).call("wait_forever", {}, NOBODY))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert [record.outcome for record in sink.records] == ["cancelled"]
+
+
+async def test_a_failing_audit_sink_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    result = await toolset(public_time, audit=RecordingSink(fail=True)).call(
+        "public_time", {}, NOBODY
+    )
+
+    assert result.output == "12:00"
+    assert "tool audit sink failed to record tool.call of public_time" in caplog.text
+
+
+async def test_the_audit_log_line_is_written_with_or_without_a_sink(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tools.audit"):
+        await toolset(public_time).call("public_time", {}, NOBODY)
+        await toolset(public_time, audit=RecordingSink()).call("public_time", {}, NOBODY)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "tools.audit"]
+    assert len(lines) == 2
+    assert all(
+        line.startswith("tool call public_time by contoso/test-user: ok in ") for line in lines
+    )
+
+
+async def test_an_approved_run_is_audited_with_its_approval() -> None:
+    sink = RecordingSink()
+
+    await toolset(wipe_laptop, audit=sink).call_approved(
+        "wipe_laptop", {"serial": "X1"}, EMPLOYEE, approval_id="apr_1"
+    )
+
+    (record,) = sink.records
+    assert (record.outcome, record.approval_id) == ("ok", "apr_1")
+    assert runs == ["wipe_laptop"]
+
+
+# --- redaction ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "password",
+        "Password",
+        "db_passwd",
+        "client_secret",
+        "clientSecret",
+        "apiKey",
+        "X-API-Key",
+        "authorization",
+        "access_token",
+        "refreshToken",
+        "private_key",
+        "connection_string",
+        "Cookie",
+        "aws_secret_access_key",
+        "credentials",
+        "pin",
+        "auth",
+    ],
+)
+def test_values_under_secret_keys_are_redacted(key: str) -> None:
+    assert redact_arguments({key: "hunter2", "room": "Fjord"}) == {key: REDACTED, "room": "Fjord"}
+
+
+@pytest.mark.parametrize(
+    "key", ["max_tokens", "token_count", "author", "secretary", "description", "passage", "key"]
+)
+def test_ordinary_keys_keep_their_values(key: str) -> None:
+    assert redact_arguments({key: "hunter2"}) == {key: "hunter2"}
+
+
+def test_secrets_are_redacted_at_any_depth() -> None:
+    arguments = {
+        "connection": {"host": "db", "credentials": {"user": "sa", "password": "x"}},
+        "headers": [
+            {"name": "Authorization", "value": "Bearer abcdefghijklmnop1234"},
+            {"Cookie": "session=abc"},
+        ],
+        "password": None,
+        "count": 3,
+        "ratio": 0.5,
+        "dry_run": True,
+        "tags": ("a", "b"),
+    }
+
+    assert redact_arguments(arguments) == {
+        "connection": {"host": "db", "credentials": REDACTED},
+        "headers": [{"name": "Authorization", "value": REDACTED}, {"Cookie": REDACTED}],
+        "password": None,
+        "count": 3,
+        "ratio": 0.5,
+        "dry_run": True,
+        "tags": ["a", "b"],
+    }
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJhZGVsZSIsInRpZCI6ImMifQ.c2lnbmF0dXJl",
+        "Bearer 0a1b2c3d4e5f6a7b8c9d",
+        "bearer abc.DEF-ghi_jkl123",
+        "lam_abcdefghijkl_0123456789abcdefghijklmnopqrstuvwxyzABCDEFG",
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA\n-----END RSA PRIVATE KEY-----",
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+        "AKIAIOSFODNN7EXAMPLE",
+        "ghp_0123456789abcdefghijklmnopqrstuvwxyz",
+        "sk-proj-abcdefghijklmnopqrstuvwxyz012345",
+        "xoxb-1234567890-abcdefghij",
+        "Zx8Qm2LpR7vN4kTb9WcY3hJd6FsA1gE5uK0oP",
+        "dGhpcyBpcyBhIHRlc3Qgb2YgYmFzZTY0IGVuY29kaW5nIQ==",
+    ],
+)
+def test_values_that_look_like_secrets_are_redacted_whatever_the_key(secret: str) -> None:
+    assert redact_arguments({"note": secret, "list": [secret]}) == {
+        "note": REDACTED,
+        "list": [REDACTED],
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        (
+            "Server=db;User Id=sa;Password=hunter2;Encrypt=true",
+            "Server=db;User Id=sa;Password=[redacted];Encrypt=true",
+        ),
+        (
+            "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc+def/ghi==;",
+            "DefaultEndpointsProtocol=https;AccountName=x;AccountKey=[redacted];",
+        ),
+        ("postgres://admin:s3cr3t@db:5432/app", "postgres://admin:[redacted]@db:5432/app"),
+        (
+            "https://x.blob.core.windows.net/c?sv=1&sig=AbC%2Bd",
+            "https://x.blob.core.windows.net/c?sv=1&sig=[redacted]",
+        ),
+        ("send it with Bearer 0a1b2c3d4e5f6a7b8c9d please", "send it with [redacted] please"),
+    ],
+)
+def test_only_the_secret_part_of_a_longer_value_is_replaced(text: str, redacted: str) -> None:
+    assert redact_text(text) == redacted
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Please book the boardroom for Tuesday at 10:00 with coffee for 12.",
+        "the bearer of this letter",
+        "megan.bowen@contoso.com",
+        "2025-06-02T12:00:00+00:00",
+        "550e8400-e29b-41d4-a716-446655440000",
+        "3f2a9c0b8e7d4c1a9b2f3e4d5c6b7a89",
+        "da39a3ee5e6b4b0d3255bfef95601890afd80709",
+        "apr_3f2a9c0b8e7d4c1a9b2f3e4d5c6b7a89",
+        "/Users/JohnSmith/Documents/Q3Report2024/FinalVersion.docx",
+        "https://contoso.sharepoint.com/sites/HR/Shared%20Documents/Policies2024/Leave.docx",
+        "ProjectFalconBudgetReviewQ3FY2024Summary",
+        "HTTPServerErrorCode500InternalServerError",
+        "INC0012345_ThinkPadX1Carbon_Gen11_PF3ABCD1",
+        "SKU-XPS13-9340-i7-32GB-1TB-Platinum",
+        "AzureOpenAI-gpt4o-2024-08-06-Deployment",
+        "Zürich — «urgent» ✓",
+    ],
+)
+def test_ordinary_text_is_kept(text: str) -> None:
+    assert redact_text(text) == text
 
 
 # --- timeouts, failures, output ----------------------------------------------------
@@ -404,13 +874,6 @@ def test_discovered_plugin_that_clashes_with_an_extra_is_skipped() -> None:
 
 
 async def test_a_risk_given_as_a_plain_string_is_still_refused_without_approval() -> None:
-    from tools.contracts import ToolApprovalRequired, ToolSpec
-    from tools.plugins import Tool
-    from tools.policy import PolicyEnforcedToolset
-    from tools.registry import ToolRegistry
-    from tools.settings import ToolsSettings
-    from tools.testing import StaticCaller
-
     ran: list[bool] = []
 
     @tool(risk="high")  # type: ignore[arg-type]
