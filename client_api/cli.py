@@ -1,14 +1,14 @@
-"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo, keys."""
+"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo, keys, tools."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from client_api.settings import LaminaSettings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from tools.listing import ListedTool, ToolCatalog
 
 app = typer.Typer(
     name="lamina",
@@ -514,6 +517,137 @@ def keys_rotate(
         errors.print(f"[red]--grace: {exc}[/red]")
         raise typer.Exit(2) from None
     _keys_run(_keys_rotate(_settings(), key_id, period))
+
+
+# --- lamina tools: the tools the assistant may call -------------------------------------------
+
+tools_app = typer.Typer(
+    name="tools",
+    help="The tools the assistant may call, loaded from the installed plugins exactly as the "
+    "server loads them: run these with the server's settings.",
+    no_args_is_help=True,
+)
+app.add_typer(tools_app)
+
+
+def _names(option: str | None) -> frozenset[str]:
+    return frozenset(name.strip() for name in (option or "").split(",") if name.strip())
+
+
+def _tools_notes(catalog: ToolCatalog) -> list[str]:
+    """What the tool table cannot show: skipped plugins, unknown names, unconnected sources."""
+    notes: list[str] = []
+    for failure in catalog.load_errors:
+        package = f" (package {failure.distribution})" if failure.distribution else ""
+        notes.append(f"Plugin {failure.entry_point}{package} was skipped: {failure.error}")
+    if catalog.not_installed:
+        notes.append(
+            "LAMINA_TOOLS__ENABLED or LAMINA_TOOLS__TENANTS name tools that are not "
+            "installed: " + ", ".join(catalog.not_installed)
+        )
+    if catalog.connected_sources:
+        notes.append(
+            "Not listed: the tools of "
+            + ", ".join(catalog.connected_sources)
+            + " (LAMINA_TOOLS__MCP_SERVERS, LAMINA_TOOLS__OPENAPI), which the server "
+            "learns by connecting at start-up; this command does not connect."
+        )
+    return notes
+
+
+def _tools_table(listed: Sequence[ListedTool], title: str) -> Table:
+    from rich.text import Text
+
+    from tools.listing import who_may_use
+
+    colours = {"read": "green", "write": "yellow", "high": "red"}
+    table = Table(title=title)
+    table.add_column("name", overflow="fold")
+    table.add_column("origin")
+    for column in ("risk", "idempotent", "timeout"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("who may use it")
+    table.add_column("description")
+    for tool in listed:
+        spec = tool.spec
+        summary = spec.description.strip().splitlines()
+        origin = Text(spec.origin)
+        if tool.source is not None:  # the entry point, so a tool can be traced to its package
+            origin.append(f"\nplugin {tool.source.entry_point}", style="dim")
+        # Text cells: a description's "[...]" is shown as written, not read as markup.
+        table.add_row(
+            Text(spec.name),
+            origin,
+            Text(spec.risk.value, style=colours.get(spec.risk.value, "")),
+            "yes" if spec.idempotent else "no",
+            f"{spec.timeout_s:g} s",
+            Text(who_may_use(spec)),
+            Text(summary[0] if summary else ""),
+        )
+    return table
+
+
+@tools_app.command("list")
+def tools_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list (stable keys) for scripts")
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 1 if a plugin failed to load or the settings name a tool that is "
+            "not installed"
+        ),
+    ] = False,
+    as_roles: Annotated[
+        str | None,
+        typer.Option(
+            "--as-roles",
+            help="Show only what a caller with these comma-separated roles may use "
+            "(with --scopes and --tenant; a caller without --scopes has none)",
+        ),
+    ] = None,
+    scopes: Annotated[
+        str | None, typer.Option(help="The caller's comma-separated delegated scopes")
+    ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="The caller's tenant, whose tool settings then apply (default: any)"),
+    ] = None,
+) -> None:
+    """List the installed tools: risk, timeout, and who may use each."""
+    import json
+    import logging
+
+    from rich.text import Text
+
+    from tools.listing import load_catalog
+
+    # The command reports skipped plugins and unknown tool names itself; the
+    # warnings logged about them (with tracebacks) would only repeat that on stderr.
+    for logger_name in ("tools.registry", "tools.policy"):
+        logging.getLogger(logger_name).setLevel(logging.ERROR)
+
+    catalog = load_catalog(_settings().tools)
+    filtered = as_roles is not None or scopes is not None or tenant is not None
+    listed = (
+        catalog.usable_by(roles=_names(as_roles), scopes=_names(scopes), tenant_id=tenant)
+        if filtered
+        else catalog.tools
+    )
+    notes = _tools_notes(catalog)
+    if as_json:
+        # stdout carries the JSON alone, so a script can parse it.
+        typer.echo(json.dumps([tool.as_json() for tool in listed], indent=2))
+        for note in notes:
+            errors.print(Text(note))
+    else:
+        title = f"{len(listed)} of {len(catalog.tools)} tools" if filtered else "Tools"
+        console.print(_tools_table(listed, title) if listed else "No tools.")
+        for note in notes:
+            console.print(Text(note))
+    failed = bool(catalog.load_errors or catalog.not_installed)
+    raise typer.Exit(1 if strict and failed else 0)
 
 
 if __name__ == "__main__":

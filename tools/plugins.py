@@ -2,8 +2,10 @@
 
 A tool is a typed Python function. Its JSON schema comes from the type hints
 (``Annotated[str, "description"]`` or ``Annotated[int, Field(description=...)]``
-describe a parameter; defaults make it optional; ``Literal`` becomes an enum),
-its description from the docstring. A parameter annotated with
+describe a parameter, also a field of a nested dataclass or model; defaults make
+it optional; ``Literal`` becomes an enum), its description from the docstring.
+Who may use it is declared with it: roles and delegated scopes. A parameter
+annotated with
 :class:`~tools.contracts.ToolCaller` is not part of the schema: the caller's
 identity is passed in there, so a tool can scope what it returns.
 
@@ -20,11 +22,22 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, ParamSpec, TypeVar, get_args, get_origin, overload
+from typing import (
+    Annotated,
+    Any,
+    Generic,
+    ParamSpec,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+    overload,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from pydantic.json_schema import GenerateJsonSchema
-from pydantic_core import ErrorDetails, to_jsonable_python
+from pydantic.errors import PydanticUserError
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import ErrorDetails, core_schema, to_jsonable_python
 
 from tools.contracts import (
     DEFAULT_TOOL_TIMEOUT_S,
@@ -52,6 +65,19 @@ def check_tool_name(name: str) -> str:
     return name
 
 
+def check_names(owner: str, what: str, names: Iterable[str]) -> frozenset[str]:
+    """``names`` (roles, scopes, tenants) as a frozenset, or ``ValueError`` naming ``owner``.
+
+    A bare string is refused: ``frozenset("admin")`` would be the letters a, d, m, i, n.
+    """
+    if isinstance(names, str):
+        raise ValueError(f"{owner}: {what} must be a set of names, not a string ({names!r})")
+    checked = frozenset(names)
+    if not all(isinstance(name, str) and name for name in checked):
+        raise ValueError(f"{owner}: {what} must be non-empty strings")
+    return checked
+
+
 class Tool(ABC):
     """A tool: what a model is told about it (:attr:`spec`) and how to run it.
 
@@ -76,14 +102,52 @@ _ARGUMENTS_CONFIG = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class _ToolParametersJsonSchema(GenerateJsonSchema):
-    """Pydantic's JSON schema without the titles it adds to every property.
+    """Pydantic's JSON schema, with two changes for tools.
 
-    Titles like ``"Query"`` repeat the property name and cost tokens in every
-    request that offers the tool.
+    - No title on every property: titles like ``"Query"`` repeat the property
+      name and cost tokens in every request that offers the tool.
+    - ``Annotated[T, "text"]`` describes a field of a nested dataclass, model or
+      TypedDict too, as it does a parameter: pydantic ignores bare strings, and
+      nested types are the author's own classes, which cannot be rewritten.
     """
 
     def field_title_should_be_set(self, schema: object) -> bool:
         return False
+
+    def dataclass_schema(self, schema: core_schema.DataclassSchema) -> JsonSchemaValue:
+        return _describe_fields(super().dataclass_schema(schema), schema["cls"])
+
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        return _describe_fields(super().model_schema(schema), schema["cls"])
+
+    def typed_dict_schema(self, schema: core_schema.TypedDictSchema) -> JsonSchemaValue:
+        json_schema = super().typed_dict_schema(schema)
+        cls = schema.get("cls")
+        return json_schema if cls is None else _describe_fields(json_schema, cls)
+
+
+def _describe_fields(json_schema: JsonSchemaValue, cls: type[Any]) -> JsonSchemaValue:
+    """Add the descriptions written as ``Annotated[T, "text"]`` on ``cls``'s fields to the
+    properties that have none (an explicit ``Field(description=...)`` wins)."""
+    properties = json_schema.get("properties")
+    if not isinstance(properties, dict):
+        return json_schema
+    try:
+        hints = get_type_hints(cls, include_extras=True)
+    except Exception:  # a hint that cannot be resolved here; pydantic resolved it already
+        return json_schema
+    for name, hint in hints.items():
+        texts = _string_metadata(hint)
+        prop = properties.get(name)
+        if texts and isinstance(prop, dict) and "description" not in prop:
+            prop["description"] = " ".join(texts)
+    return json_schema
+
+
+def _string_metadata(hint: Any) -> list[str]:
+    if get_origin(hint) is not Annotated:
+        return []
+    return [item for item in get_args(hint)[1:] if isinstance(item, str)]
 
 
 def parameters_schema(arguments_model: type[BaseModel]) -> dict[str, Any]:
@@ -125,12 +189,10 @@ def _with_string_descriptions(hint: Any) -> Any:
     descriptions, so Lamina accepts both spellings. An explicit ``Field`` given
     alongside wins, because later metadata overrides earlier metadata.
     """
-    if get_origin(hint) is not Annotated:
-        return hint
-    base, *metadata = get_args(hint)
-    texts = [item for item in metadata if isinstance(item, str)]
+    texts = _string_metadata(hint)
     if not texts:
         return hint
+    base, *metadata = get_args(hint)
     others = [item for item in metadata if not isinstance(item, str)]
     return annotated(base, Field(description=" ".join(texts)), *others)
 
@@ -166,7 +228,7 @@ class _Parameter:
 
 def _parameters_of(
     fn: Callable[..., Any], tool_name: str
-) -> tuple[tuple[_Parameter, ...], type[BaseModel]]:
+) -> tuple[tuple[_Parameter, ...], type[BaseModel], dict[str, Any]]:
     annotations = inspect.get_annotations(fn)
     global_names = getattr(inspect.unwrap(fn), "__globals__", {})
     parameters: list[_Parameter] = []
@@ -189,7 +251,16 @@ def _parameters_of(
         if not is_caller:
             default = ... if parameter.default is parameter.empty else parameter.default
             fields[parameter.name] = (_with_string_descriptions(hint), default)
-    return tuple(parameters), arguments_model(tool_name, fields)
+    try:
+        model = arguments_model(tool_name, fields)
+        schema = parameters_schema(model)
+    except (PydanticUserError, TypeError) as exc:
+        # Pydantic names neither the tool nor, often, the parameter: say which tool.
+        reason = str(exc).split("\n", 1)[0]
+        raise TypeError(
+            f"tool {tool_name!r}: no JSON schema can be derived from its parameters: {reason}"
+        ) from exc
+    return tuple(parameters), model, schema
 
 
 # --- the decorator's product ---------------------------------------------------
@@ -210,6 +281,7 @@ class FunctionTool(Tool, Generic[P, R]):
         description: str | None = None,
         risk: RiskLevel = RiskLevel.READ,
         roles: Iterable[str] = (),
+        scopes: Iterable[str] = (),
         timeout_s: float | None = None,
         idempotent: bool | None = None,
     ) -> None:
@@ -221,25 +293,25 @@ class FunctionTool(Tool, Generic[P, R]):
             )
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"tool {tool_name!r}: timeout_s must be positive")
-        if isinstance(roles, str):  # frozenset("admin") would be the letters a, d, m, i, n
-            raise ValueError(f"tool {tool_name!r}: roles must be a set of names, not a string")
-        required_roles = frozenset(roles)
-        if any(not role for role in required_roles):
-            raise ValueError(f"tool {tool_name!r}: roles must be non-empty strings")
+        owner = f"tool {tool_name!r}"
+        required_roles = check_names(owner, "roles", roles)
+        required_scopes = check_names(owner, "scopes", scopes)
         risk = RiskLevel(risk)  # a plain "high" becomes the enum, or fails here
         self._function = function
         self._is_async = inspect.iscoroutinefunction(function)
-        self._parameters, self._arguments_model = _parameters_of(function, tool_name)
+        self._parameters, self._arguments_model, parameters = _parameters_of(function, tool_name)
         self.timeout_s = timeout_s
         self.spec = ToolSpec(
             name=tool_name,
             description=text,
-            parameters=parameters_schema(self._arguments_model),
+            parameters=parameters,
             risk=risk,
             required_roles=required_roles,
+            required_scopes=required_scopes,
             # A write is not assumed safe to retry unless its author says so.
             idempotent=(risk == RiskLevel.READ) if idempotent is None else idempotent,
             timeout_s=DEFAULT_TOOL_TIMEOUT_S if timeout_s is None else timeout_s,
+            origin="python",
         )
 
     @property
@@ -290,6 +362,7 @@ def tool(
     description: str | None = None,
     risk: RiskLevel = RiskLevel.READ,
     roles: Iterable[str] = (),
+    scopes: Iterable[str] = (),
     timeout_s: float | None = None,
     idempotent: bool | None = None,
 ) -> Callable[[Callable[P, R]], FunctionTool[P, R]]: ...
@@ -303,6 +376,7 @@ def tool(
     description: str | None = None,
     risk: RiskLevel = RiskLevel.READ,
     roles: Iterable[str] = (),
+    scopes: Iterable[str] = (),
     timeout_s: float | None = None,
     idempotent: bool | None = None,
 ) -> FunctionTool[P, R] | Callable[[Callable[P, R]], FunctionTool[P, R]]:
@@ -313,6 +387,8 @@ def tool(
         description: what the tool does, for the model (default: the docstring).
         risk: ``READ`` (default), ``WRITE``, or ``HIGH`` (never runs without approval).
         roles: the caller needs at least one of these; empty means any authenticated caller.
+        scopes: the caller's token needs at least one of these delegated scopes (``scp``);
+            empty means none is needed.
         timeout_s: per-call timeout; default ``ToolsSettings.default_timeout_s``.
         idempotent: safe to retry; default true for ``READ`` tools, false otherwise.
     """
@@ -324,6 +400,7 @@ def tool(
             description=description,
             risk=risk,
             roles=roles,
+            scopes=scopes,
             timeout_s=timeout_s,
             idempotent=idempotent,
         )

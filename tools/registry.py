@@ -2,10 +2,12 @@
 
 Tools arrive explicitly (:meth:`ToolRegistry.register`, ``register_function``,
 ``register_kernel_plugin``, ``add``) or from installed packages through the
-``lamina.tools`` entry-point group (:meth:`ToolRegistry.discover`). The
-registry runs nothing: :meth:`ToolRegistry.seal` hands the tools, once, to the
-execution policy, and after that it accepts no more tools and hands them to
-no one else.
+``lamina.tools`` entry-point group (:meth:`ToolRegistry.discover`), which
+remembers the plugin each tool came from. The registry runs nothing:
+:meth:`ToolRegistry.seal` hands the tools, once, to the execution policy, and
+after that it accepts no more tools and hands them to no one else. Listings
+(``lamina tools list``) read :meth:`ToolRegistry.entries`, which carry specs,
+never runnable tools.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import inspect
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import Any
 
@@ -22,7 +24,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import Draft202012Validator, validator_for
 
 from tools.contracts import RiskLevel, ToolSpec
-from tools.plugins import FunctionTool, Tool, check_tool_name
+from tools.plugins import FunctionTool, Tool, check_names, check_tool_name
 from tools.sk_adapter import ToolPolicy, is_kernel_plugin, kernel_plugin_tools
 
 logger = logging.getLogger(__name__)
@@ -40,12 +42,41 @@ class DuplicateToolName(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class PluginSource:
+    """The ``lamina.tools`` entry point a tool came from."""
+
+    entry_point: str
+    """The entry point's name, e.g. ``directory``."""
+    value: str
+    """What it names, ``module:attribute``, e.g. ``tools.samples:directory_plugin``."""
+    distribution: str | None
+    """The installed package that declares it, e.g. ``lamina``, when it is known."""
+
+    @classmethod
+    def of(cls, entry_point: EntryPoint) -> PluginSource:
+        dist = entry_point.dist
+        return cls(entry_point.name, entry_point.value, None if dist is None else dist.name)
+
+
+@dataclass(frozen=True, slots=True)
 class PluginLoadError:
     """An entry point that could not be loaded; it was skipped."""
 
     entry_point: str
     """``name = module:attribute`` as declared by the package."""
     error: str
+    distribution: str | None = None
+    """The installed package that declares the entry point, when it is known."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    """What a listing may know of a registered tool; nothing here can run it."""
+
+    spec: ToolSpec
+    """As its author declared it."""
+    source: PluginSource | None
+    """The entry point that brought the tool; ``None`` for one registered in code."""
 
 
 def collect_tools(source: object) -> list[Tool]:
@@ -94,10 +125,12 @@ def _check(tool: Tool) -> None:
         raise ValueError(
             f"tool {spec.name!r}: risk must be one of {[r.value for r in RiskLevel]}"
         ) from None
-    if isinstance(spec.required_roles, str) or not all(
-        isinstance(role, str) for role in spec.required_roles
+    for what, names in (
+        ("required_roles", spec.required_roles),
+        ("required_scopes", spec.required_scopes),
+        ("tenants", spec.tenants),
     ):
-        raise ValueError(f"tool {spec.name!r}: required_roles must be a set of role names")
+        check_names(f"tool {spec.name!r}", what, names)
     if tool.timeout_s is not None and tool.timeout_s <= 0:
         raise ValueError(f"tool {spec.name!r}: timeout_s must be positive")
 
@@ -107,6 +140,7 @@ class ToolRegistry:
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
+        self._sources: dict[str, PluginSource] = {}
         self._sealed = False
         self.load_errors: list[PluginLoadError] = []
         """Entry points :meth:`discover` skipped, and why."""
@@ -121,6 +155,12 @@ class ToolRegistry:
         """The registered tools' specs, as their authors declared them."""
         return [tool.spec for tool in self._tools.values()]
 
+    def entries(self) -> list[RegistryEntry]:
+        """Each registered tool's spec and plugin, in registration order."""
+        return [
+            RegistryEntry(tool.spec, self._sources.get(name)) for name, tool in self._tools.items()
+        ]
+
     def register(self, tool: Tool) -> Tool:
         """Add one tool; raises :class:`DuplicateToolName` if its name is taken."""
         self._add_all([tool])
@@ -134,10 +174,12 @@ class ToolRegistry:
         description: str | None = None,
         risk: RiskLevel = RiskLevel.READ,
         roles: Iterable[str] = (),
+        scopes: Iterable[str] = (),
         timeout_s: float | None = None,
         idempotent: bool | None = None,
     ) -> Tool:
-        """Add a plain typed function (or an ``@tool`` one, as it is) as a tool."""
+        """Add a plain typed function (or an ``@tool`` one, as it is) as a tool; the
+        options mean what they mean for :func:`~tools.plugins.tool`."""
         if isinstance(function, Tool):
             return self.register(function)
         return self.register(
@@ -147,6 +189,7 @@ class ToolRegistry:
                 description=description,
                 risk=risk,
                 roles=roles,
+                scopes=scopes,
                 timeout_s=timeout_s,
                 idempotent=idempotent,
             )
@@ -177,19 +220,24 @@ class ToolRegistry:
 
         Each entry point may name anything :meth:`add` accepts. One that fails to
         import, has the wrong shape, or brings a duplicate name is logged, kept in
-        :attr:`load_errors` and skipped; the others still load.
+        :attr:`load_errors` and skipped; the others still load. The tools keep
+        their ``origin``; :meth:`entries` tells which entry point brought each.
         """
         self._refuse_if_sealed()
         loaded: list[Tool] = []
         for entry_point in entry_points(group=group):
+            source = PluginSource.of(entry_point)
             label = f"{entry_point.name} = {entry_point.value}"
             try:
                 tools = self.add(entry_point.load())
             except Exception as exc:
                 logger.warning("tool plugin %r was skipped", label, exc_info=True)
-                self.load_errors.append(PluginLoadError(label, f"{type(exc).__name__}: {exc}"))
+                self.load_errors.append(
+                    PluginLoadError(label, f"{type(exc).__name__}: {exc}", source.distribution)
+                )
                 continue
             logger.info("tool plugin %r: %s", label, ", ".join(tool.spec.name for tool in tools))
+            self._sources.update((tool.spec.name, source) for tool in tools)
             loaded.extend(tools)
         return loaded
 

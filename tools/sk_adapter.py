@@ -4,8 +4,8 @@ An existing class of ``@kernel_function`` methods works unchanged: each method
 becomes a tool named ``<plugin>-<function>`` (semantic-kernel's own fully
 qualified name), whose schema comes from the function's metadata and whose
 calls go through ``KernelFunction.invoke`` with a ``Kernel`` and
-``KernelArguments``. Risk and roles come from :func:`tool_policy` stacked on
-the method or from a ``policies`` mapping; by default a function is
+``KernelArguments``. Risk, roles and scopes come from :func:`tool_policy`
+stacked on the method or from a ``policies`` mapping; by default a function is
 ``RiskLevel.READ`` and open to any authenticated caller.
 
 semantic-kernel costs seconds to import, so it is imported only inside the
@@ -24,7 +24,14 @@ from pydantic import Field, TypeAdapter, WithJsonSchema
 from pydantic_core import to_jsonable_python
 
 from tools.contracts import DEFAULT_TOOL_TIMEOUT_S, JsonValue, RiskLevel, ToolCaller, ToolSpec
-from tools.plugins import Tool, annotated, arguments_model, check_tool_name, parameters_schema
+from tools.plugins import (
+    Tool,
+    annotated,
+    arguments_model,
+    check_names,
+    check_tool_name,
+    parameters_schema,
+)
 
 if TYPE_CHECKING:
     from semantic_kernel import Kernel
@@ -39,7 +46,11 @@ _PLUGIN_NAME_PATTERN = re.compile(r"^[0-9A-Za-z_]+$")  # semantic-kernel's rule
 
 @dataclass(frozen=True, slots=True)
 class ToolPolicy:
-    """Lamina's policy fields for one semantic-kernel function."""
+    """Lamina's policy fields for one semantic-kernel function.
+
+    ``roles`` and ``scopes`` accept any iterable of names (kept as frozensets); a
+    bare string is refused, as it would be read as a set of letters.
+    """
 
     risk: RiskLevel = RiskLevel.READ
     roles: frozenset[str] = frozenset()
@@ -48,17 +59,36 @@ class ToolPolicy:
     """``None``: the deployment's ``default_timeout_s``."""
     idempotent: bool | None = None
     """``None``: true for ``READ``, false otherwise."""
+    scopes: frozenset[str] = frozenset()
+    """The caller's token needs at least one of these delegated scopes; empty means none."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "risk", RiskLevel(self.risk))
+        object.__setattr__(self, "roles", check_names("tool policy", "roles", self.roles))
+        object.__setattr__(self, "scopes", check_names("tool policy", "scopes", self.scopes))
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError("tool policy: timeout_s must be positive")
 
 
 def tool_policy(
     *,
     risk: RiskLevel = RiskLevel.READ,
     roles: Iterable[str] = (),
+    scopes: Iterable[str] = (),
     timeout_s: float | None = None,
     idempotent: bool | None = None,
 ) -> Callable[[F], F]:
-    """Declare risk and roles of a ``@kernel_function`` method; stack it above or below."""
-    policy = ToolPolicy(risk, frozenset(roles), timeout_s, idempotent)
+    """Declare risk, roles and scopes of a ``@kernel_function`` method; stack it above or below.
+
+    The arguments mean what they mean for :func:`~tools.plugins.tool`.
+    """
+    policy = ToolPolicy(
+        risk=risk,
+        roles=check_names("tool_policy", "roles", roles),
+        scopes=check_names("tool_policy", "scopes", scopes),
+        timeout_s=timeout_s,
+        idempotent=idempotent,
+    )
 
     def mark(method: F) -> F:
         setattr(method, _POLICY_ATTRIBUTE, policy)
@@ -86,8 +116,6 @@ class KernelFunctionTool(Tool):
     def __init__(self, function: KernelFunction, kernel: Kernel, policy: ToolPolicy) -> None:
         metadata = function.metadata
         name = check_tool_name(metadata.fully_qualified_name)
-        if policy.timeout_s is not None and policy.timeout_s <= 0:
-            raise ValueError(f"tool {name!r}: timeout_s must be positive")
         self._function = function
         self._kernel = kernel
         self._is_async = bool(metadata.is_asynchronous)
@@ -98,6 +126,7 @@ class KernelFunctionTool(Tool):
             parameters=_parameters_schema(name, metadata.parameters),
             risk=policy.risk,
             required_roles=policy.roles,
+            required_scopes=policy.scopes,
             idempotent=(
                 (policy.risk is RiskLevel.READ) if policy.idempotent is None else policy.idempotent
             ),
@@ -134,7 +163,7 @@ def kernel_plugin_tools(
     Args:
         plugin: the plugin class or instance.
         plugin_name: prefix of the tool names (default: the class name); letters, digits, ``_``.
-        policies: risk and roles by function name; overrides :func:`tool_policy`.
+        policies: risk, roles and scopes by function name; overrides :func:`tool_policy`.
     """
     from semantic_kernel import Kernel
     from semantic_kernel.functions import KernelPlugin

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib
+import subprocess
+import sys
 import textwrap
 import tomllib
 import uuid
+import zipfile
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -48,6 +53,66 @@ class PluginInstaller:
         )
         importlib.invalidate_caches()
         return module
+
+
+def pip_install_plugin(
+    target: Path,
+    *,
+    dist_name: str,
+    module: str,
+    module_source: str,
+    entry_points: Mapping[str, str],
+    group: str = "lamina.tools",
+) -> None:
+    """Build a wheel of one module declaring ``entry_points``, and ``pip install`` it
+    into ``target`` (``--target``, no index, no dependencies).
+
+    pip installs it as it installs any package, so ``target`` on ``sys.path`` (or on
+    ``PYTHONPATH``) holds a distribution exactly as a plugin author's users get it.
+    The wheel is written here, not built from a source tree by a PEP 517 backend:
+    setuptools needs the ``wheel`` package for that, which Lamina does not install.
+    """
+    stem = f"{dist_name.replace('-', '_')}-1.0"  # the wheel's name for the distribution
+    declared = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+    files = {
+        f"{module}.py": textwrap.dedent(module_source),
+        f"{stem}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n",
+        f"{stem}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: lamina-tests\nRoot-Is-Purelib: true\n"
+            "Tag: py3-none-any\n"
+        ),
+        f"{stem}.dist-info/entry_points.txt": f"[{group}]\n{declared}",
+    }
+    record = []
+    for path, text in files.items():
+        data = text.encode()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}\n")
+    files[f"{stem}.dist-info/RECORD"] = "".join(record) + f"{stem}.dist-info/RECORD,,\n"
+    wheel = target.parent / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    importlib.invalidate_caches()
 
 
 @pytest.fixture

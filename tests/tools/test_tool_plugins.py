@@ -6,10 +6,12 @@ import asyncio
 import threading
 from dataclasses import dataclass
 from datetime import date
+from enum import Enum
 from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
+from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from tools.contracts import InvalidToolArguments, RiskLevel, ToolCaller
 from tools.plugins import FunctionTool, tool
@@ -222,3 +224,137 @@ def test_timeout_must_be_positive() -> None:
         @tool(timeout_s=0)
         def f() -> None:
             """Doc."""
+
+
+def test_scopes_are_declared_like_roles() -> None:
+    @tool(roles={"employee"}, scopes={"Tools.Write", "Tools.Admin"})
+    def publish(text: str) -> str:
+        """Publish."""
+        return text
+
+    assert publish.spec.required_roles == frozenset({"employee"})
+    assert publish.spec.required_scopes == frozenset({"Tools.Write", "Tools.Admin"})
+    assert publish.spec.origin == "python"
+    assert everything.spec.required_scopes == frozenset(), "no scope is needed by default"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"roles": "admin"}, "roles must be a set of names, not a string"),
+        ({"scopes": "Tools.Write"}, "scopes must be a set of names, not a string"),
+        ({"scopes": {""}}, "scopes must be non-empty strings"),
+        ({"roles": {"employee", ""}}, "roles must be non-empty strings"),
+    ],
+)
+def test_roles_and_scopes_must_be_sets_of_names(options: dict[str, object], message: str) -> None:
+    def f() -> None:
+        """Doc."""
+
+    with pytest.raises(ValueError, match=f"tool 'f': {message}"):
+        FunctionTool(f, **options)  # type: ignore[arg-type]
+
+
+# --- schema details a model relies on ----------------------------------------------------
+
+
+@dataclass
+class Window:
+    """A span of time."""
+
+    start: Annotated[str, "ISO 8601 start, e.g. '2024-05-01T09:00'"]
+    hours: Annotated[int, Field(ge=1, description="Length in hours")] = 1
+
+
+class Attendee(BaseModel):
+    """Someone invited."""
+
+    email: Annotated[str, "Work email address"]
+    optional: bool = Field(default=False, description="May skip the meeting")
+    note: Annotated[str, "ignored: the explicit Field wins", Field(description="A short note")] = ""
+
+
+class Room(TypedDict):
+    building: Annotated[str, "Building code"]
+    floor: int
+
+
+def test_nested_dataclasses_models_and_typed_dicts_keep_every_description() -> None:
+    @tool
+    def schedule(window: Window, attendees: list[Attendee], room: Room | None = None) -> None:
+        """Schedule a meeting."""
+
+    schema = schedule.spec.parameters
+    window, attendee = schema["$defs"]["Window"], schema["$defs"]["Attendee"]
+    assert schema["$defs"]["Room"]["properties"]["building"] == {
+        "type": "string",
+        "description": "Building code",
+    }
+    assert window["description"] == "A span of time."
+    assert window["properties"] == {
+        "start": {"type": "string", "description": "ISO 8601 start, e.g. '2024-05-01T09:00'"},
+        "hours": {"type": "integer", "minimum": 1, "default": 1, "description": "Length in hours"},
+    }
+    assert window["required"] == ["start"]
+    assert attendee["properties"]["email"]["description"] == "Work email address"
+    assert attendee["properties"]["optional"]["description"] == "May skip the meeting"
+    assert attendee["properties"]["note"]["description"] == "A short note"
+    assert schema["properties"]["attendees"] == {
+        "type": "array",
+        "items": {"$ref": "#/$defs/Attendee"},
+    }
+
+
+class Unit(Enum):
+    CELSIUS = "celsius"
+    FAHRENHEIT = "fahrenheit"
+
+
+def test_descriptions_constraints_enums_and_optional_combine() -> None:
+    @tool
+    def measure(
+        where: Annotated[str, "Site code", Field(min_length=3)],
+        unit: Annotated[Unit, "Unit of the reading"] = Unit.CELSIUS,
+        around: Annotated[Literal["am", "pm"] | None, "Half of the day; none for both"] = None,
+        *,
+        sensors: Annotated[list[str], Field(default_factory=list, description="Sensor ids")],
+    ) -> None:
+        """Read a temperature."""
+
+    schema = measure.spec.parameters
+    properties = schema["properties"]
+    assert schema["required"] == ["where"], "a default_factory makes a parameter optional too"
+    assert properties["where"] == {"type": "string", "minLength": 3, "description": "Site code"}
+    assert properties["unit"] == {
+        "$ref": "#/$defs/Unit",
+        "default": "celsius",
+        "description": "Unit of the reading",
+    }
+    assert schema["$defs"]["Unit"]["enum"] == ["celsius", "fahrenheit"]
+    assert properties["around"] == {
+        "anyOf": [{"type": "string", "enum": ["am", "pm"]}, {"type": "null"}],
+        "default": None,
+        "description": "Half of the day; none for both",
+    }
+    assert properties["sensors"] == {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "Sensor ids",
+    }
+
+
+async def test_enum_and_default_factory_arguments_reach_the_function() -> None:
+    @tool
+    def reading(unit: Unit, sensors: Annotated[list[str], Field(default_factory=list)]) -> str:
+        """Describe a reading."""
+        return f"{unit.name} from {len(sensors)} sensors"
+
+    assert await reading.invoke({"unit": "fahrenheit"}, CALLER) == "FAHRENHEIT from 0 sensors"
+
+
+def test_a_parameter_type_without_json_schema_is_refused_naming_the_tool() -> None:
+    with pytest.raises(TypeError, match="tool 'hold': no JSON schema can be derived"):
+
+        @tool
+        def hold(lock: threading.Lock) -> None:  # type: ignore[valid-type]
+            """Hold a lock."""

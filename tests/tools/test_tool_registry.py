@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tools.contracts import RiskLevel
-from tools.plugins import FunctionTool, tool
-from tools.registry import DuplicateToolName, ToolRegistry, collect_tools
+from tools.contracts import JsonValue, RiskLevel, ToolCaller, ToolSpec
+from tools.plugins import FunctionTool, Tool, tool
+from tools.registry import DuplicateToolName, PluginSource, ToolRegistry, collect_tools
 
 if TYPE_CHECKING:
     from tests.tools.conftest import PluginInstaller
@@ -269,3 +271,66 @@ def test_discover_finds_lamina_sample_plugin(lamina_entry_points: dict[str, str]
     specs = {spec.name: spec for spec in registry.specs()}
     assert {"lookup_employee", "servicedesk-create_ticket"} <= set(specs)
     assert specs["servicedesk-create_ticket"].risk is RiskLevel.HIGH
+
+
+def test_register_function_takes_scopes() -> None:
+    def send_mail(to: str) -> str:
+        """Send a mail."""
+        return to
+
+    registry = ToolRegistry()
+    registered = registry.register_function(send_mail, roles={"employee"}, scopes={"Mail.Send"})
+    assert registered.spec.required_scopes == frozenset({"Mail.Send"})
+
+
+class HandWritten(Tool):
+    """A Tool written by hand, whose spec nothing has checked yet."""
+
+    def __init__(self, spec: ToolSpec) -> None:
+        self.spec = spec
+        self.timeout_s = None
+
+    async def invoke(self, arguments: Mapping[str, Any], caller: ToolCaller) -> JsonValue:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("required_roles", "admin"),
+        ("required_scopes", "Tools.Write"),
+        ("tenants", "contoso"),
+        ("required_scopes", frozenset({""})),
+    ],
+)
+def test_registry_refuses_a_hand_written_spec_with_bad_names(field: str, value: object) -> None:
+    spec = ToolSpec(name="raw", description="Raw.", parameters={"type": "object"})
+    with pytest.raises(ValueError, match=f"tool 'raw': {field} must be"):
+        ToolRegistry().register(HandWritten(replace(spec, **{field: value})))
+
+
+def test_entries_say_which_plugin_brought_each_tool(plugins: PluginInstaller) -> None:
+    module = plugins.install({"many": "{module}:LIST"}, PLUGIN_MODULE, dist_name="contoso-tools")
+    registry = ToolRegistry()
+    registry.register(ping)
+
+    registry.discover(plugins.group)
+
+    entries = {entry.spec.name: entry for entry in registry.entries()}
+    assert list(entries) == ["ping", "first", "second"]
+    assert entries["ping"].source is None
+    assert entries["first"].source == PluginSource(
+        entry_point="many", value=f"{module}:LIST", distribution="contoso-tools"
+    )
+    assert entries["first"].spec is registry.specs()[1]
+
+
+def test_load_errors_name_the_package(plugins: PluginInstaller) -> None:
+    plugins.install({"broken": "lamina_no_such_module:tools"}, dist_name="contoso-broken")
+    registry = ToolRegistry()
+    registry.discover(plugins.group)
+
+    (error,) = registry.load_errors
+    assert error.entry_point == "broken = lamina_no_such_module:tools"
+    assert error.distribution == "contoso-broken"
+    assert error.error.startswith("ModuleNotFoundError")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import pytest
@@ -185,3 +186,64 @@ def test_is_kernel_plugin_reads_decorator_attributes() -> None:
     assert is_kernel_plugin(WeatherPlugin())
     assert not is_kernel_plugin(object())
     assert not is_kernel_plugin(test_is_kernel_plugin_reads_decorator_attributes)
+
+
+def test_scopes_and_origin() -> None:
+    class Mail:
+        @tool_policy(risk=RiskLevel.WRITE, roles={"employee"}, scopes={"Mail.Send"})
+        @kernel_function(description="Send a mail.")
+        def send(self, to: str) -> str:
+            return to
+
+    (declared,) = kernel_plugin_tools(Mail())
+    assert declared.spec.required_scopes == frozenset({"Mail.Send"})
+    assert declared.spec.origin == "semantic-kernel"
+
+    (overridden,) = kernel_plugin_tools(
+        Mail(), policies={"send": ToolPolicy(scopes=frozenset({"Mail.Send.Shared"}))}
+    )
+    assert overridden.spec.required_scopes == frozenset({"Mail.Send.Shared"})
+    assert overridden.spec.required_roles == frozenset(), "a mapping entry replaces the decorator"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"roles": "admin"}, "tool_policy: roles must be a set of names, not a string"),
+        ({"scopes": "Mail.Send"}, "tool_policy: scopes must be a set of names, not a string"),
+        ({"roles": {""}}, "tool_policy: roles must be non-empty strings"),
+        ({"timeout_s": 0}, "timeout_s must be positive"),
+    ],
+)
+def test_tool_policy_refuses_what_it_cannot_mean(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tool_policy(**options)  # type: ignore[arg-type]
+
+
+def test_tool_policy_value_normalises_and_checks_its_fields() -> None:
+    policy = ToolPolicy(risk="high", roles={"ops"}, scopes=["Ops.Run"])  # type: ignore[arg-type]
+    assert policy.risk is RiskLevel.HIGH
+    assert (policy.roles, policy.scopes) == (frozenset({"ops"}), frozenset({"Ops.Run"}))
+    with pytest.raises(ValueError, match="roles must be a set of names, not a string"):
+        ToolPolicy(roles="ops")  # type: ignore[arg-type]
+
+
+@dataclass
+class Stop:
+    city: Annotated[str, "City of the stop"]
+    nights: int = 1
+
+
+def test_nested_types_are_described_as_for_tool_functions() -> None:
+    class Travel:
+        @kernel_function(description="Plan a trip.")
+        def plan(self, stops: Annotated[list[Stop], "The stops, in order"]) -> int:
+            return len(stops)
+
+    (planned,) = kernel_plugin_tools(Travel())
+    schema = planned.spec.parameters
+    assert schema["properties"]["stops"]["description"] == "The stops, in order"
+    assert schema["$defs"]["Stop"]["properties"]["city"] == {
+        "type": "string",
+        "description": "City of the stop",
+    }
