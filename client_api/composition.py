@@ -10,8 +10,11 @@ import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from asgi_correlation_id import correlation_id
 
 from client_api.auth.api_keys import ApiKeyStore, open_api_key_store
 from client_api.edge.caps import RequestCaps
@@ -33,7 +36,14 @@ from inferencing.safety.azure_content_safety import AzureContentSafety
 from inferencing.safety.heuristic import HeuristicPromptShield
 from inferencing.tokens import default_counter
 from intelligence.answer_cache import AnswerCache, AnswerCacheStore, InProcessAnswerCacheStore
-from intelligence.contracts import Assistant, AuditLog, ConversationStore, Planner, PlanningContext
+from intelligence.contracts import (
+    Assistant,
+    AuditLog,
+    AuditRecord,
+    ConversationStore,
+    Planner,
+    PlanningContext,
+)
 from intelligence.orchestrator import Orchestrator
 from intelligence.planning.deterministic import DeterministicPlanner
 from intelligence.prompts import PromptLibrary
@@ -43,8 +53,9 @@ from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
-from tools.contracts import ApprovalGate, Toolset
-from tools.policy import build_toolset
+from tools.approvals.factory import open_approval_store
+from tools.contracts import ApprovalGate, ToolAuditRecord, Toolset
+from tools.policy import BuiltTools, build_tools
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -233,6 +244,51 @@ def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor,
     return index, IngestionPipeline(index, settings.knowledge), SecurityTrimmedRetriever(index)
 
 
+class AuditLogToolSink:
+    """The tools layer's audit records, in the deployment's audit log."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    async def record(self, entry: ToolAuditRecord) -> None:
+        await self._audit.append(
+            AuditRecord(
+                event=entry.event,
+                tenant_id=entry.tenant_id,
+                user_id=entry.user_id,
+                correlation_id=correlation_id.get(),
+                data={
+                    "tool": entry.tool,
+                    "outcome": entry.outcome,
+                    "arguments": dict(entry.arguments),
+                    "duration_ms": entry.duration_ms,
+                    "approval_id": entry.approval_id,
+                },
+                at=entry.at or datetime.now(UTC),
+            )
+        )
+
+
+async def build_tool_layer(
+    settings: LaminaSettings, audit: AuditLog, redis: Redis | None, stack: AsyncExitStack
+) -> BuiltTools:
+    """Plugins, OpenAPI operations and MCP servers' tools, all behind the execution
+    policy, and the approval gate for the high-risk ones. A configured source that
+    cannot be loaded stops start-up with a message naming it."""
+    sources: list[object] = []
+    for source in settings.tools.openapi:
+        # Imported here: only deployments with OpenAPI sources pay for the validator.
+        from tools.openapi import load_openapi_tools
+
+        loaded = await load_openapi_tools(source, settings.tools.http)
+        stack.push_async_callback(loaded.aclose)
+        sources.append(loaded)
+    store = await open_approval_store(
+        settings.tools.approvals, data_dir=settings.data_dir, redis_client=redis, stack=stack
+    )
+    return build_tools(settings.tools, sources, audit=AuditLogToolSink(audit), approval_store=store)
+
+
 def build_planner(
     settings: LaminaSettings, chat_model: ChatModel, toolset: Toolset, prompts: PromptLibrary
 ) -> Planner:
@@ -289,8 +345,8 @@ async def build_services(settings: LaminaSettings) -> Services:
         stack.push_async_callback(chat_model.aclose)
         await chat_model.warm_up()
         api_keys = await open_api_key_store(settings, stack, shared_redis=state.redis)
-        toolset = build_toolset(settings.tools)
-        approvals: ApprovalGate | None = None
+        tools = await build_tool_layer(settings, audit, state.redis, stack)
+        toolset, approvals = tools.toolset, tools.approvals
         prompts = PromptLibrary(
             settings.intelligence.prompts_dir or PromptLibrary.bundled_directory()
         )

@@ -72,9 +72,12 @@ async def decide(
     resumed = await _resume(approval_id, body, principal, services)
     if not resumed.for_requester:
         await _drain(resumed.events)
-        return ApprovalOutcome(approval=ApprovalView.of(resumed.approval))
-    result = await collect_turn(resumed.events)
-    return ApprovalOutcome(approval=ApprovalView.of(resumed.approval), answer=chat_answer(result))
+        answer = None
+    else:
+        answer = chat_answer(await collect_turn(resumed.events))
+    # As it stands now the turn went on: executed (or rejected), not just decided.
+    settled = await _gate(services).get(approval_id, principal)
+    return ApprovalOutcome(approval=ApprovalView.of(settled), answer=answer)
 
 
 @router.post(
