@@ -76,6 +76,7 @@ def test_the_model_plans_a_tool_call_and_answers_from_its_result(
         ScriptedReply(
             tool_calls=[ScriptedToolCall(name="lookup_employee", arguments={"query": "Lee"})]
         ),
+        ScriptedReply(content="I have what I need."),  # planning again, seeing the result
         ScriptedReply(content="Lee Gu is on extension 4202."),
     )
     events = read_events(
@@ -93,9 +94,12 @@ def test_the_model_plans_a_tool_call_and_answers_from_its_result(
     answer = "".join(d["text"] for n, d in events if n == "delta")
     assert answer == "Lee Gu is on extension 4202."
 
-    planning, answering = _chat_requests(simulator)
+    planning, replanning, answering = _chat_requests(simulator)
     offered = {t["function"]["name"] for t in planning["tools"]}  # type: ignore[index]
     assert {"search_knowledge", "lookup_employee"} <= offered
+    # Asked again, the model sees its call's result and may chain another.
+    shown = [m for m in replanning["messages"] if m["role"] == "tool"]  # type: ignore[index]
+    assert "4202" in shown[0]["content"]
     # The round trip: the answer request carries the model's call and the tool's real result.
     messages = answering["messages"]  # type: ignore[index]
     call = next(m for m in messages if m.get("tool_calls"))
@@ -112,13 +116,14 @@ def test_a_caller_without_the_role_is_refused_the_tool(
         ScriptedReply(
             tool_calls=[ScriptedToolCall(name="lookup_employee", arguments={"query": "Lee"})]
         ),
+        ScriptedReply(content="I cannot use that."),  # planning again, seeing the refusal
         ScriptedReply(content="I cannot look that up for you."),
     )
     guest = {"X-Lamina-User": "gus", "X-Lamina-Groups": "alpha"}
     events = read_events(
         client, "/v1/chat/stream", json_body={"message": "Lee's extension?"}, headers=guest
     )
-    planning, answering = _chat_requests(simulator)
+    planning, _, answering = _chat_requests(simulator)
     offered = {t["function"]["name"] for t in planning["tools"]}  # type: ignore[index]
     assert "lookup_employee" not in offered
     assert _tool_outcome(events)["status"] == "refused"
