@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 import httpx
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -18,6 +18,7 @@ from client_api.auth.jwt import JwtValidator
 from client_api.composition import build_services
 from client_api.edge.admission import RateLimitHeaders
 from client_api.edge.caps import BodySizeLimit
+from client_api.mcp_server import mount_mcp_server
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
 from client_api.routes import approvals, chat, conversations, health, openai_compat, usage
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
@@ -45,7 +46,8 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             try:
-                yield
+                async with mcp.running(services) if mcp is not None else nullcontext():
+                    yield
             finally:
                 if validator is not None:
                     await validator.aclose()
@@ -77,6 +79,7 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(approvals.router)
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
+    mcp = mount_mcp_server(app) if settings.api.mcp_server else None
     return app
 
 
