@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from asgi_correlation_id import correlation_id
 
 from client_api.auth.api_keys import ApiKeyStore, open_api_key_store
@@ -56,6 +57,7 @@ from knowledge.retrieval import SecurityTrimmedRetriever
 from tools.approvals.factory import open_approval_store
 from tools.contracts import ApprovalGate, ToolAuditRecord, Toolset
 from tools.policy import BuiltTools, build_tools
+from tools.settings import McpServerSettings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -283,10 +285,36 @@ async def build_tool_layer(
         loaded = await load_openapi_tools(source, settings.tools.http)
         stack.push_async_callback(loaded.aclose)
         sources.append(loaded)
+    if settings.tools.mcp_servers:
+        from tools.mcp_client import open_mcp_tools
+
+        sources.extend(
+            await open_mcp_tools(
+                settings.tools.mcp_servers, stack, http_client_factory=_mcp_http_client(settings)
+            )
+        )
     store = await open_approval_store(
         settings.tools.approvals, data_dir=settings.data_dir, redis_client=redis, stack=stack
     )
     return build_tools(settings.tools, sources, audit=AuditLogToolSink(audit), approval_store=store)
+
+
+def _mcp_http_client(settings: LaminaSettings) -> Callable[[McpServerSettings], httpx.AsyncClient]:
+    """MCP over HTTP through the guarded client: no private address unless the operator
+    trusted that server's host. No total-time or size cap: an MCP reply may stream long;
+    each call has its own timeout in the policy."""
+    from tools.http import guarded_httpx_client
+
+    def client(server: McpServerSettings) -> httpx.AsyncClient:
+        host = httpx.URL(server.url or "").host
+        return guarded_httpx_client(
+            settings.tools.http,
+            trusted_hosts=[host] if server.trusted_private_network else (),
+            timeout=httpx.Timeout(30, read=300),
+            cap_response_size=False,
+        )
+
+    return client
 
 
 def build_planner(
