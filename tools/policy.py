@@ -35,6 +35,7 @@ import copy
 import json
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -419,22 +420,25 @@ class PolicyEnforcedToolset:
         await record_safely(self._audit_sink, entry)
 
 
-class FilteredToolset:
-    """A toolset showing only the tools whose names ``allowed`` accepts.
+class HidingToolset(ABC):
+    """A toolset wrapper that hides some tools from some callers.
 
     A hidden tool is reported as unknown, exactly like one that does not exist, to
-    callers and to the approval gate alike.
+    callers and to the approval gate alike; subclasses say what is visible.
     """
 
-    def __init__(self, inner: GuardedToolset, allowed: Callable[[str], bool]) -> None:
+    def __init__(self, inner: GuardedToolset) -> None:
         self._inner = inner
-        self._allowed = allowed
+
+    @abstractmethod
+    def visible(self, name: str, caller: ToolCaller) -> bool:
+        """Whether ``caller`` may see the tool ``name`` at all."""
 
     def list_tools(self, caller: ToolCaller) -> Sequence[ToolSpec]:
-        return [spec for spec in self._inner.list_tools(caller) if self._allowed(spec.name)]
+        return [s for s in self._inner.list_tools(caller) if self.visible(s.name, caller)]
 
     async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
-        if not self._allowed(name):
+        if not self.visible(name, caller):
             await self._inner.refuse(name, arguments, caller, _unknown_tool(name))
         return await self._inner.call(name, arguments, caller)
 
@@ -446,7 +450,8 @@ class FilteredToolset:
         *,
         authorize: bool = True,
     ) -> ToolSpec:
-        self._refuse_hidden(name)
+        if not self.visible(name, caller):
+            raise _unknown_tool(name)
         return self._inner.check(name, arguments, caller, authorize=authorize)
 
     async def call_approved(
@@ -457,7 +462,7 @@ class FilteredToolset:
         *,
         approval_id: str | None = None,
     ) -> ToolResult:
-        if not self._allowed(name):
+        if not self.visible(name, caller):
             await self.refuse(name, arguments, caller, _unknown_tool(name), approval_id=approval_id)
         return await self._inner.call_approved(name, arguments, caller, approval_id=approval_id)
 
@@ -472,23 +477,28 @@ class FilteredToolset:
     ) -> NoReturn:
         await self._inner.refuse(name, arguments, caller, error, approval_id=approval_id)
 
-    def _refuse_hidden(self, name: str) -> None:
-        if not self._allowed(name):
-            raise _unknown_tool(name)
+
+class FilteredToolset(HidingToolset):
+    """Shows every caller only the tools whose names ``allowed`` accepts."""
+
+    def __init__(self, inner: GuardedToolset, allowed: Callable[[str], bool]) -> None:
+        super().__init__(inner)
+        self._allowed = allowed
+
+    def visible(self, name: str, caller: ToolCaller) -> bool:
+        return self._allowed(name)
 
 
-class TenantEnabledToolset:
-    """A toolset showing each tenant only the tools its settings enable.
+class TenantEnabledToolset(HidingToolset):
+    """Shows each tenant only the tools its settings enable.
 
     For a caller whose tenant has :class:`~tools.settings.TenantToolSettings`,
     ``enabled`` (when set) lists the only tools it sees, and ``disabled`` removes
-    tools; tenants without settings see every tool. A hidden tool is reported as
-    unknown, exactly like one that does not exist, to callers and to the approval
-    gate alike.
+    tools; tenants without settings see every tool.
     """
 
     def __init__(self, inner: GuardedToolset, tenants: Mapping[str, TenantToolSettings]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._rules: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
             tenant: (
                 None if rule.enabled is None else frozenset(rule.enabled),
@@ -505,55 +515,8 @@ class TenantEnabledToolset:
         enabled, disabled = rule
         return (enabled is None or name in enabled) and name not in disabled
 
-    def list_tools(self, caller: ToolCaller) -> Sequence[ToolSpec]:
-        return [
-            spec
-            for spec in self._inner.list_tools(caller)
-            if self.allows(spec.name, caller.tenant_id)
-        ]
-
-    async def call(self, name: str, arguments: Mapping[str, Any], caller: ToolCaller) -> ToolResult:
-        if not self.allows(name, caller.tenant_id):
-            await self._inner.refuse(name, arguments, caller, _unknown_tool(name))
-        return await self._inner.call(name, arguments, caller)
-
-    def check(
-        self,
-        name: str,
-        arguments: Mapping[str, Any],
-        caller: ToolCaller,
-        *,
-        authorize: bool = True,
-    ) -> ToolSpec:
-        self._refuse_hidden(name, caller)
-        return self._inner.check(name, arguments, caller, authorize=authorize)
-
-    async def call_approved(
-        self,
-        name: str,
-        arguments: Mapping[str, Any],
-        caller: ToolCaller,
-        *,
-        approval_id: str | None = None,
-    ) -> ToolResult:
-        if not self.allows(name, caller.tenant_id):
-            await self.refuse(name, arguments, caller, _unknown_tool(name), approval_id=approval_id)
-        return await self._inner.call_approved(name, arguments, caller, approval_id=approval_id)
-
-    async def refuse(
-        self,
-        name: str,
-        arguments: Mapping[str, Any],
-        caller: ToolCaller,
-        error: ToolError,
-        *,
-        approval_id: str | None = None,
-    ) -> NoReturn:
-        await self._inner.refuse(name, arguments, caller, error, approval_id=approval_id)
-
-    def _refuse_hidden(self, name: str, caller: ToolCaller) -> None:
-        if not self.allows(name, caller.tenant_id):
-            raise _unknown_tool(name)
+    def visible(self, name: str, caller: ToolCaller) -> bool:
+        return self.allows(name, caller.tenant_id)
 
 
 @dataclass(frozen=True, slots=True)

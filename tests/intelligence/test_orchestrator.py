@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -51,14 +50,6 @@ CHUNKS = [
     chunk("leave", "Employees receive 27 days of annual leave.", groups=frozenset({"hr"})),
     chunk("falcon", "Project Falcon budget is 4.2 million.", groups=frozenset({"finance"})),
 ]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-    s = SqliteConversationStore(tmp_path / "c.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def make(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -282,14 +281,6 @@ async def test_content_safety_verdicts_are_used_when_the_service_is_up(
 
 
 # --- the orchestrator with a safety policy ------------------------------------------------------
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-    s = SqliteConversationStore(tmp_path / "c.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def orchestrator(

@@ -4,8 +4,7 @@ once, and a turn's budget (rounds, steps, tool calls, time) ends it with a clear
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -64,14 +63,6 @@ class RoundsPlanner:
 
 def plan_of(*steps: PlanStep) -> Callable[[PlanningContext], Plan]:
     return lambda _: Plan(steps=steps, planner="model:test")
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-    s = SqliteConversationStore(tmp_path / "c.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 def orchestrator(
