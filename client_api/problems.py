@@ -27,6 +27,7 @@ from intelligence.contracts import (
     IntelligenceError,
     UnsafeInput,
 )
+from tools.approvals.store import ApprovalStoreUnavailable
 from tools.contracts import ApprovalConflict, ApprovalNotFound, InvalidToolArguments, ToolError
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,14 @@ _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
 
 def _tool(exc: ToolError) -> Problem:
     """Tool errors reach the edge only from approval decisions."""
+    if isinstance(exc, ApprovalStoreUnavailable):
+        return Problem(
+            503,
+            "Approvals unavailable",
+            exc.message,
+            headers={"Retry-After": "5"},
+            extra={"code": "approvals_unavailable"},
+        )
     if isinstance(exc, ApprovalNotFound):
         return Problem(404, "Not found", exc.message, extra={"code": "approval_not_found"})
     if isinstance(exc, ApprovalConflict):

@@ -247,13 +247,21 @@ class Orchestrator:
                 "This turn has already resumed, or its conversation is gone.",
                 seen.status,
             )
-        approval = await self._approvals.decide(
-            request.approval_id,
-            request.decision,
-            principal,
-            arguments=request.arguments,
-            reason=request.reason,
-        )
+        try:
+            approval = await self._approvals.decide(
+                request.approval_id,
+                request.decision,
+                principal,
+                arguments=request.arguments,
+                reason=request.reason,
+            )
+        except ApprovalConflict as exc:
+            if exc.status is ApprovalStatus.EXPIRED:
+                # Nobody can resume it now: the paused answer ends as failed, not waiting.
+                await self._conversations.finish_message(
+                    owner, reply.id, "", MessageStatus.FAILED, plan=suspension.plan
+                )
+            raise
         turn = Turn(
             suspension.conversation_id,
             suspension.reply_id,

@@ -270,4 +270,6 @@ def test_an_expired_approval_cannot_be_decided(service: Service) -> None:
         assert late.status_code == 409
         assert late.json()["approval_status"] == "expired"
         assert client.get("/v1/approvals", headers=ANN).json()["items"] == []
+        stored = client.get(f"/v1/conversations/{approval['conversation_id']}", headers=ANN)
+        assert stored.json()["messages"][-1]["status"] == "failed"
     assert service.runs() == before
