@@ -7,7 +7,6 @@ suites), a small corpus with access rules, the extractive answerer.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ import httpx
 import pytest
 
 from client_api.app import create_app
-from client_api.composition import build_knowledge
-from client_api.settings import LaminaSettings
+from tests.client_api.corpus import dev_settings, ingest_corpus
 from tests.support.processes import app_in_thread
 
 HANDBOOK = (
@@ -25,46 +23,21 @@ HANDBOOK = (
     "leave go to hr-desk@contoso.example or +1 415 555 0132.\n"
 )
 PAYROLL = "# Payroll\n\nThe payroll account is DE89 3704 0044 0532 0130 00 at Kestrel Bank.\n"
-ACL = """
-tenant: contoso
-rules:
-  - match: "handbook/**"
-    public: true
-  - match: "payroll/**"
-    groups: [finance]
-"""
-
-
-def _settings(data: Path, **overrides: Any) -> LaminaSettings:
-    return LaminaSettings(data_dir=data, log_level="WARNING", auth={"mode": "dev"}, **overrides)
 
 
 @pytest.fixture(scope="module")
 def corpus_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "handbook").mkdir()
-    (root / "handbook" / "leave.md").write_text(HANDBOOK)
-    (root / "payroll").mkdir()
-    (root / "payroll" / "accounts.md").write_text(PAYROLL)
-    (root / "acl.yaml").write_text(ACL)
-    data = tmp_path_factory.mktemp("data")
-
-    async def ingest() -> None:
-        index, ingestor, _ = build_knowledge(_settings(data))
-        await index.open()
-        try:
-            report = await ingestor.ingest(root)
-            assert report.files_indexed == 2
-        finally:
-            await index.close()
-
-    asyncio.run(ingest())
-    return data
+    return ingest_corpus(
+        tmp_path_factory.mktemp("corpus"),
+        tmp_path_factory.mktemp("data"),
+        handbook=HANDBOOK,
+        payroll=PAYROLL,
+    )
 
 
 @pytest.fixture(scope="module")
 def lamina(corpus_data: Path) -> Iterator[str]:
-    settings = _settings(
+    settings = dev_settings(
         corpus_data,
         caps={"max_prompt_tokens": 60, "max_output_tokens": 100},
         inferencing={"max_output_tokens": 100},
@@ -185,7 +158,7 @@ def test_readiness_shows_the_rate_limit_and_cache_state(lamina: str) -> None:
 
 
 def test_a_used_up_daily_quota_is_refused_with_403(corpus_data: Path) -> None:
-    settings = _settings(corpus_data, limits={"user_tokens_per_day": 5})
+    settings = dev_settings(corpus_data, limits={"user_tokens_per_day": 5})
     with app_in_thread(create_app(settings)) as base:
         response = _chat(base, "How many days of leave do I get?", user="quinn")
         assert response.status_code == 403

@@ -8,14 +8,12 @@ exactly as for the REST API.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -23,55 +21,31 @@ from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 
 from client_api.app import create_app
-from client_api.composition import build_knowledge
 from client_api.settings import LaminaSettings
+from tests.client_api.corpus import dev_settings, ingest_corpus
 from tests.support.identity import AUDIENCE, running_identity_provider
 from tests.support.processes import app_in_thread
 
 HANDBOOK = "# Leave\n\nEvery employee gets 25 days of annual leave a year.\n"
 PAYROLL = "# Payroll\n\nThe payroll account is held at Kestrel Bank, reference KB-7731.\n"
-ACL = """
-tenant: contoso
-rules:
-  - match: "handbook/**"
-    public: true
-  - match: "payroll/**"
-    groups: [finance]
-"""
 
 LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
 MCP_ACCEPT = {"Accept": "application/json, text/event-stream"}
 
 
-def _settings(data: Path, **overrides: Any) -> LaminaSettings:
-    return LaminaSettings(data_dir=data, log_level="WARNING", auth={"mode": "dev"}, **overrides)
-
-
 @pytest.fixture(scope="module")
 def corpus_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "handbook").mkdir()
-    (root / "handbook" / "leave.md").write_text(HANDBOOK)
-    (root / "payroll").mkdir()
-    (root / "payroll" / "accounts.md").write_text(PAYROLL)
-    (root / "acl.yaml").write_text(ACL)
-    data = tmp_path_factory.mktemp("data")
-
-    async def ingest() -> None:
-        index, ingestor, _ = build_knowledge(_settings(data))
-        await index.open()
-        try:
-            assert (await ingestor.ingest(root)).files_indexed == 2
-        finally:
-            await index.close()
-
-    asyncio.run(ingest())
-    return data
+    return ingest_corpus(
+        tmp_path_factory.mktemp("corpus"),
+        tmp_path_factory.mktemp("data"),
+        handbook=HANDBOOK,
+        payroll=PAYROLL,
+    )
 
 
 @pytest.fixture(scope="module")
 def lamina(corpus_data: Path) -> Iterator[str]:
-    settings = _settings(
+    settings = dev_settings(
         corpus_data, limits={"tenants": {"tight": {"user_requests_per_minute": 3}}}
     )
     with app_in_thread(create_app(settings)) as base:
@@ -235,7 +209,7 @@ def test_there_is_no_event_stream_or_session_to_end(lamina: str) -> None:
 
 
 def test_the_server_is_off_when_disabled(corpus_data: Path) -> None:
-    settings = _settings(corpus_data, api={"mcp_server": False})
+    settings = dev_settings(corpus_data, api={"mcp_server": False})
     with app_in_thread(create_app(settings)) as base:
         response = httpx.post(
             f"{base}/mcp", json=LIST_TOOLS, headers={**MCP_ACCEPT, **dev_headers("sam")}
