@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from client_api.auth.dependencies import ChatCaller
 from client_api.problems import Problem
-from intelligence.contracts import Principal
+from intelligence.contracts import SEARCH_KNOWLEDGE, Principal
 from knowledge.contracts import KnowledgeError, RetrievalQuery, Retriever
 from tools.contracts import (
     InvalidToolArguments,
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
-SEARCH_TOOL = "search_knowledge"
 MAX_SEARCH_RESULTS = 20
 _MAX_QUERY_CHARS = 2_000
 _SNIPPET_CHARS = 1_200
@@ -115,9 +114,10 @@ class McpTools:
         for spec in self._toolset.list_tools(principal):
             if spec.risk not in (RiskLevel.READ, RiskLevel.WRITE):
                 continue  # needs a person's approval, which an MCP client cannot wait for
-            if spec.name == SEARCH_TOOL:
+            if spec.name == SEARCH_KNOWLEDGE:
                 log.warning(
-                    "tool %r is hidden over MCP: the knowledge search has its name", SEARCH_TOOL
+                    "tool %r is hidden over MCP: the knowledge search has its name",
+                    SEARCH_KNOWLEDGE,
                 )
                 continue
             specs.append(spec)
@@ -127,7 +127,7 @@ class McpTools:
         from mcp import types
 
         search = types.Tool(
-            name=SEARCH_TOOL,
+            name=SEARCH_KNOWLEDGE,
             description=(
                 "Search the organisation's documents you may read. Returns the best "
                 "passages, each with its title, source, section and a snippet of its text."
@@ -142,7 +142,7 @@ class McpTools:
     ) -> types.CallToolResult:
         """Run one call; every failure is an error result, never an exception."""
         try:
-            if name == SEARCH_TOOL:
+            if name == SEARCH_KNOWLEDGE:
                 output = await self._search(arguments, principal)
             else:
                 output = (await self._toolset.call(name, arguments, principal)).output
@@ -159,7 +159,7 @@ class McpTools:
         errors = tuple(sorted(e.message for e in self._search_validator.iter_errors(arguments)))
         if errors:
             message = "the arguments do not match the tool's schema: " + "; ".join(errors)
-            raise InvalidToolArguments(SEARCH_TOOL, message, errors)
+            raise InvalidToolArguments(SEARCH_KNOWLEDGE, message, errors)
         top_k = int(arguments.get("top_k", self._default_top_k))
         result = await self._retriever.retrieve(
             RetrievalQuery(text=str(arguments["query"]), top_k=top_k), principal

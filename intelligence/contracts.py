@@ -36,6 +36,10 @@ class Principal:
 
 # --- plans ---------------------------------------------------------------------
 
+SEARCH_KNOWLEDGE = "search_knowledge"
+"""The name under which a model calls retrieval (in planning, in tool round trips, and
+on Lamina's MCP server); no tool may take it."""
+
 
 class StepKind(StrEnum):
     RETRIEVE = "retrieve"

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from inferencing.contracts import ChatMessage, Role, RouteInfo, ToolCall
 from intelligence.contracts import (
+    SEARCH_KNOWLEDGE,
     ApprovalRequiredEvent,
     CacheOutcome,
     Citation,
@@ -32,9 +33,6 @@ from intelligence.contracts import (
 )
 from intelligence.settings import IntelligenceSettings
 from knowledge.contracts import RetrievedPassage
-
-SEARCH_TOOL_NAME = "search_knowledge"
-"""The name a model-planned retrieval goes by in the model's tool round trips."""
 
 
 @dataclass
@@ -69,7 +67,7 @@ class Execution:
 def _as_tool_call(step: PlanStep) -> ToolCall:
     assert step.tool_call_id is not None
     if step.kind is StepKind.RETRIEVE:
-        return ToolCall(step.tool_call_id, SEARCH_TOOL_NAME, json.dumps({"query": step.query}))
+        return ToolCall(step.tool_call_id, SEARCH_KNOWLEDGE, json.dumps({"query": step.query}))
     return ToolCall(step.tool_call_id, step.tool or "", json.dumps(dict(step.arguments or {})))
 
 

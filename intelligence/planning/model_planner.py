@@ -33,13 +33,18 @@ from inferencing.contracts import (
     ToolCall,
     ToolDefinition,
 )
-from intelligence.contracts import Plan, PlanningContext, PlanStep, StepKind, StepResult
+from intelligence.contracts import (
+    SEARCH_KNOWLEDGE,
+    Plan,
+    PlanningContext,
+    PlanStep,
+    StepKind,
+    StepResult,
+)
 from tools.contracts import Toolset, ToolSpec
 
 logger = logging.getLogger(__name__)
 
-SEARCH_KNOWLEDGE: Final = "search_knowledge"
-"""The retrieval function every model plan may use; a tool of that name is not offered."""
 
 SEARCH_KNOWLEDGE_DESCRIPTION: Final = (
     "Search the organisation's documents that the user is allowed to read. Use it whenever "

@@ -44,10 +44,10 @@ class ScriptedIndex:
         pass
 
     async def replace_document(self, document_id: str, chunks: Sequence[Chunk]) -> None:
-        raise NotImplementedError
+        raise NotImplementedError("the scripted index is read-only: retrieval tests never write")
 
     async def delete_document(self, document_id: str) -> None:
-        raise NotImplementedError
+        raise NotImplementedError("the scripted index is read-only: retrieval tests never write")
 
     async def search(
         self, text: str, access: AccessFilter, top_k: int
