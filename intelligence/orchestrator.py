@@ -621,7 +621,7 @@ class Orchestrator:
             result = await self._toolset.call(name, step.arguments or {}, turn.principal)
         except ToolError as exc:
             outcome = _refusal(step, exc)
-            return step, outcome, f"Error ({outcome.status.value}): {outcome.summary}"
+            return step, outcome, _as_error(outcome)
         outcome = StepOutcome(step.id, StepStatus.OK, f"{name} returned a result")
         return step, outcome, json.dumps(result.output, default=str)
 
@@ -671,9 +671,7 @@ class Orchestrator:
                 )
             except ToolError as exc:
                 outcome = _refusal(step, exc)
-                turn.execution.record(
-                    step, outcome, f"Error ({outcome.status.value}): {outcome.summary}"
-                )
+                turn.execution.record(step, outcome, _as_error(outcome))
                 yield StepEvent(step, outcome)
                 continue
             outcome = StepOutcome(
@@ -712,7 +710,7 @@ class Orchestrator:
                 content = f"Error (not run again): {exc.message}"
             except ToolError as exc:
                 outcome = _refusal(step, exc)
-                content = f"Error ({outcome.status.value}): {outcome.summary}"
+                content = _as_error(outcome)
             else:
                 edited = " with arguments a person chose" if approval.requested_arguments else ""
                 outcome = StepOutcome(step.id, StepStatus.OK, f"{result.tool} ran{edited}")
@@ -772,6 +770,11 @@ def _extend(plan: Plan | None, following: Plan) -> Plan:
     done = tuple(step for step in plan.steps if step.kind is not StepKind.ANSWER)
     rationale = " ".join(text for text in (plan.rationale, following.rationale) if text)
     return Plan(steps=done + following.steps, planner=plan.planner, rationale=rationale)
+
+
+def _as_error(outcome: StepOutcome) -> str:
+    """A step that did not run, as the model is told."""
+    return f"Error ({outcome.status.value}): {outcome.summary}"
 
 
 def _refusal(step: PlanStep, error: ToolError) -> StepOutcome:
