@@ -12,7 +12,12 @@ from client_api.auth.permissions import ROLE_PERMISSIONS, USER_ROLE, Permission
 from client_api.edge.caps import CapsSettings
 from client_api.edge.limits import LimitsSettings
 from inferencing.settings import ContentSafetySettings, InferencingSettings
-from intelligence.settings import AnswerCacheSettings, IntelligenceSettings, SafetySettings
+from intelligence.settings import (
+    AnswerCacheSettings,
+    ConversationSettings,
+    IntelligenceSettings,
+    SafetySettings,
+)
 from knowledge.settings import KnowledgeSettings
 from tools.settings import ToolsSettings
 
@@ -166,6 +171,7 @@ class LaminaSettings(BaseSettings):
     inferencing: InferencingSettings = InferencingSettings()
     tools: ToolsSettings = ToolsSettings()
     intelligence: IntelligenceSettings = IntelligenceSettings()
+    conversations: ConversationSettings = ConversationSettings()
 
     def knowledge_index_path(self) -> Path:
         return self.knowledge.index_path or self.data_dir / "knowledge.db"

@@ -161,6 +161,10 @@ class Conversation:
     title: str
     created_at: datetime
     updated_at: datetime
+    summary: str = ""
+    """A running summary of the turns older than those a model sees verbatim."""
+    summary_through: str | None = None
+    """The id of the last message the summary covers (``None``: no summary yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +173,54 @@ class ConversationPage:
     next_cursor: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class NewTurn:
+    """What :meth:`ConversationStore.begin_turn` writes at once."""
+
+    question: str
+    conversation_id: str | None
+    """Continue this conversation; ``None`` starts one titled ``title``."""
+    title: str
+    lease_until: datetime
+    """The reply is running until then unless its turn renews the lease (a heartbeat);
+    after it, the turn counts as abandoned (its process died) and may be retried."""
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    """A digest of the request, kept with the key: the same key with another body is refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """A turn's durable start: the question, the reply (running, or how it ended) and the
+    idempotency key it was started with."""
+
+    conversation: Conversation
+    user_message: ConversationMessage
+    reply: ConversationMessage
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    lease_until: datetime | None = None
+    """While the reply is ``STREAMING``: when its lease ends."""
+    created: bool = True
+    """False when the idempotency key had been used already: nothing was written, and this
+    is the earlier turn (whatever its request hash)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationExport:
+    """One conversation with all its messages, as a data-subject export gives it."""
+
+    conversation: Conversation
+    messages: tuple[ConversationMessage, ...]
+
+
 class ConversationStore(Protocol):
     """Conversations scoped to (tenant, user). A caller never reads, lists or deletes
-    another user's conversation: such a lookup behaves as if it did not exist."""
+    another user's conversation: such a lookup behaves as if it did not exist.
+
+    Every adapter passes ``tests/intelligence/stores/conversation_contract.py``. An adapter
+    is built with a :class:`RetentionPolicy`: messages older than their tenant's period
+    are deleted (by :meth:`purge_expired`, or by the backend's own expiry)."""
 
     async def open(self) -> None: ...
 
@@ -212,6 +261,97 @@ class ConversationStore(Protocol):
         self, principal: Principal, conversation_id: str, *, last: int | None = None
     ) -> list[ConversationMessage]: ...
 
+    # --- turns: durable before the model is called, never doubled -------------------
+
+    async def begin_turn(self, principal: Principal, turn: NewTurn) -> TurnRecord:
+        """In one atomic write: the conversation when new, the user message, the reply
+        (``STREAMING``, empty, leased until ``turn.lease_until``) and the idempotency key.
+
+        When the caller already used ``turn.idempotency_key``, writes nothing and returns
+        that earlier turn with ``created=False``; of two racing calls with one key exactly
+        one creates. Raises ``LookupError`` when ``turn.conversation_id`` is not the
+        caller's conversation."""
+        ...
+
+    async def find_turn(self, principal: Principal, idempotency_key: str) -> TurnRecord | None:
+        """The caller's turn started with this key, as it is now."""
+        ...
+
+    async def renew_turn(
+        self, principal: Principal, reply_id: str, content: str, lease_until: datetime
+    ) -> bool:
+        """A running turn's heartbeat: keep the answer so far and extend the lease. False
+        (and nothing changed) when the reply is no longer ``STREAMING``."""
+        ...
+
+    async def retry_turn(
+        self, principal: Principal, reply_id: str, lease_until: datetime, *, now: datetime
+    ) -> TurnRecord | None:
+        """Claim a turn to run again: a reply that is ``INTERRUPTED`` or ``FAILED``, or
+        ``STREAMING`` with a lease ended before ``now``, becomes ``STREAMING`` again,
+        emptied, leased until ``lease_until``. Of racing claims exactly one gets the
+        record; the others (and a reply in any other state) get ``None``."""
+        ...
+
+    async def interrupt_abandoned(self, now: datetime) -> int:
+        """Mark every ``STREAMING`` reply whose lease ended before ``now`` ``INTERRUPTED``,
+        keeping its text so far (all tenants: for start-up and a periodic sweep). Returns
+        how many were marked."""
+        ...
+
+    # --- memory -------------------------------------------------------------------
+
+    async def save_summary(
+        self, principal: Principal, conversation_id: str, summary: str, through_message_id: str
+    ) -> None:
+        """Replace the conversation's running summary (it covers the messages up to and
+        including ``through_message_id``). Does nothing for another caller's conversation."""
+        ...
+
+    # --- retention and data-subject rights ---------------------------------------------
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete messages older than their tenant's retention period, and conversations
+        left with none; returns how many messages went. Backends that expire items by
+        themselves (Cosmos DB TTL) may return 0: what they expired is gone all the same."""
+        ...
+
+    async def export_user(self, principal: Principal) -> list[ConversationExport]:
+        """Everything stored for the caller, conversations oldest first."""
+        ...
+
+    async def delete_user(self, principal: Principal) -> int:
+        """Delete everything stored for the caller (conversations, messages, idempotency
+        keys); returns how many conversations went."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long a tenant's conversation messages are kept (``None``: forever)."""
+
+    default_s: float | None = None
+    tenants: Mapping[str, float | None] = field(default_factory=dict)
+
+    def seconds_for(self, tenant_id: str) -> float | None:
+        return self.tenants.get(tenant_id, self.default_s)
+
+
+class PersonalDataHolder(Protocol):
+    """A store that keeps data about users: what ``GET /v1/me/data`` exports from it and
+    ``DELETE /v1/me/data`` erases. The composition root lists every one of them."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def export_user(self, principal: Principal) -> Any:
+        """The caller's data in this store, as JSON-ready values."""
+        ...
+
+    async def erase_user(self, principal: Principal) -> int:
+        """Delete the caller's data in this store; returns how many items went."""
+        ...
+
 
 # --- audit ----------------------------------------------------------------------
 
@@ -240,6 +380,9 @@ class TurnRequest:
     message: str
     conversation_id: str | None = None
     correlation_id: str | None = None
+    idempotency_key: str | None = None
+    """The client's key for this request: sent again (a retry), it never starts a second
+    turn (see :meth:`Assistant.start_turn`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +528,12 @@ class Assistant(Protocol):
     async def start_turn(self, request: TurnRequest, principal: Principal) -> StartedTurn:
         """Validate the input and persist the user message, then return the event stream.
 
+        With an idempotency key the caller used before, for the same request: a finished
+        turn's stored answer is replayed, a turn still running in this process is joined,
+        and an interrupted or failed one runs again (once, whoever retries). Raises
+        :class:`IdempotencyKeyReused` for another request under the key, and
+        :class:`TurnInProgress` when the turn runs elsewhere or waits for an approval.
+
         Raises :class:`IntelligenceError` before anything streams."""
         ...
 
@@ -477,6 +626,15 @@ class UnsafeInput(InputRejected):
     check could not run and no offline fallback is configured; worth retrying)."""
 
     code: str = "prompt_injection"
+
+
+class IdempotencyKeyReused(IntelligenceError):
+    """The idempotency key was used before for a different request."""
+
+
+class TurnInProgress(IntelligenceError):
+    """The turn of this idempotency key is still running (elsewhere) or waits for an
+    approval; retry later."""
 
 
 class ApprovalsUnavailable(IntelligenceError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
+
+from intelligence.contracts import RetentionPolicy
 
 
 class IntelligenceSettings(BaseModel):
@@ -36,6 +38,65 @@ class IntelligenceSettings(BaseModel):
     max_turn_s: float = Field(
         default=120.0, gt=0, le=3600, description="Wall time for planning and steps of a turn"
     )
+
+
+class CosmosSettings(BaseModel):
+    """Azure Cosmos DB for conversations (``LAMINA_CONVERSATIONS__COSMOS__*``): one
+    container, partitioned by tenant, user and conversation."""
+
+    endpoint: str | None = Field(
+        default=None, description="Account endpoint, e.g. https://<account>.documents.azure.com"
+    )
+    key: SecretStr | None = Field(
+        default=None, description="Account key; empty: Entra ID through azure-identity"
+    )
+    database: str = Field(default="lamina", min_length=1, description="Database name")
+    container: str = Field(default="conversations", min_length=1, description="Container name")
+    create_if_missing: bool = Field(
+        default=False,
+        description="Create the database and container at start-up (needs control-plane "
+        "rights; infra/ creates them in production)",
+    )
+
+
+class ConversationSettings(BaseModel):
+    """Where conversations live, how long they are kept, and how a running turn proves it
+    is alive (``LAMINA_CONVERSATIONS__*``)."""
+
+    backend: Literal["sqlite", "cosmos"] = Field(
+        default="sqlite", description="sqlite (embedded) or cosmos (Azure Cosmos DB)"
+    )
+    cosmos: CosmosSettings = Field(default_factory=CosmosSettings)
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Messages older than this are deleted; empty: kept"
+    )
+    tenant_retention_days: dict[str, float | None] = Field(
+        default_factory=dict,
+        description='Per-tenant retention overriding retention_days, e.g. {"contoso": 30}; '
+        "null: kept",
+    )
+    turn_lease_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        le=3600.0,
+        description="A running turn renews its lease this often times three; a turn whose "
+        "lease ran out (its process died) is marked interrupted and may be retried",
+    )
+    sweep_interval_s: float = Field(
+        default=60.0,
+        ge=1.0,
+        description="How often abandoned turns are marked and expired messages purged",
+    )
+
+    def retention(self) -> RetentionPolicy:
+        day = 86_400.0
+        return RetentionPolicy(
+            default_s=self.retention_days * day if self.retention_days else None,
+            tenants={
+                tenant: days * day if days else None
+                for tenant, days in self.tenant_retention_days.items()
+            },
+        )
 
 
 class AnswerCacheSettings(BaseModel):
