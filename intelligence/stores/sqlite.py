@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -17,11 +19,15 @@ from intelligence.contracts import (
     AuditRecord,
     Citation,
     Conversation,
+    ConversationExport,
     ConversationMessage,
     ConversationPage,
     MessageStatus,
+    NewTurn,
     Plan,
     Principal,
+    RetentionPolicy,
+    TurnRecord,
 )
 
 _CITATIONS = TypeAdapter(tuple[Citation, ...])
@@ -36,7 +42,9 @@ CREATE TABLE IF NOT EXISTS conversations (
     user_id TEXT NOT NULL,
     title TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    summary TEXT NOT NULL DEFAULT '',
+    summary_through TEXT
 );
 CREATE INDEX IF NOT EXISTS conversations_owner
     ON conversations (tenant_id, user_id, updated_at DESC, id DESC);
@@ -49,7 +57,8 @@ CREATE TABLE IF NOT EXISTS messages (
     status TEXT NOT NULL,
     citations TEXT NOT NULL DEFAULT '[]',
     plan TEXT,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    lease_until TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, seq);
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -63,9 +72,44 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 """
 
+_ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "conversations": (("summary", "TEXT NOT NULL DEFAULT ''"), ("summary_through", "TEXT")),
+    "messages": (("lease_until", "TEXT"),),
+}
+"""Columns later versions added: a database made by an earlier version gains them on open."""
+
+_SCHEMA_OF_TURNS = """
+CREATE TABLE IF NOT EXISTS turns (
+    reply_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+    user_message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    tenant_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS turns_key ON turns (tenant_id, user_id, idempotency_key);
+CREATE INDEX IF NOT EXISTS turns_user_message ON turns (user_message_id);
+CREATE INDEX IF NOT EXISTS turns_conversation ON turns (conversation_id);
+CREATE INDEX IF NOT EXISTS messages_lease ON messages (status, lease_until);
+CREATE INDEX IF NOT EXISTS messages_created ON messages (created_at);
+"""
+
+_KEEP_FOREVER = RetentionPolicy()
+
+_OWNED = "SELECT id FROM conversations WHERE tenant_id = ? AND user_id = ?"
+
+
+def _stamp(moment: datetime) -> str:
+    """One text form for every stored instant (UTC, microseconds), so SQL compares them
+    as strings in time order."""
+    if moment.tzinfo is None:
+        raise ValueError("a naive datetime has no instant; pass a timezone-aware one")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat()
+    return _stamp(datetime.now(UTC))
 
 
 class _Database:
@@ -83,6 +127,30 @@ class _Database:
         self._db.row_factory = aiosqlite.Row
         await self._db.executescript(_SCHEMA)
         await self._db.commit()
+        await self._migrate(self._db)
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        # IMMEDIATE: two processes opening one old file at once must not both add a column.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, columns in _ADDED_COLUMNS.items():
+                async with db.execute(f"PRAGMA table_info({table})") as rows:
+                    present = {row["name"] for row in await rows.fetchall()}
+                for name, declaration in columns:
+                    if name not in present:
+                        await db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+                        if (table, name) == ("messages", "lease_until"):
+                            # Written by a version without leases, whose process is gone:
+                            # such a reply counts as abandoned from the moment it began.
+                            await db.execute(
+                                "UPDATE messages SET lease_until = created_at WHERE status = ?",
+                                (MessageStatus.STREAMING.value,),
+                            )
+        except BaseException:
+            await db.rollback()
+            raise
+        await db.commit()
+        await db.executescript(_SCHEMA_OF_TURNS)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -97,27 +165,49 @@ class _Database:
 
 
 class SqliteConversationStore(_Database):
-    """Conversations scoped to (tenant, user): every query carries both."""
+    """Conversations scoped to (tenant, user): every query carries both.
+
+    Every operation holds one lock: the store shares a single connection, and a write
+    of one coroutine must not be read (or committed) half-way by another. Writes run as
+    ``BEGIN IMMEDIATE`` transactions, so processes sharing the file serialise too."""
+
+    def __init__(self, path: Path, *, retention: RetentionPolicy = _KEEP_FOREVER) -> None:
+        super().__init__(path)
+        self._retention = retention
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self.db
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.rollback()
+                raise
+            await db.commit()
+
+    # --- conversations and messages -------------------------------------------------
 
     async def create(self, principal: Principal, title: str) -> Conversation:
         now = _now()
         conversation_id = uuid.uuid4().hex
-        await self.db.execute(
-            "INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)",
-            (conversation_id, principal.tenant_id, principal.user_id, title, now, now),
-        )
-        await self.db.commit()
+        async with self._writing() as db:
+            await _insert_conversation(db, conversation_id, principal, title, now)
         stamp = datetime.fromisoformat(now)
         return Conversation(
             conversation_id, principal.tenant_id, principal.user_id, title, stamp, stamp
         )
 
     async def get(self, principal: Principal, conversation_id: str) -> Conversation | None:
-        async with self.db.execute(
-            "SELECT * FROM conversations WHERE id = ? AND tenant_id = ? AND user_id = ?",
-            (conversation_id, principal.tenant_id, principal.user_id),
-        ) as cursor:
-            row = await cursor.fetchone()
+        async with self._reading() as db:
+            row = await _owned_conversation(db, principal, conversation_id)
         return _conversation(row) if row else None
 
     async def list_conversations(
@@ -131,18 +221,22 @@ class SqliteConversationStore(_Database):
             params += list(after)
         query += " ORDER BY updated_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
-        async with self.db.execute(query, params) as rows:
-            found = [_conversation(r) for r in await rows.fetchall()]
-        items = tuple(found[:limit])
-        next_cursor = _encode_cursor(items[-1]) if len(found) > limit else None
-        return ConversationPage(items, next_cursor)
+        async with self._reading() as db, db.execute(query, params) as rows:
+            found = list(await rows.fetchall())
+        items = found[:limit]
+        # The cursor carries the stored text of the timestamp, so the next page's
+        # comparison sees exactly what the database holds.
+        next_cursor = (
+            _encode_cursor(items[-1]["updated_at"], items[-1]["id"]) if len(found) > limit else None
+        )
+        return ConversationPage(tuple(_conversation(r) for r in items), next_cursor)
 
     async def delete(self, principal: Principal, conversation_id: str) -> bool:
-        cursor = await self.db.execute(
-            "DELETE FROM conversations WHERE id = ? AND tenant_id = ? AND user_id = ?",
-            (conversation_id, principal.tenant_id, principal.user_id),
-        )
-        await self.db.commit()
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "DELETE FROM conversations WHERE id = ? AND tenant_id = ? AND user_id = ?",
+                (conversation_id, principal.tenant_id, principal.user_id),
+            )
         return cursor.rowcount > 0
 
     async def add_message(
@@ -154,22 +248,13 @@ class SqliteConversationStore(_Database):
         *,
         status: MessageStatus = MessageStatus.COMPLETE,
     ) -> ConversationMessage:
-        if await self.get(principal, conversation_id) is None:
-            raise LookupError("no such conversation for this caller")
         now = _now()
         message_id = uuid.uuid4().hex
-        try:
-            await self.db.execute(
-                "INSERT INTO messages (id, conversation_id, role, content, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (message_id, conversation_id, role, content, status.value, now),
-            )
-        except aiosqlite.IntegrityError:  # deleted since the ownership check above
-            raise LookupError("no such conversation for this caller") from None
-        await self.db.execute(
-            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
-        )
-        await self.db.commit()
+        async with self._writing() as db:
+            if await _owned_conversation(db, principal, conversation_id) is None:
+                raise LookupError("no such conversation for this caller")
+            await _insert_message(db, message_id, conversation_id, role, content, status, now)
+            await _touch(db, conversation_id, now)
         return ConversationMessage(
             message_id, conversation_id, role, content, datetime.fromisoformat(now), status
         )
@@ -184,35 +269,254 @@ class SqliteConversationStore(_Database):
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
     ) -> None:
-        await self.db.execute(
-            "UPDATE messages SET content = ?, status = ?, citations = ?, plan = ?"
-            " WHERE id = ? AND conversation_id IN"
-            " (SELECT id FROM conversations WHERE tenant_id = ? AND user_id = ?)",
-            (
-                content,
-                status.value,
-                _CITATIONS.dump_json(tuple(citations)).decode(),
-                _PLAN.dump_json(plan).decode(),
-                message_id,
-                principal.tenant_id,
-                principal.user_id,
-            ),
-        )
-        await self.db.commit()
+        async with self._writing() as db:
+            await db.execute(
+                "UPDATE messages SET content = ?, status = ?, citations = ?, plan = ?"
+                f" WHERE id = ? AND conversation_id IN ({_OWNED})",
+                (
+                    content,
+                    status.value,
+                    _CITATIONS.dump_json(tuple(citations)).decode(),
+                    _PLAN.dump_json(plan).decode(),
+                    message_id,
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            )
 
     async def messages(
         self, principal: Principal, conversation_id: str, *, last: int | None = None
     ) -> list[ConversationMessage]:
-        if await self.get(principal, conversation_id) is None:
-            return []
-        query = "SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq DESC"
-        params: list[object] = [conversation_id]
+        query = (
+            "SELECT * FROM messages WHERE conversation_id ="
+            " (SELECT id FROM conversations WHERE id = ? AND tenant_id = ? AND user_id = ?)"
+            " ORDER BY seq DESC"
+        )
+        params: list[object] = [conversation_id, principal.tenant_id, principal.user_id]
         if last is not None:
             query += " LIMIT ?"
             params.append(last)
-        async with self.db.execute(query, params) as rows:
+        async with self._reading() as db, db.execute(query, params) as rows:
             found = [_message(r) for r in await rows.fetchall()]
         return list(reversed(found))
+
+    # --- turns ----------------------------------------------------------------------
+
+    async def begin_turn(self, principal: Principal, turn: NewTurn) -> TurnRecord:
+        lease_until = _stamp(turn.lease_until)
+        async with self._writing() as db:
+            # Inside the write transaction: of racing calls with one key, the first to
+            # take the lock writes, and every later one finds its turn here.
+            if turn.idempotency_key is not None:
+                async with db.execute(
+                    "SELECT reply_id FROM turns"
+                    " WHERE tenant_id = ? AND user_id = ? AND idempotency_key = ?",
+                    (principal.tenant_id, principal.user_id, turn.idempotency_key),
+                ) as rows:
+                    earlier = await rows.fetchone()
+                if earlier is not None:
+                    record = await _turn_record(db, principal, earlier["reply_id"], created=False)
+                    if record is not None:
+                        return record
+                    # Its messages expired under the retention policy: the key is free.
+                    await db.execute("DELETE FROM turns WHERE reply_id = ?", (earlier["reply_id"],))
+            now = _now()
+            if turn.conversation_id is None:
+                conversation_id = uuid.uuid4().hex
+                await _insert_conversation(db, conversation_id, principal, turn.title, now)
+            else:
+                conversation_id = turn.conversation_id
+                if await _owned_conversation(db, principal, conversation_id) is None:
+                    raise LookupError("no such conversation for this caller")
+                await _touch(db, conversation_id, now)
+            user_message_id, reply_id = uuid.uuid4().hex, uuid.uuid4().hex
+            await _insert_message(
+                db,
+                user_message_id,
+                conversation_id,
+                "user",
+                turn.question,
+                MessageStatus.COMPLETE,
+                now,
+            )
+            await _insert_message(
+                db,
+                reply_id,
+                conversation_id,
+                "assistant",
+                "",
+                MessageStatus.STREAMING,
+                now,
+                lease_until=lease_until,
+            )
+            await db.execute(
+                "INSERT INTO turns (reply_id, user_message_id, conversation_id, tenant_id,"
+                " user_id, idempotency_key, request_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    reply_id,
+                    user_message_id,
+                    conversation_id,
+                    principal.tenant_id,
+                    principal.user_id,
+                    turn.idempotency_key,
+                    turn.request_hash,
+                ),
+            )
+            record = await _turn_record(db, principal, reply_id, created=True)
+        if record is None:  # pragma: no cover - written in this very transaction
+            raise RuntimeError("the turn just written could not be read back")
+        return record
+
+    async def find_turn(self, principal: Principal, idempotency_key: str) -> TurnRecord | None:
+        async with self._reading() as db:
+            async with db.execute(
+                "SELECT reply_id FROM turns"
+                " WHERE tenant_id = ? AND user_id = ? AND idempotency_key = ?",
+                (principal.tenant_id, principal.user_id, idempotency_key),
+            ) as rows:
+                found = await rows.fetchone()
+            if found is None:
+                return None
+            return await _turn_record(db, principal, found["reply_id"], created=False)
+
+    async def renew_turn(
+        self, principal: Principal, reply_id: str, content: str, lease_until: datetime
+    ) -> bool:
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "UPDATE messages SET content = ?, lease_until = ?"
+                " WHERE id = ? AND role = 'assistant' AND status = ?"
+                f" AND conversation_id IN ({_OWNED})",
+                (
+                    content,
+                    _stamp(lease_until),
+                    reply_id,
+                    MessageStatus.STREAMING.value,
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            )
+        return cursor.rowcount > 0
+
+    async def retry_turn(
+        self, principal: Principal, reply_id: str, lease_until: datetime, *, now: datetime
+    ) -> TurnRecord | None:
+        async with self._writing() as db:
+            # One conditional UPDATE is the claim: of racing retries only one matches.
+            cursor = await db.execute(
+                "UPDATE messages SET content = '', status = ?, citations = '[]', plan = NULL,"
+                " lease_until = ?"
+                " WHERE id = ? AND role = 'assistant'"
+                " AND (status IN (?, ?) OR (status = ? AND lease_until < ?))"
+                f" AND conversation_id IN ({_OWNED})",
+                (
+                    MessageStatus.STREAMING.value,
+                    _stamp(lease_until),
+                    reply_id,
+                    MessageStatus.INTERRUPTED.value,
+                    MessageStatus.FAILED.value,
+                    MessageStatus.STREAMING.value,
+                    _stamp(now),
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            )
+            if cursor.rowcount == 0:
+                return None
+            return await _turn_record(db, principal, reply_id, created=True)
+
+    async def interrupt_abandoned(self, now: datetime) -> int:
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "UPDATE messages SET status = ? WHERE status = ? AND lease_until < ?",
+                (MessageStatus.INTERRUPTED.value, MessageStatus.STREAMING.value, _stamp(now)),
+            )
+        return cursor.rowcount
+
+    # --- memory ---------------------------------------------------------------------
+
+    async def save_summary(
+        self, principal: Principal, conversation_id: str, summary: str, through_message_id: str
+    ) -> None:
+        # updated_at stays: a summary is housekeeping, not activity that reorders the list.
+        async with self._writing() as db:
+            await db.execute(
+                "UPDATE conversations SET summary = ?, summary_through = ?"
+                " WHERE id = ? AND tenant_id = ? AND user_id = ?",
+                (
+                    summary,
+                    through_message_id,
+                    conversation_id,
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            )
+
+    # --- retention and data-subject rights ---------------------------------------------
+
+    async def purge_expired(self, now: datetime) -> int:
+        policy = self._retention
+        scopes: list[tuple[str, list[object], float]] = [
+            ("tenant_id = ?", [tenant], seconds)
+            for tenant, seconds in policy.tenants.items()
+            if seconds is not None
+        ]
+        if policy.default_s is not None:
+            listed = list(policy.tenants)
+            scopes.append(
+                (
+                    f"tenant_id NOT IN ({', '.join('?' * len(listed))})" if listed else "1",
+                    list(listed),
+                    policy.default_s,
+                )
+            )
+        purged = 0
+        async with self._writing() as db:
+            for where, params, seconds in scopes:
+                cutoff = _stamp(now - timedelta(seconds=seconds))
+                cursor = await db.execute(
+                    "DELETE FROM messages WHERE created_at < ? AND conversation_id IN"
+                    f" (SELECT id FROM conversations WHERE {where})",
+                    [cutoff, *params],
+                )
+                purged += cursor.rowcount
+                # Emptied and untouched since the cutoff: nothing of it is left to keep.
+                await db.execute(
+                    f"DELETE FROM conversations WHERE {where} AND updated_at < ?"
+                    " AND NOT EXISTS"
+                    " (SELECT 1 FROM messages WHERE conversation_id = conversations.id)",
+                    [*params, cutoff],
+                )
+        return purged
+
+    async def export_user(self, principal: Principal) -> list[ConversationExport]:
+        owner = (principal.tenant_id, principal.user_id)
+        async with self._reading() as db:
+            async with db.execute(
+                "SELECT * FROM conversations WHERE tenant_id = ? AND user_id = ?"
+                " ORDER BY created_at, id",
+                owner,
+            ) as rows:
+                conversations = [_conversation(r) for r in await rows.fetchall()]
+            async with db.execute(
+                f"SELECT * FROM messages WHERE conversation_id IN ({_OWNED}) ORDER BY seq",
+                owner,
+            ) as rows:
+                messages = [_message(r) for r in await rows.fetchall()]
+        by_conversation: dict[str, list[ConversationMessage]] = {c.id: [] for c in conversations}
+        for message in messages:
+            by_conversation[message.conversation_id].append(message)
+        return [ConversationExport(c, tuple(by_conversation[c.id])) for c in conversations]
+
+    async def delete_user(self, principal: Principal) -> int:
+        owner = (principal.tenant_id, principal.user_id)
+        async with self._writing() as db:
+            # Messages and turns go with their conversation (ON DELETE CASCADE).
+            cursor = await db.execute(
+                "DELETE FROM conversations WHERE tenant_id = ? AND user_id = ?", owner
+            )
+            await db.execute("DELETE FROM turns WHERE tenant_id = ? AND user_id = ?", owner)
+        return cursor.rowcount
 
 
 class SqliteAuditLog(_Database):
@@ -253,6 +557,95 @@ class SqliteAuditLog(_Database):
             ]
 
 
+# --- statements shared by the store's operations (run inside its lock) -----------------
+
+
+async def _owned_conversation(
+    db: aiosqlite.Connection, principal: Principal, conversation_id: str
+) -> aiosqlite.Row | None:
+    async with db.execute(
+        "SELECT * FROM conversations WHERE id = ? AND tenant_id = ? AND user_id = ?",
+        (conversation_id, principal.tenant_id, principal.user_id),
+    ) as rows:
+        return await rows.fetchone()
+
+
+async def _insert_conversation(
+    db: aiosqlite.Connection, conversation_id: str, principal: Principal, title: str, now: str
+) -> None:
+    await db.execute(
+        "INSERT INTO conversations (id, tenant_id, user_id, title, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (conversation_id, principal.tenant_id, principal.user_id, title, now, now),
+    )
+
+
+async def _insert_message(
+    db: aiosqlite.Connection,
+    message_id: str,
+    conversation_id: str,
+    role: Literal["user", "assistant"],
+    content: str,
+    status: MessageStatus,
+    now: str,
+    *,
+    lease_until: str | None = None,
+) -> None:
+    await db.execute(
+        "INSERT INTO messages"
+        " (id, conversation_id, role, content, status, created_at, lease_until)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (message_id, conversation_id, role, content, status.value, now, lease_until),
+    )
+
+
+async def _touch(db: aiosqlite.Connection, conversation_id: str, now: str) -> None:
+    await db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id))
+
+
+async def _turn_record(
+    db: aiosqlite.Connection, principal: Principal, reply_id: str, *, created: bool
+) -> TurnRecord | None:
+    """The caller's turn whose reply is ``reply_id``, as stored now."""
+    async with db.execute(
+        "SELECT m.*, t.user_message_id, t.idempotency_key, t.request_hash"
+        " FROM messages m LEFT JOIN turns t ON t.reply_id = m.id"
+        f" WHERE m.id = ? AND m.role = 'assistant' AND m.conversation_id IN ({_OWNED})",
+        (reply_id, principal.tenant_id, principal.user_id),
+    ) as rows:
+        reply = await rows.fetchone()
+    if reply is None:
+        return None
+    if reply["user_message_id"] is not None:
+        query, params = "SELECT * FROM messages WHERE id = ?", [reply["user_message_id"]]
+    else:
+        # A reply written by add_message has no turn row: its question is the user
+        # message just before it.
+        query = (
+            "SELECT * FROM messages WHERE conversation_id = ? AND role = 'user' AND seq < ?"
+            " ORDER BY seq DESC LIMIT 1"
+        )
+        params = [reply["conversation_id"], reply["seq"]]
+    async with db.execute(query, params) as rows:
+        user_message = await rows.fetchone()
+    conversation = await _owned_conversation(db, principal, reply["conversation_id"])
+    if user_message is None or conversation is None:
+        return None
+    status = MessageStatus(reply["status"])
+    lease = reply["lease_until"]
+    return TurnRecord(
+        conversation=_conversation(conversation),
+        user_message=_message(user_message),
+        reply=_message(reply),
+        idempotency_key=reply["idempotency_key"],
+        request_hash=reply["request_hash"],
+        lease_until=(
+            datetime.fromisoformat(lease) if lease and status is MessageStatus.STREAMING else None
+        ),
+        created=created,
+    )
+
+
 def _conversation(row: aiosqlite.Row) -> Conversation:
     return Conversation(
         id=row["id"],
@@ -261,6 +654,8 @@ def _conversation(row: aiosqlite.Row) -> Conversation:
         title=row["title"],
         created_at=datetime.fromisoformat(row["created_at"]),
         updated_at=datetime.fromisoformat(row["updated_at"]),
+        summary=row["summary"],
+        summary_through=row["summary_through"],
     )
 
 
@@ -277,9 +672,8 @@ def _message(row: aiosqlite.Row) -> ConversationMessage:
     )
 
 
-def _encode_cursor(conversation: Conversation) -> str:
-    raw = f"{conversation.updated_at.isoformat()}|{conversation.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+def _encode_cursor(updated_at: str, conversation_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at}|{conversation_id}".encode()).decode()
 
 
 def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:

@@ -1,7 +1,30 @@
-"""The contract every ConversationStore adapter passes (mix into a test class that
-provides a ``store`` fixture)."""
+"""The contract every ConversationStore adapter passes.
+
+Mix :class:`ConversationStoreContract` into a test class that provides a ``store``
+fixture. The suite speaks to the store through the ``ConversationStore`` protocol only,
+so it runs unchanged against every backend. What the fixture must give:
+
+- a **fresh, empty** store per test (``interrupt_abandoned`` and ``purge_expired`` act on
+  all tenants, and their counts are asserted), already opened;
+- built with :data:`RETENTION`: messages of tenant ``"ephemeral"`` are kept one second,
+  every other tenant's forever.
+
+Clock assumptions:
+
+- Every datetime an adapter returns is timezone-aware; datetimes given to it
+  (``lease_until``, ``now``) come back equal to within a millisecond.
+- Leases are judged against the ``now`` the caller passes (the suite passes instants far
+  in the future instead of waiting), never against the adapter's own clock.
+- ``created_at`` is the adapter's wall clock in UTC at the time of the write; retention
+  compares it with the ``now`` given to ``purge_expired`` (the suite sleeps 1.2 s, then
+  passes the current time). A backend that expires items by itself (a TTL) may purge
+  them before that call and return 0; the suite checks only what is left.
+"""
 
 from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -9,18 +32,70 @@ from intelligence.contracts import (
     Citation,
     ConversationStore,
     MessageStatus,
+    NewTurn,
     Plan,
     PlanStep,
     Principal,
+    RetentionPolicy,
     StepKind,
+    TurnRecord,
 )
 
 ALICE = Principal("contoso", "alice")
 BOB = Principal("contoso", "bob")
 ALICE_ELSEWHERE = Principal("fabrikam", "alice")
+EVE = Principal("ephemeral", "eve")
+"""A user of the tenant whose messages :data:`RETENTION` keeps one second."""
+
+RETENTION = RetentionPolicy(tenants={"ephemeral": 1.0})
+"""The retention policy every adapter's ``store`` fixture is built with."""
+
+LEASE = timedelta(seconds=60)
+
+
+def new_turn(
+    question: str = "How many leave days do I have?",
+    *,
+    conversation_id: str | None = None,
+    key: str | None = None,
+    request_hash: str | None = None,
+    lease_until: datetime | None = None,
+    title: str = "Leave",
+) -> NewTurn:
+    return NewTurn(
+        question=question,
+        conversation_id=conversation_id,
+        title=title,
+        lease_until=lease_until or datetime.now(UTC) + LEASE,
+        idempotency_key=key,
+        request_hash=request_hash,
+    )
+
+
+def same_instant(a: datetime | None, b: datetime) -> bool:
+    """Equal to within a millisecond (backends store time at different precisions)."""
+    return a is not None and abs(a - b) < timedelta(milliseconds=1)
+
+
+async def finished_turn(
+    store: ConversationStore,
+    principal: Principal,
+    question: str,
+    answer: str,
+    *,
+    conversation_id: str | None = None,
+    key: str | None = None,
+) -> TurnRecord:
+    record = await store.begin_turn(
+        principal, new_turn(question, conversation_id=conversation_id, key=key)
+    )
+    await store.finish_message(principal, record.reply.id, answer, MessageStatus.COMPLETE)
+    return record
 
 
 class ConversationStoreContract:
+    # --- conversations and messages --------------------------------------------------
+
     async def test_create_get_and_list_are_scoped_to_the_owner(
         self, store: ConversationStore
     ) -> None:
@@ -94,6 +169,420 @@ class ConversationStoreContract:
         assert len(set(seen)) == 5
         assert third.next_cursor is None
 
+    async def test_paging_by_cursor_yields_every_conversation_exactly_once(
+        self, store: ConversationStore
+    ) -> None:
+        # Started in quick succession: equal timestamps must not lose or repeat one.
+        started = [await store.begin_turn(ALICE, new_turn(f"q{i}")) for i in range(5)]
+        await store.begin_turn(BOB, new_turn("not alice's"))
+        seen: list[str] = []
+        cursor: str | None = None
+        for _ in range(10):
+            page = await store.list_conversations(ALICE, limit=2, cursor=cursor)
+            assert len(page.items) <= 2
+            seen += [c.id for c in page.items]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(t.conversation.id for t in started)
+
     async def test_a_malformed_cursor_is_a_value_error(self, store: ConversationStore) -> None:
         with pytest.raises(ValueError, match="cursor"):
             await store.list_conversations(ALICE, cursor="not-a-cursor")
+
+    # --- begin_turn ---------------------------------------------------------------------
+
+    async def test_begin_turn_starts_a_conversation_with_question_and_running_reply(
+        self, store: ConversationStore
+    ) -> None:
+        lease_until = datetime.now(UTC) + LEASE
+        record = await store.begin_turn(
+            ALICE,
+            new_turn(
+                "How many leave days?",
+                title="Leave days",
+                key="k1",
+                request_hash="h1",
+                lease_until=lease_until,
+            ),
+        )
+        assert record.created
+        assert (record.idempotency_key, record.request_hash) == ("k1", "h1")
+        assert same_instant(record.lease_until, lease_until)
+        conversation = record.conversation
+        assert (conversation.tenant_id, conversation.user_id) == ("contoso", "alice")
+        assert conversation.title == "Leave days"
+        assert (conversation.summary, conversation.summary_through) == ("", None)
+        stored = await store.get(ALICE, conversation.id)
+        assert stored is not None and stored.title == "Leave days"
+        assert record.user_message.conversation_id == conversation.id
+        assert (record.user_message.role, record.user_message.content) == (
+            "user",
+            "How many leave days?",
+        )
+        assert record.user_message.status is MessageStatus.COMPLETE
+        assert record.reply.conversation_id == conversation.id
+        assert (record.reply.role, record.reply.content) == ("assistant", "")
+        assert record.reply.status is MessageStatus.STREAMING
+        user_message, reply = await store.messages(ALICE, conversation.id)
+        assert (user_message.id, reply.id) == (record.user_message.id, record.reply.id)
+        assert user_message.content == "How many leave days?"
+        assert (reply.status, reply.content) == (MessageStatus.STREAMING, "")
+
+    async def test_begin_turn_continues_an_existing_conversation(
+        self, store: ConversationStore
+    ) -> None:
+        first = await finished_turn(store, ALICE, "Leave?", "27 days")
+        second = await store.begin_turn(
+            ALICE, new_turn("And sick days?", conversation_id=first.conversation.id, title="x")
+        )
+        assert second.created
+        assert second.conversation.id == first.conversation.id
+        assert second.conversation.title == first.conversation.title
+        stored = await store.messages(ALICE, first.conversation.id)
+        assert [(m.role, m.content, m.status) for m in stored] == [
+            ("user", "Leave?", MessageStatus.COMPLETE),
+            ("assistant", "27 days", MessageStatus.COMPLETE),
+            ("user", "And sick days?", MessageStatus.COMPLETE),
+            ("assistant", "", MessageStatus.STREAMING),
+        ]
+        assert [c.id for c in (await store.list_conversations(ALICE)).items] == [
+            first.conversation.id
+        ]
+
+    async def test_begin_turn_into_someone_elses_conversation_writes_nothing(
+        self, store: ConversationStore
+    ) -> None:
+        alices = await finished_turn(store, ALICE, "Leave?", "27 days")
+        for intruder in (BOB, ALICE_ELSEWHERE):
+            with pytest.raises(LookupError):
+                await store.begin_turn(
+                    intruder, new_turn(conversation_id=alices.conversation.id, key="k1")
+                )
+            assert (await store.list_conversations(intruder)).items == ()
+            assert await store.find_turn(intruder, "k1") is None
+        with pytest.raises(LookupError):
+            await store.begin_turn(ALICE, new_turn(conversation_id="no-such-conversation"))
+        assert len(await store.messages(ALICE, alices.conversation.id)) == 2
+        # The refused call did not use up the key.
+        assert (await store.begin_turn(BOB, new_turn(key="k1"))).created
+
+    async def test_a_used_key_returns_the_earlier_turn_and_writes_nothing(
+        self, store: ConversationStore
+    ) -> None:
+        first = await store.begin_turn(ALICE, new_turn("Leave?", key="k1", request_hash="h1"))
+        again = await store.begin_turn(ALICE, new_turn("Leave?", key="k1", request_hash="h1"))
+        other_body = await store.begin_turn(
+            ALICE, new_turn("Something else", key="k1", request_hash="h2")
+        )
+        for repeat in (again, other_body):
+            assert not repeat.created
+            assert repeat.conversation.id == first.conversation.id
+            assert repeat.user_message.id == first.user_message.id
+            assert repeat.user_message.content == "Leave?"
+            assert repeat.reply.id == first.reply.id
+            assert (repeat.idempotency_key, repeat.request_hash) == ("k1", "h1")
+        assert len((await store.list_conversations(ALICE)).items) == 1
+        assert len(await store.messages(ALICE, first.conversation.id)) == 2
+
+    async def test_a_used_key_in_an_existing_conversation_writes_nothing(
+        self, store: ConversationStore
+    ) -> None:
+        start = await finished_turn(store, ALICE, "Leave?", "27 days")
+        cid = start.conversation.id
+        first = await store.begin_turn(ALICE, new_turn("Sick?", conversation_id=cid, key="k2"))
+        again = await store.begin_turn(ALICE, new_turn("Sick?", conversation_id=cid, key="k2"))
+        assert not again.created
+        assert again.reply.id == first.reply.id
+        assert len(await store.messages(ALICE, cid)) == 4
+
+    async def test_idempotency_keys_are_per_caller(self, store: ConversationStore) -> None:
+        alices = await store.begin_turn(ALICE, new_turn(key="shared"))
+        bobs = await store.begin_turn(BOB, new_turn(key="shared"))
+        elsewhere = await store.begin_turn(ALICE_ELSEWHERE, new_turn(key="shared"))
+        assert alices.created and bobs.created and elsewhere.created
+        assert len({alices.reply.id, bobs.reply.id, elsewhere.reply.id}) == 3
+        found = await store.find_turn(BOB, "shared")
+        assert found is not None and found.reply.id == bobs.reply.id
+
+    async def test_turns_without_a_key_are_never_merged(self, store: ConversationStore) -> None:
+        first = await store.begin_turn(ALICE, new_turn())
+        second = await store.begin_turn(ALICE, new_turn())
+        assert first.created and second.created
+        assert first.conversation.id != second.conversation.id
+        assert first.idempotency_key is None
+
+    async def test_racing_turns_with_one_key_create_exactly_one(
+        self, store: ConversationStore
+    ) -> None:
+        records = await asyncio.gather(
+            *(store.begin_turn(ALICE, new_turn("Leave?", key="race")) for _ in range(10))
+        )
+        assert sum(r.created for r in records) == 1
+        assert len({r.reply.id for r in records}) == 1
+        assert len({r.conversation.id for r in records}) == 1
+        [conversation] = (await store.list_conversations(ALICE)).items
+        stored = await store.messages(ALICE, conversation.id)
+        assert [m.role for m in stored] == ["user", "assistant"]
+
+    # --- find_turn, renew_turn ----------------------------------------------------------
+
+    async def test_find_turn_shows_the_turn_as_it_is_now(self, store: ConversationStore) -> None:
+        assert await store.find_turn(ALICE, "unknown") is None
+        started = await store.begin_turn(ALICE, new_turn("Leave?", key="k1", request_hash="h1"))
+        running = await store.find_turn(ALICE, "k1")
+        assert running is not None and started.lease_until is not None
+        assert running.reply.status is MessageStatus.STREAMING
+        assert same_instant(running.lease_until, started.lease_until)
+        assert await store.find_turn(BOB, "k1") is None
+        citation = Citation(1, "ch1", "d1", "hr/leave.md", "Leave", "27 days")
+        await store.finish_message(
+            ALICE, started.reply.id, "27 days [1]", MessageStatus.COMPLETE, citations=[citation]
+        )
+        done = await store.find_turn(ALICE, "k1")
+        assert done is not None
+        assert not done.created
+        assert (done.idempotency_key, done.request_hash) == ("k1", "h1")
+        assert done.conversation.id == started.conversation.id
+        assert done.user_message.content == "Leave?"
+        assert done.reply.id == started.reply.id
+        assert done.reply.status is MessageStatus.COMPLETE
+        assert done.reply.content == "27 days [1]"
+        assert done.reply.citations == (citation,)
+
+    async def test_renew_turn_keeps_the_answer_so_far_and_extends_the_lease(
+        self, store: ConversationStore
+    ) -> None:
+        started = await store.begin_turn(ALICE, new_turn(key="k1"))
+        later = datetime.now(UTC) + 3 * LEASE
+        assert await store.renew_turn(ALICE, started.reply.id, "You have", later)
+        renewed = await store.find_turn(ALICE, "k1")
+        assert renewed is not None
+        assert renewed.reply.content == "You have"
+        assert renewed.reply.status is MessageStatus.STREAMING
+        assert same_instant(renewed.lease_until, later)
+        assert not await store.renew_turn(BOB, started.reply.id, "hijack", later)
+        assert not await store.renew_turn(ALICE, "no-such-reply", "x", later)
+        await store.finish_message(ALICE, started.reply.id, "You have 27", MessageStatus.COMPLETE)
+        assert not await store.renew_turn(ALICE, started.reply.id, "You have", later + LEASE)
+        [_, reply] = await store.messages(ALICE, started.conversation.id)
+        assert (reply.content, reply.status) == ("You have 27", MessageStatus.COMPLETE)
+
+    # --- retry_turn -----------------------------------------------------------------------
+
+    async def test_retry_turn_reclaims_interrupted_and_failed_replies(
+        self, store: ConversationStore
+    ) -> None:
+        citation = Citation(1, "ch1", "d1", "hr/leave.md", "Leave", "27 days")
+        for status in (MessageStatus.INTERRUPTED, MessageStatus.FAILED):
+            started = await store.begin_turn(ALICE, new_turn(key=f"k-{status}"))
+            await store.finish_message(
+                ALICE, started.reply.id, "half an answer", status, citations=[citation]
+            )
+            now = datetime.now(UTC)
+            claimed = await store.retry_turn(ALICE, started.reply.id, now + LEASE, now=now)
+            assert claimed is not None, status
+            assert claimed.reply.id == started.reply.id
+            assert claimed.reply.status is MessageStatus.STREAMING
+            assert (claimed.reply.content, claimed.reply.citations) == ("", ())
+            assert same_instant(claimed.lease_until, now + LEASE)
+            assert claimed.user_message.id == started.user_message.id
+            assert claimed.conversation.id == started.conversation.id
+            assert claimed.idempotency_key == f"k-{status}"
+            [_, reply] = await store.messages(ALICE, started.conversation.id)
+            assert (reply.status, reply.content) == (MessageStatus.STREAMING, "")
+
+    async def test_retry_turn_takes_a_streaming_reply_only_once_its_lease_ended(
+        self, store: ConversationStore
+    ) -> None:
+        now = datetime.now(UTC)
+        started = await store.begin_turn(ALICE, new_turn(key="k1", lease_until=now + LEASE))
+        await store.renew_turn(ALICE, started.reply.id, "half", now + LEASE)
+        assert await store.retry_turn(ALICE, started.reply.id, now + 2 * LEASE, now=now) is None
+        [_, untouched] = await store.messages(ALICE, started.conversation.id)
+        assert (untouched.status, untouched.content) == (MessageStatus.STREAMING, "half")
+        later = now + 2 * LEASE
+        claimed = await store.retry_turn(ALICE, started.reply.id, later + LEASE, now=later)
+        assert claimed is not None
+        assert (claimed.reply.status, claimed.reply.content) == (MessageStatus.STREAMING, "")
+        assert same_instant(claimed.lease_until, later + LEASE)
+        found = await store.find_turn(ALICE, "k1")
+        assert found is not None and same_instant(found.lease_until, later + LEASE)
+
+    async def test_retry_turn_refuses_finished_paused_and_foreign_replies(
+        self, store: ConversationStore
+    ) -> None:
+        now = datetime.now(UTC)
+        later = now + 2 * LEASE  # every lease below has ended by then
+        complete = await finished_turn(store, ALICE, "Leave?", "27 days")
+        assert await store.retry_turn(ALICE, complete.reply.id, later + LEASE, now=later) is None
+        paused = await store.begin_turn(ALICE, new_turn())
+        await store.finish_message(ALICE, paused.reply.id, "", MessageStatus.AWAITING_APPROVAL)
+        assert await store.retry_turn(ALICE, paused.reply.id, later + LEASE, now=later) is None
+        failed = await store.begin_turn(ALICE, new_turn())
+        await store.finish_message(ALICE, failed.reply.id, "oops", MessageStatus.FAILED)
+        assert await store.retry_turn(BOB, failed.reply.id, later + LEASE, now=later) is None
+        assert await store.retry_turn(ALICE, "no-such-reply", later + LEASE, now=later) is None
+        assert (
+            await store.retry_turn(ALICE, complete.user_message.id, later + LEASE, now=later)
+            is None
+        )
+        [_, reply] = await store.messages(ALICE, complete.conversation.id)
+        assert (reply.status, reply.content) == (MessageStatus.COMPLETE, "27 days")
+        [_, reply] = await store.messages(ALICE, paused.conversation.id)
+        assert reply.status is MessageStatus.AWAITING_APPROVAL
+        [_, reply] = await store.messages(ALICE, failed.conversation.id)
+        assert (reply.status, reply.content) == (MessageStatus.FAILED, "oops")
+
+    async def test_racing_retries_have_exactly_one_winner(self, store: ConversationStore) -> None:
+        started = await store.begin_turn(ALICE, new_turn(key="k1"))
+        await store.finish_message(ALICE, started.reply.id, "half", MessageStatus.INTERRUPTED)
+        now = datetime.now(UTC)
+        claims = await asyncio.gather(
+            *(store.retry_turn(ALICE, started.reply.id, now + LEASE, now=now) for _ in range(10))
+        )
+        assert sum(c is not None for c in claims) == 1
+
+    # --- interrupt_abandoned --------------------------------------------------------------
+
+    async def test_interrupt_abandoned_marks_only_expired_streaming_replies(
+        self, store: ConversationStore
+    ) -> None:
+        now = datetime.now(UTC)
+        soon, late = now + timedelta(seconds=10), now + timedelta(seconds=100)
+        expired = await store.begin_turn(ALICE, new_turn(lease_until=soon))
+        await store.renew_turn(ALICE, expired.reply.id, "half an answer", soon)
+        expired_elsewhere = await store.begin_turn(ALICE_ELSEWHERE, new_turn(lease_until=soon))
+        live = await store.begin_turn(ALICE, new_turn(lease_until=late))
+        done = await store.begin_turn(BOB, new_turn(lease_until=soon))
+        await store.finish_message(BOB, done.reply.id, "27 days", MessageStatus.COMPLETE)
+        failed = await store.begin_turn(BOB, new_turn(lease_until=soon))
+        await store.finish_message(BOB, failed.reply.id, "", MessageStatus.FAILED)
+
+        assert await store.interrupt_abandoned(now + timedelta(seconds=50)) == 2
+
+        async def reply_of(principal: Principal, record: TurnRecord) -> tuple[MessageStatus, str]:
+            [_, reply] = await store.messages(principal, record.conversation.id)
+            return reply.status, reply.content
+
+        assert await reply_of(ALICE, expired) == (MessageStatus.INTERRUPTED, "half an answer")
+        assert await reply_of(ALICE_ELSEWHERE, expired_elsewhere) == (
+            MessageStatus.INTERRUPTED,
+            "",
+        )
+        assert await reply_of(ALICE, live) == (MessageStatus.STREAMING, "")
+        assert await reply_of(BOB, done) == (MessageStatus.COMPLETE, "27 days")
+        assert await reply_of(BOB, failed) == (MessageStatus.FAILED, "")
+        assert await store.interrupt_abandoned(now + timedelta(seconds=50)) == 0
+        # A turn the sweep interrupted can be claimed again.
+        assert await store.retry_turn(ALICE, expired.reply.id, late, now=now) is not None
+
+    # --- memory ---------------------------------------------------------------------------
+
+    async def test_save_summary_round_trips_and_ignores_other_callers(
+        self, store: ConversationStore
+    ) -> None:
+        first = await finished_turn(store, ALICE, "Leave?", "27 days")
+        cid = first.conversation.id
+        await store.save_summary(ALICE, cid, "Alice asked about leave.", first.reply.id)
+        stored = await store.get(ALICE, cid)
+        assert stored is not None
+        assert (stored.summary, stored.summary_through) == (
+            "Alice asked about leave.",
+            first.reply.id,
+        )
+        second = await finished_turn(store, ALICE, "Sick?", "10 days", conversation_id=cid)
+        await store.save_summary(ALICE, cid, "Leave and sick days.", second.reply.id)
+        await store.save_summary(BOB, cid, "hijacked", second.reply.id)
+        await store.save_summary(ALICE_ELSEWHERE, cid, "hijacked", second.reply.id)
+        stored = await store.get(ALICE, cid)
+        assert stored is not None
+        assert (stored.summary, stored.summary_through) == (
+            "Leave and sick days.",
+            second.reply.id,
+        )
+        continued = await store.begin_turn(ALICE, new_turn(conversation_id=cid))
+        assert continued.conversation.summary == "Leave and sick days."
+
+    # --- retention and data-subject rights -------------------------------------------------
+
+    async def test_purge_expired_deletes_messages_past_their_tenants_retention(
+        self, store: ConversationStore
+    ) -> None:
+        gone = await finished_turn(store, EVE, "Old question", "old answer")
+        mixed = await finished_turn(store, EVE, "Old too", "old answer")
+        kept_elsewhere = await finished_turn(store, ALICE, "Leave?", "27 days")
+        await asyncio.sleep(1.2)  # past tenant "ephemeral"'s one second
+        await finished_turn(
+            store, EVE, "New question", "new answer", conversation_id=mixed.conversation.id
+        )
+        fresh = await finished_turn(store, EVE, "Fresh", "fresh answer")
+
+        purged = await store.purge_expired(datetime.now(UTC))
+
+        assert purged in (0, 4)  # 0: the backend had expired them by itself
+        assert await store.get(EVE, gone.conversation.id) is None
+        assert await store.messages(EVE, gone.conversation.id) == []
+        assert [m.content for m in await store.messages(EVE, mixed.conversation.id)] == [
+            "New question",
+            "new answer",
+        ]
+        assert len(await store.messages(EVE, fresh.conversation.id)) == 2
+        assert len(await store.messages(ALICE, kept_elsewhere.conversation.id)) == 2
+        remaining = {c.id for c in (await store.list_conversations(EVE)).items}
+        assert remaining == {mixed.conversation.id, fresh.conversation.id}
+
+    async def test_export_user_gives_all_of_the_callers_data_and_nothing_else(
+        self, store: ConversationStore
+    ) -> None:
+        older = await finished_turn(store, ALICE, "Leave?", "27 days")
+        await finished_turn(store, ALICE, "Sick?", "10 days", conversation_id=older.conversation.id)
+        newer = await finished_turn(store, ALICE, "Expenses?", "Use the portal")
+        await finished_turn(store, BOB, "Bob's question", "Bob's answer")
+        await finished_turn(store, ALICE_ELSEWHERE, "Other tenant", "answer")
+        # Touching the older conversation must not reorder the export (oldest first).
+        await store.save_summary(ALICE, older.conversation.id, "summary", older.reply.id)
+
+        exported = await store.export_user(ALICE)
+
+        assert [e.conversation.id for e in exported] == [
+            older.conversation.id,
+            newer.conversation.id,
+        ]
+        assert [m.content for m in exported[0].messages] == [
+            "Leave?",
+            "27 days",
+            "Sick?",
+            "10 days",
+        ]
+        assert [m.content for m in exported[1].messages] == ["Expenses?", "Use the portal"]
+        assert all(e.conversation.user_id == "alice" for e in exported)
+        assert exported[0].conversation.summary == "summary"
+        assert await store.export_user(Principal("contoso", "nobody")) == []
+
+    async def test_delete_user_erases_the_caller_and_nobody_else(
+        self, store: ConversationStore
+    ) -> None:
+        first = await finished_turn(store, ALICE, "Leave?", "27 days", key="k1")
+        await finished_turn(store, ALICE, "Sick?", "10 days", key="k2")
+        bobs = await finished_turn(store, BOB, "Bob's", "answer", key="k1")
+        elsewhere = await finished_turn(store, ALICE_ELSEWHERE, "Other", "answer", key="k1")
+
+        assert await store.delete_user(ALICE) == 2
+
+        assert (await store.list_conversations(ALICE)).items == ()
+        assert await store.get(ALICE, first.conversation.id) is None
+        assert await store.messages(ALICE, first.conversation.id) == []
+        assert await store.export_user(ALICE) == []
+        assert await store.find_turn(ALICE, "k1") is None
+        assert await store.find_turn(ALICE, "k2") is None
+        assert len(await store.messages(BOB, bobs.conversation.id)) == 2
+        found = await store.find_turn(BOB, "k1")
+        assert found is not None and found.reply.id == bobs.reply.id
+        assert len(await store.messages(ALICE_ELSEWHERE, elsewhere.conversation.id)) == 2
+        # The key is free again.
+        again = await store.begin_turn(ALICE, new_turn("Leave?", key="k1"))
+        assert again.created
+        assert again.conversation.id != first.conversation.id
+        assert await store.delete_user(ALICE) == 1
+        assert await store.delete_user(ALICE) == 0
