@@ -23,6 +23,10 @@ it is logged and never fails the turn.
 Entries live in an :class:`AnswerCacheStore`: :class:`InProcessAnswerCacheStore`
 here, or ``intelligence.stores.redis_answer_cache.RedisAnswerCacheStore`` shared
 by replicas. Both keep each scope bounded and expire entries after the TTL.
+
+Every entry remembers whose turn stored it (its :class:`CacheOwner`, never part of
+the key): an entry holds that person's question in its plan, so it is exported and
+erased with their data (:meth:`AnswerCache.entries_of`, :meth:`AnswerCache.forget_user`).
 """
 
 from __future__ import annotations
@@ -90,6 +94,14 @@ class CachedAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheOwner:
+    """Whose turn stored an entry."""
+
+    tenant_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CacheEntry:
     """One cached answer in a key scope, with the embedding of its question."""
 
@@ -97,6 +109,9 @@ class CacheEntry:
     vector: Sequence[float]
     """Unit-length embedding of the question; stores keep it as float32."""
     answer: CachedAnswer
+    owner: CacheOwner | None = None
+    """Whose turn stored it: the entry is erased with that person's data. It plays no
+    part in lookups (callers of one access scope share entries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +149,16 @@ class AnswerCacheStore(Protocol):
     ) -> None: ...
 
     async def delete(self, scope: str, entry_id: str) -> None: ...
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        """Delete every entry stored from that user's turns, in every scope (expired ones
+        still kept included); returns how many went."""
+        ...
+
+    async def entries_of(self, tenant_id: str, user_id: str) -> list[CacheEntry]:
+        """Every entry stored from that user's turns that the store still keeps, oldest
+        first (for a data-subject export)."""
+        ...
 
     def describe(self) -> dict[str, str]:
         """For ``/readyz``: ``{"answer_cache": <backend or its state>}``."""
@@ -249,6 +274,26 @@ class InProcessAnswerCacheStore:
         if held is not None:
             held.entries.pop(entry_id, None)
 
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        owner = CacheOwner(tenant_id, user_id)
+        gone = 0
+        # A walk over every scope: bounded by max_scopes, and erasure is rare.
+        for held in self._scopes.values():
+            for entry_id in [i for i, (_, e) in held.entries.items() if e.owner == owner]:
+                del held.entries[entry_id]
+                gone += 1
+        return gone
+
+    async def entries_of(self, tenant_id: str, user_id: str) -> list[CacheEntry]:
+        owner = CacheOwner(tenant_id, user_id)
+        found = [
+            entry
+            for held in self._scopes.values()
+            for _, entry in held.entries.values()
+            if entry.owner == owner
+        ]
+        return sorted(found, key=lambda entry: (entry.answer.created_at, entry.id))
+
     def describe(self) -> dict[str, str]:
         return {"answer_cache": "in-process"}
 
@@ -349,6 +394,15 @@ class AnswerCache:
 
     def describe(self) -> dict[str, str]:
         return self._store.describe()
+
+    async def forget_user(self, principal: Principal) -> int:
+        """Delete every entry stored from the caller's turns; returns how many went.
+        Unlike a lookup, a failing store raises: an erasure must not pass for done."""
+        return await self._store.forget_user(principal.tenant_id, principal.user_id)
+
+    async def entries_of(self, principal: Principal) -> list[CacheEntry]:
+        """Every entry stored from the caller's turns, oldest first; a failing store raises."""
+        return await self._store.entries_of(principal.tenant_id, principal.user_id)
 
     async def lookup(
         self,
@@ -488,6 +542,7 @@ class AnswerCache:
                         plan=plan_summary,
                         created_at=now,
                     ),
+                    owner=CacheOwner(principal.tenant_id, principal.user_id),
                 )
                 await self._store.put(
                     key.scope,

@@ -184,6 +184,18 @@ class ApprovalGate(Protocol):
         claims the approval; any later one raises ``ApprovalConflict``."""
         ...
 
+    async def approvals_of(self, caller: ToolCaller) -> Sequence[ApprovalRequest]:
+        """Every approval ``caller`` requested or decided, whatever its status, oldest
+        first: their data-subject export."""
+        ...
+
+    async def forget_user(self, caller: ToolCaller) -> int:
+        """Erase ``caller``'s approvals: those they requested are deleted (pending or
+        decided: they hold the arguments and the paused turn), and on those they decided
+        for others they are no longer named. Returns how many approvals were deleted or
+        changed; an unreachable store raises."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ToolAuditRecord:

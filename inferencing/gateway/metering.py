@@ -6,6 +6,10 @@ metering never adds a database round trip to a request. Ledgers: in memory
 (tests), SQLite (the embedded default, so that ``lamina usage`` in another
 process sees what the server recorded) and Redis (shared by replicas, in
 :mod:`inferencing.gateway.redis_state`).
+
+When a person's data is erased, their usage is re-attributed to :data:`ERASED_USER`
+(:meth:`UsageLedger.forget_user`): the tenant's, models' and deployments' totals stay
+right for chargeback, and nothing left links the usage to the person.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal, Protocol
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 
 GroupBy = Literal["tenant", "user", "model", "deployment"]
 GROUPINGS: tuple[GroupBy, ...] = ("tenant", "user", "model", "deployment")
+
+ERASED_USER = "(erased)"
+"""The user of usage whose person's data was erased (no identity provider issues it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,26 @@ class UsageRow:
     cost: float
 
 
+@dataclass(frozen=True, slots=True)
+class UsageDetail:
+    """What a person's model calls used, as a ledger keeps it: one call (ledgers that keep
+    every record) or the totals of an hour (Redis)."""
+
+    at: datetime
+    """When the call was made, or the start of the hour."""
+    deployment: str
+    model: str
+    model_version: str | None
+    calls: int
+    input_tokens: int
+    output_tokens: int
+    cost: float
+    prompt_version: str | None = None
+    outcome: str | None = None
+    estimated: bool | None = None
+    """``None`` where the ledger keeps totals only."""
+
+
 class UsageLedger(Protocol):
     async def append(self, records: Sequence[UsageRecord]) -> None: ...
 
@@ -67,7 +94,44 @@ class UsageLedger(Protocol):
         costliest first."""
         ...
 
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        """Re-attribute the person's usage to :data:`ERASED_USER`, keeping every total but
+        theirs as it was; returns how many model calls were re-attributed."""
+        ...
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        """The person's usage as the ledger keeps it, oldest first."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def detail_of(record: UsageRecord) -> UsageDetail:
+    return UsageDetail(
+        at=record.at,
+        deployment=record.deployment,
+        model=record.model,
+        model_version=record.model_version,
+        calls=1,
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+        cost=record.cost,
+        prompt_version=record.prompt_version,
+        outcome=record.outcome,
+        estimated=record.estimated,
+    )
+
+
+def reattribute(records: list[UsageRecord], tenant_id: str, user_id: str) -> int:
+    """Re-attribute the person's ``records`` to :data:`ERASED_USER` in place; returns how many."""
+    if user_id == ERASED_USER:
+        return 0
+    count = 0
+    for i, record in enumerate(records):
+        if record.tenant_id == tenant_id and record.user_id == user_id:
+            records[i] = replace(record, user_id=ERASED_USER)
+            count += 1
+    return count
 
 
 def group_key(record: UsageRecord, by: GroupBy) -> str:
@@ -119,6 +183,13 @@ class InMemoryUsageLedger:
             ],
             by,
         )
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        return reattribute(self.records, tenant_id, user_id)
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        mine = [r for r in self.records if r.tenant_id == tenant_id and r.user_id == user_id]
+        return [detail_of(r) for r in sorted(mine, key=lambda r: r.at)]
 
     async def aclose(self) -> None:
         return None
@@ -208,6 +279,45 @@ class SqliteUsageLedger:
             UsageRow(str(k), int(n), int(i), int(o), round(float(c), 6)) for k, n, i, o, c in rows
         )
 
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        if user_id == ERASED_USER:
+            return 0
+        db = self._connection()
+        cursor = await db.execute(
+            "UPDATE usage SET user_id = ? WHERE tenant_id = ? AND user_id = ?",
+            (ERASED_USER, tenant_id, user_id),
+        )
+        await db.commit()
+        return cursor.rowcount
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        db = self._connection()
+        async with db.execute(
+            "SELECT at, deployment, model, model_version, prompt_version, input_tokens, "
+            "output_tokens, cost, outcome, estimated FROM usage "
+            "WHERE tenant_id = ? AND user_id = ? ORDER BY at",
+            (tenant_id, user_id),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            UsageDetail(
+                at=datetime.fromisoformat(at),
+                deployment=deployment,
+                model=model,
+                model_version=version,
+                calls=1,
+                input_tokens=int(i),
+                output_tokens=int(o),
+                cost=float(cost),
+                prompt_version=prompt_version,
+                outcome=outcome,
+                estimated=bool(estimated),
+            )
+            for at, deployment, model, version, prompt_version, i, o, cost, outcome, estimated in (
+                rows
+            )
+        ]
+
     async def aclose(self) -> None:
         if self._db is not None:
             await self._db.close()
@@ -225,6 +335,9 @@ class UsageMeter:
     ``record`` never blocks and never raises. A failing ledger keeps the records
     buffered (up to ``max_buffered``, then the oldest are dropped and counted) and
     they are written once it recovers; ``aclose`` writes what is left.
+
+    Erase and export a person's usage through the meter (:meth:`forget_user`,
+    :meth:`user_detail`), not the ledger alone: records still buffered are theirs too.
     """
 
     def __init__(
@@ -235,6 +348,9 @@ class UsageMeter:
         self._max_buffered = max_buffered
         self._buffer: list[UsageRecord] = []
         self._task: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+        """Held while a batch is written: an erasure waits for a batch in flight, else
+        the batch could land after it."""
         self.dropped = 0
 
     def record(self, record: UsageRecord) -> None:
@@ -247,15 +363,29 @@ class UsageMeter:
 
     async def flush(self) -> None:
         """Write everything buffered now."""
-        if not self._buffer:
-            return
-        batch, self._buffer = self._buffer, []
-        try:
-            await self.ledger.append(batch)
-        except Exception as exc:
-            log.warning("usage ledger unavailable, %d record(s) kept: %s", len(batch), exc)
-            self._buffer[:0] = batch
-            raise
+        async with self._writing:
+            if not self._buffer:
+                return
+            batch, self._buffer = self._buffer, []
+            try:
+                await self.ledger.append(batch)
+            except Exception as exc:
+                log.warning("usage ledger unavailable, %d record(s) kept: %s", len(batch), exc)
+                self._buffer[:0] = batch
+                raise
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        """Re-attribute the person's usage, buffered and written, to :data:`ERASED_USER`;
+        returns how many model calls were re-attributed. A failing ledger raises (the
+        buffered records are re-attributed all the same)."""
+        async with self._writing:
+            buffered = reattribute(self._buffer, tenant_id, user_id)
+            return buffered + await self.ledger.forget_user(tenant_id, user_id)
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        """The person's usage, the buffered records written first."""
+        await self.flush()
+        return await self.ledger.user_detail(tenant_id, user_id)
 
     async def _run(self) -> None:
         while True:

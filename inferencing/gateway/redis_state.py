@@ -15,6 +15,7 @@ This module imports ``redis`` and is only imported when Redis is configured.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,7 +37,9 @@ from inferencing.gateway.breaker import (
     Clock,
 )
 from inferencing.gateway.metering import (
+    ERASED_USER,
     GroupBy,
+    UsageDetail,
     UsageLedger,
     UsageRecord,
     UsageRow,
@@ -316,6 +319,23 @@ _METRICS = ("n", "i", "o", "c")
 _HOUR = timedelta(hours=1)
 _HOUR_FORMAT = "%Y%m%d%H"
 
+# Moves a person's cells of one hour to other fields (their erased twins), atomically, so
+# that a concurrent HINCRBY on a cell is never lost. ARGV: old field, new field, ...
+# Returns the calls moved (the ``n`` cells).
+_REATTRIBUTE = """
+local hour = KEYS[1]
+local calls = 0
+for i = 1, #ARGV, 2 do
+  local value = redis.call('HGET', hour, ARGV[i])
+  if value then
+    redis.call('HINCRBY', hour, ARGV[i + 1], value)
+    redis.call('HDEL', hour, ARGV[i])
+    if string.sub(ARGV[i], 1, 1) == 'n' then calls = calls + tonumber(value) end
+  end
+end
+return calls
+"""
+
 
 def _hour_of(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
@@ -326,8 +346,9 @@ class RedisUsageLedger:
 
     An hour's hash ``{prefix}{YYYYMMDDHH}`` holds, per (tenant, user, deployment, model,
     model version), the calls, tokens and cost of that hour; a sorted set
-    ``{prefix}hours`` indexes the hours that have any. Each hour expires
-    ``retention`` after it ended; records already older than that are not written.
+    ``{prefix}hours`` indexes the hours that have any, and ``{prefix}user:<digest>`` the
+    hours of each person (so that erasing a person reads only their hours). Each hour
+    expires ``retention`` after it ended; records already older than that are not written.
 
     The granularity is the hour: ``summarize`` counts whole hours, from the one that
     holds ``since`` (``since`` is rounded down to the hour). Records are totalled,
@@ -346,24 +367,29 @@ class RedisUsageLedger:
         self._prefix = prefix
         self._index = prefix + "hours"
         self._retention = retention
+        self._reattribute = client.register_script(_REATTRIBUTE)
+
+    def _user_index(self, tenant_id: str, user_id: str) -> str:
+        # A digest: user ids may hold any character, and key names are seen by operators.
+        digest = hashlib.sha256(json.dumps([tenant_id, user_id]).encode()).hexdigest()[:32]
+        return f"{self._prefix}user:{digest}"
 
     async def append(self, records: Sequence[UsageRecord]) -> None:
         now = datetime.now(UTC)
         sums: dict[tuple[datetime, str], list[int]] = {}
+        people: dict[str, set[datetime]] = {}
         for record in records:
             hour = _hour_of(record.at)
             if hour + _HOUR + self._retention <= now:
                 continue
-            dimension = json.dumps(
-                [
-                    record.tenant_id,
-                    record.user_id,
-                    record.deployment,
-                    record.model,
-                    record.model_version,
-                ],
-                separators=(",", ":"),
+            dimension = _field(
+                record.tenant_id,
+                record.user_id,
+                record.deployment,
+                record.model,
+                record.model_version,
             )
+            people.setdefault(self._user_index(record.tenant_id, record.user_id), set()).add(hour)
             row = sums.setdefault((hour, dimension), [0, 0, 0, 0])
             row[0] += 1
             row[1] += record.input_tokens
@@ -388,7 +414,63 @@ class RedisUsageLedger:
             )
             pipe.zremrangebyscore(self._index, "-inf", (now - self._retention - _HOUR).timestamp())
             pipe.expire(self._index, self._retention + _HOUR)
+            oldest = (now - self._retention - _HOUR).timestamp()
+            for index, their_hours in people.items():
+                pipe.zadd(index, {h.strftime(_HOUR_FORMAT): h.timestamp() for h in their_hours})
+                pipe.zremrangebyscore(index, "-inf", oldest)
+                pipe.expire(index, self._retention + _HOUR)
             await pipe.execute()
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        if user_id == ERASED_USER:
+            return 0
+        index = self._user_index(tenant_id, user_id)
+        members = await self._client.zrange(index, 0, -1)
+        hours = [_text(m) for m in members if isinstance(m, bytes | str)]
+        calls = 0
+        for hour in hours:
+            name = self._prefix + hour
+            moves: list[str] = []
+            for field in await self._client.hkeys(name):
+                cell = _text(field)
+                tenant, user, deployment, model, version = json.loads(cell[1:])
+                if tenant == tenant_id and user == user_id:
+                    moves += [
+                        cell,
+                        cell[0] + _field(tenant, ERASED_USER, deployment, model, version),
+                    ]
+            if moves:
+                calls += int(await self._reattribute(keys=[name], args=moves))
+        if hours:
+            # Only the hours read: an hour indexed meanwhile stays findable.
+            await self._client.zrem(index, *hours)
+        return calls
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        members = await self._client.zrange(self._user_index(tenant_id, user_id), 0, -1)
+        hours = [_text(m) for m in members if isinstance(m, bytes | str)]
+        found: list[UsageDetail] = []
+        for chunk in _chunks(sorted(hours), 500):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for hour in chunk:
+                    pipe.hgetall(self._prefix + hour)
+                buckets: list[dict[bytes | str, bytes | str]] = await pipe.execute()
+            for hour, bucket in zip(chunk, buckets, strict=True):
+                cells: dict[tuple[str, str, str | None], list[int]] = {}
+                for field, value in bucket.items():
+                    name = _text(field)
+                    tenant, user, deployment, model, version = json.loads(name[1:])
+                    if tenant == tenant_id and user == user_id:
+                        metrics = cells.setdefault((deployment, model, version), [0, 0, 0, 0])
+                        metrics[_METRICS.index(name[0])] += int(value)
+                at = datetime.strptime(hour, _HOUR_FORMAT).replace(tzinfo=UTC)
+                found.extend(
+                    UsageDetail(at, deployment, model, version, n, i, o, round(c / _NANO, 8))
+                    for (deployment, model, version), (n, i, o, c) in sorted(
+                        cells.items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
+                    )
+                )
+        return found
 
     async def summarize(
         self, by: GroupBy, since: datetime, *, tenant_id: str | None = None
@@ -417,6 +499,11 @@ class RedisUsageLedger:
 
     async def aclose(self) -> None:
         return None
+
+
+def _field(tenant: str, user: str, deployment: str, model: str, version: str | None) -> str:
+    """A cell's dimensions as its hash field holds them (after the metric's letter)."""
+    return json.dumps([tenant, user, deployment, model, version], separators=(",", ":"))
 
 
 def _dimension(
@@ -635,6 +722,17 @@ class ResilientUsageLedger:
         )
         fallback = await self._fallback.summarize(by, since, tenant_id=tenant_id)
         return merge_rows(primary, fallback)
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        # Both, and no failover: an unreachable primary must fail the erasure (it still
+        # holds the person's usage), not pass for done.
+        fallback = await self._fallback.forget_user(tenant_id, user_id)
+        return fallback + await self._primary.forget_user(tenant_id, user_id)
+
+    async def user_detail(self, tenant_id: str, user_id: str) -> list[UsageDetail]:
+        primary = await self._primary.user_detail(tenant_id, user_id)
+        fallback = await self._fallback.user_detail(tenant_id, user_id)
+        return sorted([*primary, *fallback], key=lambda detail: detail.at)
 
     async def aclose(self) -> None:
         try:

@@ -7,9 +7,17 @@ from uuid import uuid4
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from inferencing.gateway.metering import InMemoryUsageLedger, SqliteUsageLedger, UsageRow, totals
-from inferencing.gateway.redis_state import RedisUsageLedger, redis_client
+from inferencing.gateway.metering import (
+    ERASED_USER,
+    InMemoryUsageLedger,
+    SqliteUsageLedger,
+    UsageMeter,
+    UsageRow,
+    totals,
+)
+from inferencing.gateway.redis_state import RedisUsageLedger, ResilientUsageLedger, redis_client
 from tests.inferencing.usage_contract import (
     THIS_HOUR,
     UsageLedgerContract,
@@ -17,7 +25,7 @@ from tests.inferencing.usage_contract import (
     sample,
     usage,
 )
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, private_redis
 
 
 @pytest.fixture
@@ -44,6 +52,18 @@ class TestRedisUsageLedger(UsageLedgerContract):
     @pytest.fixture
     async def ledger(self, redis: Redis, prefix: str) -> AsyncIterator[RedisUsageLedger]:
         ledger = RedisUsageLedger(redis, prefix=prefix)
+        yield ledger
+        await ledger.aclose()
+
+
+class TestResilientUsageLedger(UsageLedgerContract):
+    @pytest.fixture
+    async def ledger(
+        self, redis: Redis, prefix: str, tmp_path: Path
+    ) -> AsyncIterator[ResilientUsageLedger]:
+        fallback = SqliteUsageLedger(tmp_path / "usage.db")
+        await fallback.open()
+        ledger = ResilientUsageLedger(RedisUsageLedger(redis, prefix=prefix), fallback)
         yield ledger
         await ledger.aclose()
 
@@ -93,3 +113,59 @@ async def test_redis_keeps_tiny_costs_exactly(redis: Redis, prefix: str) -> None
     assert await ledger.summarize("tenant", THIS_HOUR) == [
         UsageRow("contoso", 1000, 1000, 0, 0.00041)
     ]
+
+
+# --- a person's usage: what only some ledgers can show ------------------------------------
+
+
+async def test_redis_after_forget_user_no_key_names_the_person(redis: Redis, prefix: str) -> None:
+    ledger = RedisUsageLedger(redis, prefix=prefix)
+    await ledger.append(sample())
+    assert await ledger.forget_user("contoso", "bob") == 2
+
+    for key in await redis.keys(prefix + "*"):
+        assert b"bob" not in key
+        if await redis.type(key) == b"hash":
+            assert not any(b'"bob"' in field for field in await redis.hkeys(key))
+    assert [k for k in await redis.keys(prefix + "user:*") if b"bob" in k] == []
+
+
+async def test_an_unreachable_primary_fails_the_erasure_after_the_fallback_is_done(
+    tmp_path: Path,
+) -> None:
+    fallback = InMemoryUsageLedger()
+    with private_redis() as server:
+        client = redis_client(server.url, connect_timeout_s=1.0, command_timeout_s=1.0)
+        try:
+            ledger = ResilientUsageLedger(RedisUsageLedger(client), fallback)
+            server.stop()
+            await ledger.append([usage(hours_ago(1), user="bob")])  # lands in the fallback
+            with pytest.raises((RedisError, OSError)):
+                await ledger.forget_user("contoso", "bob")
+            assert [r.user_id for r in fallback.records] == [ERASED_USER]
+        finally:
+            await client.aclose()
+
+
+async def test_the_meter_erases_buffered_usage_too() -> None:
+    ledger = InMemoryUsageLedger()
+    meter = UsageMeter(ledger, flush_every_s=3600)
+    await ledger.append([usage(hours_ago(2), user="bob")])
+    meter.record(usage(hours_ago(1), user="bob"))
+    meter.record(usage(hours_ago(1), user="carol"))
+
+    assert await meter.forget_user("contoso", "bob") == 2
+    await meter.aclose()
+
+    assert sorted(r.user_id for r in ledger.records) == [ERASED_USER, ERASED_USER, "carol"]
+
+
+async def test_the_meter_exports_buffered_usage_too() -> None:
+    ledger = InMemoryUsageLedger()
+    meter = UsageMeter(ledger, flush_every_s=3600)
+    meter.record(usage(hours_ago(1), user="bob"))
+    try:
+        [detail] = await meter.user_detail("contoso", "bob")
+        assert detail.calls == 1 and detail.outcome == "ok"
+    finally:
+        await meter.aclose()

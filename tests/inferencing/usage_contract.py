@@ -8,11 +8,13 @@ keep every record count.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from inferencing.gateway.metering import (
+    ERASED_USER,
     GROUPINGS,
     GroupBy,
     UsageLedger,
@@ -168,4 +170,51 @@ class UsageLedgerContract:
             "tie-a",
             "tie-b",
             "cheap",
+        ]
+
+    # --- a person's usage: export and erasure ---------------------------------------------
+
+    async def test_user_detail_is_the_persons_usage_oldest_first(self, ledger: UsageLedger) -> None:
+        records = sample()
+        await ledger.append(records)
+        bobs = [r for r in records if r.tenant_id == "contoso" and r.user_id == "bob"]
+
+        detail = await ledger.user_detail("contoso", "bob")
+
+        assert [d.at for d in detail] == sorted(d.at for d in detail)
+        assert sum(d.calls for d in detail) == len(bobs) == 2
+        assert sum(d.input_tokens for d in detail) == sum(r.input_tokens for r in bobs)
+        assert sum(d.output_tokens for d in detail) == sum(r.output_tokens for r in bobs)
+        assert sum(d.cost for d in detail) == pytest.approx(sum(r.cost for r in bobs))
+        assert {d.deployment for d in detail} == {"gpt4o-east", "gpt4o-west"}
+        assert all(d.at.hour == hours_ago(4).hour for d in detail)
+        assert await ledger.user_detail("fabrikam", "bob") == []
+
+    async def test_forget_user_keeps_every_total_but_the_persons(self, ledger: UsageLedger) -> None:
+        records = sample()
+        await ledger.append(records)
+        since = hours_ago(24)
+        before = {by: await ledger.summarize(by, since) for by in ("tenant", "model", "deployment")}
+
+        # contoso/alice made two calls; fabrikam/alice is someone else.
+        assert await ledger.forget_user("contoso", "alice") == 2
+
+        for by, rows in before.items():
+            assert await ledger.summarize(by, since) == rows
+        users = {r.key: r for r in await ledger.summarize("user", since)}
+        assert "contoso/alice" not in users
+        [alices] = totals(
+            [r for r in records if (r.tenant_id, r.user_id) == ("contoso", "alice")], "tenant"
+        )
+        assert users[f"contoso/{ERASED_USER}"] == replace(alices, key=f"contoso/{ERASED_USER}")
+        assert "fabrikam/alice" in users
+        assert await ledger.user_detail("contoso", "alice") == []
+        assert await ledger.forget_user("contoso", "alice") == 0, "a second erasure finds nothing"
+
+    async def test_forgetting_the_erased_user_changes_nothing(self, ledger: UsageLedger) -> None:
+        await ledger.append([usage(hours_ago(1), user="alice")])
+        await ledger.forget_user("contoso", "alice")
+        assert await ledger.forget_user("contoso", ERASED_USER) == 0
+        assert [r.key for r in await ledger.summarize("user", hours_ago(2))] == [
+            f"contoso/{ERASED_USER}"
         ]

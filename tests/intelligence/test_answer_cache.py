@@ -40,6 +40,7 @@ from intelligence.answer_cache import (
     AnswerCacheUnavailable,
     CachedAnswer,
     CacheEntry,
+    CacheOwner,
     InProcessAnswerCacheStore,
     QueryVector,
     SourceStamp,
@@ -151,7 +152,10 @@ CITATION = Citation(
 
 
 def entry(
-    vector: Sequence[float], created_at: float = T0, answer: str = "27 days [1]."
+    vector: Sequence[float],
+    created_at: float = T0,
+    answer: str = "27 days [1].",
+    owner: CacheOwner | None = None,
 ) -> CacheEntry:
     return CacheEntry(
         id=uuid.uuid4().hex,
@@ -163,7 +167,12 @@ def entry(
             plan={"planner": "deterministic", "steps": [{"id": "s1", "kind": "retrieve"}]},
             created_at=created_at,
         ),
+        owner=owner,
     )
+
+
+ALICE_OWNS = CacheOwner("contoso", "alice")
+BOB_OWNS = CacheOwner("contoso", "bob")
 
 
 class AnswerCacheStoreContract:
@@ -289,6 +298,68 @@ class AnswerCacheStoreContract:
     async def test_describe_names_the_backend(self, store: AnswerCacheStore) -> None:
         assert set(store.describe()) == {"answer_cache"}
 
+    # --- a person's entries: export and erasure ------------------------------------------
+
+    async def test_an_entry_keeps_its_owner(self, store: AnswerCacheStore) -> None:
+        await store.put("s", entry(E1, owner=ALICE_OWNS), max_entries=8, now=T0, ttl_s=3600)
+        found = await self.nearest(store, "s", E1)
+        assert found is not None and found[1] is not None
+        assert found[1].owner == ALICE_OWNS
+
+    async def test_entries_of_a_person_in_every_scope_oldest_first(
+        self, store: AnswerCacheStore
+    ) -> None:
+        later = entry(E2, created_at=T0 + 5, answer="later", owner=ALICE_OWNS)
+        earlier = entry(E1, created_at=T0 + 1, answer="earlier", owner=ALICE_OWNS)
+        await store.put("s1", later, max_entries=8, now=T0 + 5, ttl_s=3600)
+        await store.put("s2", earlier, max_entries=8, now=T0 + 5, ttl_s=3600)
+        await store.put("s1", entry(E3, owner=BOB_OWNS), max_entries=8, now=T0 + 5, ttl_s=3600)
+        await store.put("s1", entry(E4), max_entries=8, now=T0 + 5, ttl_s=3600)
+
+        found = await store.entries_of("contoso", "alice")
+
+        assert [(e.id, e.answer, e.owner) for e in found] == [
+            (earlier.id, earlier.answer, ALICE_OWNS),
+            (later.id, later.answer, ALICE_OWNS),
+        ]
+        assert await store.entries_of("fabrikam", "alice") == []
+        assert await store.entries_of("contoso", "nobody") == []
+
+    async def test_forget_user_deletes_their_entries_in_every_scope_and_nothing_else(
+        self, store: AnswerCacheStore
+    ) -> None:
+        elsewhere = CacheOwner("fabrikam", "alice")
+        for scope, vector, owner in [
+            ("s1", E1, ALICE_OWNS),
+            ("s2", E2, ALICE_OWNS),
+            ("s1", E2, BOB_OWNS),
+            ("s3", E3, elsewhere),
+            ("s3", E4, None),
+        ]:
+            await store.put(scope, entry(vector, owner=owner), max_entries=8, now=T0, ttl_s=3600)
+
+        assert await store.forget_user("contoso", "alice") == 2
+
+        assert await store.entries_of("contoso", "alice") == []
+        gone = await self.nearest(store, "s1", E1)
+        assert gone is None or gone[1] is None
+        assert await self.nearest(store, "s2", E2) is None
+        kept = await self.nearest(store, "s1", E2)
+        assert kept is not None and kept[1] is not None and kept[1].owner == BOB_OWNS
+        assert [e.owner for e in await store.entries_of("fabrikam", "alice")] == [elsewhere]
+        unowned = await self.nearest(store, "s3", E4)
+        assert unowned is not None and unowned[1] is not None
+        assert await store.forget_user("contoso", "alice") == 0, "a second erasure finds nothing"
+
+    async def test_forget_user_includes_expired_entries_still_kept(
+        self, store: AnswerCacheStore
+    ) -> None:
+        # Stored long past its TTL: never served, but held until the scope is written to.
+        old = entry(E1, created_at=T0 - 3600, owner=ALICE_OWNS)
+        await store.put("s", old, max_entries=8, now=T0 - 3600, ttl_s=60)
+        assert [e.id for e in await store.entries_of("contoso", "alice")] == [old.id]
+        assert await store.forget_user("contoso", "alice") == 1
+
 
 class TestInProcessStore(AnswerCacheStoreContract):
     @pytest.fixture
@@ -320,6 +391,45 @@ class TestRedisStore(AnswerCacheStoreContract):
         for key in keys:
             assert 0 < await redis.pttl(key) <= 90_000
         assert store.describe() == {"answer_cache": "redis"}
+
+    async def test_a_persons_index_outlives_their_entries_and_names_no_one(
+        self, redis: Redis
+    ) -> None:
+        prefix = f"test:{uuid.uuid4().hex}:"
+        store = RedisAnswerCacheStore(redis, prefix=prefix)
+        await store.put("scope", entry(E1, owner=ALICE_OWNS), max_entries=8, now=T0, ttl_s=90)
+        keys = sorted(k.decode() for k in await redis.keys(prefix + "*"))
+        [index] = [k for k in keys if k.startswith(prefix + "user:")]
+        assert "alice" not in index and "contoso" not in index
+        assert 90_000 < await redis.pttl(index) <= 180_000
+        assert sorted(set(keys) - {index}) == [
+            prefix + "{scope}:a",
+            prefix + "{scope}:o",
+            prefix + "{scope}:t",
+            prefix + "{scope}:v",
+        ]
+        for key in set(keys) - {index}:
+            assert 0 < await redis.pttl(key) <= 90_000
+
+    async def test_after_forget_user_no_key_holds_the_person(self, redis: Redis) -> None:
+        prefix = f"test:{uuid.uuid4().hex}:"
+        store = RedisAnswerCacheStore(redis, prefix=prefix)
+        await store.put("s1", entry(E1, owner=ALICE_OWNS), max_entries=8, now=T0, ttl_s=90)
+        await store.put("s1", entry(E2, owner=BOB_OWNS), max_entries=8, now=T0, ttl_s=90)
+        await store.put("s2", entry(E3, owner=ALICE_OWNS), max_entries=8, now=T0, ttl_s=90)
+
+        assert await store.forget_user("contoso", "alice") == 2
+
+        for key in await redis.keys(prefix + "*"):
+            kind = await redis.type(key)
+            if kind == b"hash":
+                dumped = repr(await redis.hgetall(key))
+            elif kind == b"zset":
+                dumped = repr(await redis.zrange(key, 0, -1))
+            else:
+                raise AssertionError(f"unexpected key {key!r} of type {kind!r}")
+            assert "alice" not in dumped
+        assert await redis.exists(prefix + "{s2}:o") == 0  # emptied hashes are gone
 
     async def test_an_outage_is_reported_and_retried_after_a_pause(self) -> None:
         now = [0.0]
@@ -582,6 +692,20 @@ async def test_the_same_question_in_the_same_scope_hits(knowledge: Knowledge) ->
     outcome = await ask(cache, ALICE, "how many days of ANNUAL leave do employees receive")
     assert outcome.status == "hit"
     assert outcome.similarity == pytest.approx(1.0, abs=1e-6)
+
+
+async def test_an_answer_remembers_whose_turn_stored_it_and_goes_with_their_data(
+    knowledge: Knowledge,
+) -> None:
+    store = InProcessAnswerCacheStore()
+    cache = make_cache(knowledge, store)
+    assert await ask(cache, ALICE) == CacheOutcome("miss")
+
+    [mine] = await cache.entries_of(ALICE)
+    assert mine.owner == CacheOwner(ALICE.tenant_id, ALICE.user_id)
+    assert await cache.forget_user(ALICE) == 1
+    assert await cache.entries_of(ALICE) == []
+    assert (await ask(cache, ALICE)).status == "miss", "the answer went with Alice's data"
 
 
 @pytest.mark.parametrize(

@@ -275,6 +275,13 @@ class HumanApprovalGate:
         await self._record_outcome(claimed, {"ok": True, "output": result.output})
         return result
 
+    async def approvals_of(self, caller: ToolCaller) -> Sequence[ApprovalRequest]:
+        return await self._store.of_user(caller.tenant_id, caller.user_id)
+
+    async def forget_user(self, caller: ToolCaller) -> int:
+        # Not audited here: the erasure as a whole is (privacy.erase, by the caller's layer).
+        return await self._store.forget_user(caller.tenant_id, caller.user_id)
+
     # --- helpers ----------------------------------------------------------------------
 
     def _is_approver(self, caller: ToolCaller) -> bool:

@@ -22,6 +22,7 @@ import aiosqlite
 
 from tools.approvals.store import (
     DEFAULT_RETENTION,
+    ERASED_USER,
     MAPPING_FIELDS,
     NO_CHANGES,
     ApprovalChanges,
@@ -200,6 +201,31 @@ class SqliteApprovalStore:
         async with self._errors() as db, db.execute(sql, params) as cursor:
             rows = await cursor.fetchall()
         # Sorted here, on datetimes: ISO text sorts wrongly across UTC offsets.
+        found = [_row_approval(row) for row in rows]
+        return sorted(found, key=lambda approval: (approval.created_at, approval.id))
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        async with self._errors() as db:
+            deleted = await db.execute(
+                "DELETE FROM approvals WHERE tenant_id = ? AND requested_by = ?",
+                (tenant_id, user_id),
+            )
+            renamed = await db.execute(
+                "UPDATE approvals SET decided_by = ? WHERE tenant_id = ? AND decided_by = ?",
+                (ERASED_USER, tenant_id, user_id),
+            )
+        return deleted.rowcount + renamed.rowcount
+
+    async def of_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
+        async with (
+            self._errors() as db,
+            db.execute(
+                "SELECT * FROM approvals"
+                " WHERE tenant_id = ? AND (requested_by = ? OR decided_by = ?)",
+                (tenant_id, user_id, user_id),
+            ) as cursor,
+        ):
+            rows = await cursor.fetchall()
         found = [_row_approval(row) for row in rows]
         return sorted(found, key=lambda approval: (approval.created_at, approval.id))
 

@@ -24,6 +24,10 @@ DEFAULT_RETENTION = timedelta(days=7)
 """How long a store keeps an approval after it expired (for retries, audits and the
 requester's view); then it may forget it."""
 
+ERASED_USER = "(erased)"
+"""Who decided an approval, once that person's data was erased: the approval is the
+requester's record and stays, without naming the decider (the audit log keeps who)."""
+
 MAPPING_FIELDS = frozenset({"arguments", "requested_arguments", "resume", "outcome"})
 TIME_FIELDS = frozenset({"created_at", "expires_at", "decided_at"})
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(ApprovalRequest))
@@ -110,6 +114,17 @@ class ApprovalStore(Protocol):
     ) -> list[ApprovalRequest]:
         """The tenant's pending approvals (only ``requested_by``'s, if given), oldest
         first, including those past their expiry that no one has marked expired yet."""
+        ...
+
+    async def forget_user(self, tenant_id: str, user_id: str) -> int:
+        """Erase a person's data: delete every approval they requested, whatever its
+        status (it holds the call's arguments and the paused turn), and name
+        :data:`ERASED_USER` instead of them as the decider of others' approvals.
+        Returns how many approvals were deleted or changed."""
+        ...
+
+    async def of_user(self, tenant_id: str, user_id: str) -> list[ApprovalRequest]:
+        """Every approval the person requested or decided, oldest first."""
         ...
 
 

@@ -15,7 +15,12 @@ import pytest
 
 from tests.tools.approvals.conftest import StoreBackend
 from tools.approvals.gate import new_approval_id
-from tools.approvals.store import ApprovalChanges, ApprovalStore, DuplicateApprovalId
+from tools.approvals.store import (
+    ERASED_USER,
+    ApprovalChanges,
+    ApprovalStore,
+    DuplicateApprovalId,
+)
 from tools.contracts import ApprovalRequest, ApprovalStatus
 
 T0 = datetime.now(UTC).replace(microsecond=0)
@@ -255,3 +260,49 @@ class ApprovalStoreContract:
         await store.create(approval(status=REJECTED))
 
         assert await store.list_pending("contoso") == []
+
+    # --- a person's approvals: export and erasure ---------------------------------------
+
+    async def test_of_user_lists_what_they_requested_or_decided_oldest_first(
+        self, store: ApprovalStore
+    ) -> None:
+        requested = approval(user="adele", created_at=T0 + timedelta(seconds=2))
+        decided_for_megan = approval(user="megan", created_at=T0 + timedelta(seconds=1))
+        unrelated = approval(user="megan")
+        elsewhere = approval(tenant="fabrikam", user="adele")
+        for each in (requested, decided_for_megan, unrelated, elsewhere):
+            await store.create(each)
+        decided = await store.transition(
+            decided_for_megan.id, {PENDING}, APPROVED, ApprovalChanges(decided_by="adele")
+        )
+
+        assert await store.of_user("contoso", "adele") == [decided, requested]
+        assert await store.of_user("fabrikam", "adele") == [elsewhere]
+        assert await store.of_user("contoso", "nobody") == []
+
+    async def test_forget_user_deletes_their_requests_in_any_status_and_unnames_their_decisions(
+        self, store: ApprovalStore
+    ) -> None:
+        pending = approval(user="adele")
+        executed = approval(user="adele", status=EXECUTED, decided_by="megan")
+        theirs = approval(user="megan")
+        created_decided = approval(user="megan", status=REJECTED, decided_by="adele")
+        elsewhere = approval(tenant="fabrikam", user="adele")
+        for each in (pending, executed, theirs, created_decided, elsewhere):
+            await store.create(each)
+        await store.transition(theirs.id, {PENDING}, APPROVED, ApprovalChanges(decided_by="adele"))
+
+        assert await store.forget_user("contoso", "adele") == 4
+
+        assert await store.get(pending.id) is None
+        assert await store.get(executed.id) is None
+        for kept in (theirs, created_decided):
+            found = await store.get(kept.id)
+            assert found is not None
+            assert found.requested_by == "megan" and found.decided_by == ERASED_USER
+        assert await store.get(elsewhere.id) == elsewhere
+        assert await store.list_pending("contoso") == []
+        assert await store.of_user("contoso", "adele") == []
+        assert await store.forget_user("contoso", "adele") == 0, "a second erasure finds nothing"
+        megans = {a.id for a in await store.of_user("contoso", "megan")}
+        assert megans == {theirs.id, created_decided.id}

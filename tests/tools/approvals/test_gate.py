@@ -686,3 +686,28 @@ async def test_a_failing_audit_sink_fails_no_step(
 
     assert len(runs.wipes) == 1
     assert "tool audit sink failed" in caplog.text
+
+
+# --- a person's approvals: export and erasure ---------------------------------------------
+
+
+async def test_a_persons_approvals_are_exported_and_erased_through_the_gate(
+    gate: ApprovalGate,
+) -> None:
+    mine = await ask(gate, ADELE, serial="PF3ABCD1")
+    decided_by_me = await ask(gate, ALEX, serial="PF3ABCD2")
+    await gate.decide(decided_by_me.id, REJECT, ADELE_AS_APPROVER)
+    elsewhere = await ask(gate, ADELE_ELSEWHERE, serial="PF3ABCD3")
+
+    assert {a.id for a in await gate.approvals_of(ADELE)} == {mine.id, decided_by_me.id}
+
+    assert await gate.forget_user(ADELE) == 2
+    assert await gate.approvals_of(ADELE) == []
+    with pytest.raises(ApprovalNotFound):
+        await gate.get(mine.id, ADELE)
+    kept = await gate.get(decided_by_me.id, ALEX)
+    assert kept.status is ApprovalStatus.REJECTED and kept.decided_by != "adele"
+    assert [a.id for a in await gate.approvals_of(ADELE_ELSEWHERE)] == [elsewhere.id]
+
+
+ADELE_AS_APPROVER = StaticCaller("contoso", "adele", roles={"employee", "it.approver"})

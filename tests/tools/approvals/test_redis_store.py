@@ -12,7 +12,7 @@ from tests.support.redis_server import RedisServer
 from tests.tools.approvals.conftest import StoreBackend
 from tests.tools.approvals.store_contract import ApprovalStoreContract, approval
 from tools.approvals.redis_store import RedisApprovalStore
-from tools.approvals.store import ApprovalStoreUnavailable
+from tools.approvals.store import ApprovalChanges, ApprovalStoreUnavailable
 from tools.contracts import ApprovalStatus
 
 
@@ -57,6 +57,48 @@ async def test_ids_of_forgotten_approvals_leave_the_pending_index(
     assert members == [kept.id.encode()]
 
 
+async def test_a_persons_index_names_no_one_and_expires_with_their_last_approval(
+    client: redis.asyncio.Redis,
+) -> None:
+    store = RedisApprovalStore(client, "person:", retention=timedelta(days=2))
+    first = approval(user="adele", ttl=timedelta(hours=1))
+    longer = approval(user="megan", ttl=timedelta(hours=5))
+    await store.create(first)
+    await store.create(longer)
+    await store.transition(
+        longer.id, {ApprovalStatus.PENDING}, ApprovalStatus.APPROVED, decided_by_adele()
+    )
+
+    indexes = sorted(k.decode() for k in await client.keys("person:user:*"))
+    assert len(indexes) == 2
+    assert not any("adele" in key or "megan" in key or "contoso" in key for key in indexes)
+    longest_ms = (timedelta(hours=5) + timedelta(days=2)).total_seconds() * 1000
+    for key in indexes:
+        assert 0 < await client.pttl(key) <= longest_ms
+
+
+async def test_after_forget_user_no_key_holds_the_person(client: redis.asyncio.Redis) -> None:
+    store = RedisApprovalStore(client, "erase:")
+    mine, megans = approval(user="adele"), approval(user="megan")
+    await store.create(mine)
+    await store.create(megans)
+    await store.transition(
+        megans.id, {ApprovalStatus.PENDING}, ApprovalStatus.APPROVED, decided_by_adele()
+    )
+
+    assert await store.forget_user("contoso", "adele") == 2
+
+    for key in await client.keys("erase:*"):
+        kind = await client.type(key)
+        held = await client.hgetall(key) if kind == b"hash" else await client.zrange(key, 0, -1)
+        assert b"adele" not in repr(held).encode()
+        assert mine.id.encode() not in repr(held).encode()
+
+
+def decided_by_adele() -> ApprovalChanges:
+    return ApprovalChanges(decided_by="adele")
+
+
 async def test_a_client_decoding_responses_works_the_same(redis_server: RedisServer) -> None:
     client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -83,6 +125,8 @@ async def test_an_unreachable_redis_is_unavailable() -> None:
                 ),
                 lambda: store.set_outcome("apr_x", {"ok": True, "output": None}),
                 lambda: store.list_pending("contoso"),
+                lambda: store.forget_user("contoso", "adele"),
+                lambda: store.of_user("contoso", "adele"),
             ]
             for operation in operations:
                 with pytest.raises(ApprovalStoreUnavailable):
