@@ -8,7 +8,8 @@ from intelligence.contracts import Plan, PlanningContext, PlanStep, StepKind
 class DeterministicPlanner:
     """Used when no model that can call tools is configured (extractive mode).
 
-    Every question is grounded: one retrieval for the question, then the answer.
+    Every question is grounded: one retrieval for the question (a follow-up rewritten
+    into a standalone query), then the answer.
     """
 
     async def plan(self, context: PlanningContext) -> Plan:
@@ -16,7 +17,7 @@ class DeterministicPlanner:
             id="s1",
             kind=StepKind.RETRIEVE,
             description="Search the documents the user may see",
-            query=context.question,
+            query=context.search_query or context.question,
         )
         answer = PlanStep(
             id="s2",
