@@ -28,10 +28,12 @@ from inferencing.contracts import (
     ChatMessage,
     ChatModel,
     ChatRequest,
+    ChatResponse,
     InferenceCaller,
     Role,
     ToolCall,
     ToolDefinition,
+    Usage,
 )
 from intelligence.contracts import (
     SEARCH_KNOWLEDGE,
@@ -97,6 +99,7 @@ class _RequestedCall:
 class _ModelTurn:
     text: str
     calls: tuple[_RequestedCall, ...]
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +132,8 @@ class ModelPlanner:
 
     Asked again after a round (``context.rounds``), the model sees its earlier calls
     and their results; more calls become the next steps (numbered on from the last
-    round), no call means the plan is just the answer step.
+    round), no call means the plan is just the answer step. Each plan carries the
+    tokens its model call used (:attr:`Plan.usage`), for the turn's token budget.
 
     Calls to functions that were not offered, and arguments that are not a JSON
     object, are kept as steps (with empty arguments and a note): the tools layer's
@@ -175,7 +179,10 @@ class ModelPlanner:
         ask_model = await _load_semantic_kernel_adapter()
         turn = await ask_model(call)
         first = 1 + sum(len(results) for results in context.rounds)
-        return self._to_plan(turn, functions, context.question, first, follow_up=bool(call.rounds))
+        # Any earlier round (its own calls, or rules' searches handed over) makes this a
+        # follow-up: no call then means "ready to answer", not "ground on the question".
+        follow_up = bool(context.rounds)
+        return self._to_plan(turn, functions, context.question, first, follow_up=follow_up)
 
     def _to_plan(
         self,
@@ -213,7 +220,9 @@ class ModelPlanner:
                 depends_on=tuple(step.id for step in steps),
             )
         )
-        return Plan(steps=tuple(steps), planner=self.name, rationale=" ".join(rationale))
+        return Plan(
+            steps=tuple(steps), planner=self.name, rationale=" ".join(rationale), usage=turn.usage
+        )
 
 
 def _step(
@@ -626,7 +635,9 @@ def _build_semantic_kernel_adapter() -> _AskModel:
         )
         if reply is None:
             return _ModelTurn(text="", calls=())
+        response = reply.inner_content
         return _ModelTurn(
+            usage=response.usage if isinstance(response, ChatResponse) else None,
             text=reply.content,
             calls=tuple(
                 _RequestedCall(
