@@ -40,14 +40,21 @@ class Permission(StrEnum):
     """GET /v1/usage: the tenant's token usage and cost."""
     KEYS_MANAGE = "keys.manage"
     """Create, list and revoke API keys."""
+    INGEST = "ingest"
+    """POST /v1/jobs/ingest: put uploaded documents into the tenant's knowledge index."""
 
 
 ADMIN_ROLE = "Lamina.Admin"
 USER_ROLE = "Lamina.User"
+CONTENT_OWNER_ROLE = "Lamina.ContentOwner"
+
+_USER_PERMISSIONS = (Permission.CHAT, Permission.CONVERSATIONS, Permission.MODELS)
 
 ROLE_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     ADMIN_ROLE: tuple(Permission),
-    USER_ROLE: (Permission.CHAT, Permission.CONVERSATIONS, Permission.MODELS),
+    USER_ROLE: _USER_PERMISSIONS,
+    # A content owner is a user too: holding only this role must not lock them out of chat.
+    CONTENT_OWNER_ROLE: (Permission.INGEST, *_USER_PERMISSIONS),
 }
 """The default mapping of ``LAMINA_AUTH__ROLE_PERMISSIONS``."""
 

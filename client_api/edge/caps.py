@@ -10,7 +10,7 @@ the cap and the setting that controls it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -109,20 +109,35 @@ class BodySizeLimit:
     A declared ``Content-Length`` over the cap is refused at once. A body without one
     (chunked) is read here up to the cap and handed on whole, or refused: cutting it
     off inside the route would surface as a server error instead of a 413.
+
+    ``path_limits`` gives routes a cap of their own (an upload route), as a path mapped
+    to (bytes, the setting that controls them).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        path_limits: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
         self._app = app
-        self._max = max_bytes
+        self._default = (max_bytes, "LAMINA_CAPS__MAX_BODY_BYTES")
+        self._path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
+        limit, setting = self._path_limits.get(scope["path"], self._default)
+        await self._limited(scope, receive, send, limit, setting)
+
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, setting: str
+    ) -> None:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
-            if length.isdigit() and int(length) > self._max:
-                await self._refuse(send)
+            if length.isdigit() and int(length) > limit:
+                await self._refuse(send, limit, setting)
                 return
             await self._app(scope, receive, send)
             return
@@ -134,9 +149,9 @@ class BodySizeLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max:
-                await self._drain(receive, message)
-                await self._refuse(send)
+            if size > limit:
+                await self._drain(receive, message, limit)
+                await self._refuse(send, limit, setting)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -152,23 +167,25 @@ class BodySizeLimit:
 
         await self._app(scope, replay, send)
 
-    async def _drain(self, receive: Receive, message: Message) -> None:
+    async def _drain(self, receive: Receive, message: Message, limit: int) -> None:
         """Read what is left of a modest overshoot, so that the client, still sending,
         reads the 413 instead of a connection reset; a body far over the cap is not
         worth reading."""
         drained = 0
-        while message.get("more_body", False) and drained <= self._max:
+        while message.get("more_body", False) and drained <= limit:
             message = await receive()
             if message["type"] != "http.request":
                 return
             drained += len(message.get("body", b""))
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, limit: int, setting: str) -> None:
         body = (
             b'{"type":"about:blank","title":"Request too large","status":413,'
             b'"detail":"The request body is over '
-            + str(self._max).encode()
-            + b' bytes (LAMINA_CAPS__MAX_BODY_BYTES)."}'
+            + str(limit).encode()
+            + b" bytes ("
+            + setting.encode()
+            + b')."}'
         )
         await send(
             {
