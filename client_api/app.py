@@ -20,7 +20,16 @@ from client_api.edge.admission import RateLimitHeaders
 from client_api.edge.caps import BodySizeLimit
 from client_api.mcp_server import mount_mcp_server
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
-from client_api.routes import approvals, chat, conversations, health, openai_compat, usage
+from client_api.routes import (
+    approvals,
+    chat,
+    conversations,
+    health,
+    jobs,
+    me,
+    openai_compat,
+    usage,
+)
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
 
 
@@ -46,6 +55,7 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
             gc.collect()
             gc.freeze()
             try:
+                await services.job_runner.start()
                 async with mcp.running(services) if mcp is not None else nullcontext():
                     yield
             finally:
@@ -66,7 +76,17 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     # Outermost first: refuse oversized bodies before anything reads them, and put the
     # rate-limit headers on every response, errors included.
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.caps.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.caps.max_body_bytes,
+        # Uploads have a cap of their own, with room for the multipart framing around it.
+        path_limits={
+            jobs.INGEST_PATH: (
+                settings.jobs.max_upload_bytes + 1024 * 1024,
+                "LAMINA_JOBS__MAX_UPLOAD_BYTES",
+            )
+        },
+    )
     app.add_middleware(
         CorrelationIdMiddleware,
         header_name=CORRELATION_HEADER,
@@ -76,9 +96,11 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(conversations.router)
+    app.include_router(me.router)
     app.include_router(approvals.router)
     app.include_router(openai_compat.router)
     app.include_router(usage.router)
+    app.include_router(jobs.router)
     mcp = mount_mcp_server(app) if settings.api.mcp_server else None
     return app
 

@@ -26,6 +26,7 @@ from client_api.edge.limits import (
     RedisLimitStore,
     ResilientLimitStore,
 )
+from client_api.personal_data import UsageData
 from client_api.settings import LaminaSettings
 from inferencing.contracts import ChatModel, EmbeddingModel
 from inferencing.gateway import Gateway, build_gateway
@@ -42,16 +43,29 @@ from intelligence.contracts import (
     AuditLog,
     AuditRecord,
     ConversationStore,
+    JobStore,
+    PersonalDataHolder,
     Planner,
     PlanningContext,
 )
+from intelligence.jobs import AgentTasks, IngestJobs, JobRunner
+from intelligence.memory import ConversationMemory
 from intelligence.orchestrator import Orchestrator
+from intelligence.personal_data import (
+    AnswerCacheData,
+    ApprovalData,
+    ConversationData,
+    PersonalData,
+)
 from intelligence.planning.deterministic import DeterministicPlanner
 from intelligence.prompts import PromptLibrary
 from intelligence.safety.policy import SafetyPolicy
 from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.stores.sqlite_jobs import SqliteJobStore
+from intelligence.upkeep import ConversationUpkeep
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
+from knowledge.ingestion.acl import AccessRules
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
 from tools.approvals.factory import open_approval_store
@@ -61,6 +75,8 @@ from tools.settings import McpServerSettings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+    from intelligence.stores.cosmos import CosmosConversationStore
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +104,14 @@ class Services:
     answer_cache: AnswerCache | None
     approvals: ApprovalGate | None
     """Where high-risk tool calls wait for a person; None: they never run."""
+    personal_data: PersonalData
+    """Export and erasure of a person's data across every store that keeps any."""
     _stack: AsyncExitStack
+    jobs: JobStore
+    job_runner: JobRunner
+    """Runs queued jobs in the background; the app starts it (and stops it at shutdown)."""
+    ingest_jobs: IngestJobs
+    agent_tasks: AgentTasks
 
     def describe(self) -> dict[str, str]:
         """Where shared state lives and whether it is degraded, for /readyz."""
@@ -241,6 +264,52 @@ def _model_version(settings: LaminaSettings) -> str:
     return "|".join([*deployments, f"planner={settings.intelligence.planner}"])
 
 
+async def open_conversation_store(
+    settings: LaminaSettings, stack: AsyncExitStack
+) -> ConversationStore:
+    """SQLite in the data directory, or Azure Cosmos DB; either keeps each tenant's
+    messages only as long as its retention period."""
+    config = settings.conversations
+    store: SqliteConversationStore | CosmosConversationStore
+    if config.backend == "cosmos":
+        # Imported here: only a Cosmos DB deployment needs the SDK (lamina[cosmos]).
+        from intelligence.stores.cosmos import CosmosConversationStore
+
+        store = CosmosConversationStore(config.cosmos, retention=config.retention())
+    else:
+        store = SqliteConversationStore(settings.conversations_path(), retention=config.retention())
+    await store.open()
+    stack.push_async_callback(store.close)
+    return store
+
+
+async def build_jobs(
+    settings: LaminaSettings, ingestor: Ingestor, assistant: Assistant, stack: AsyncExitStack
+) -> tuple[JobStore, JobRunner, IngestJobs, AgentTasks]:
+    """The job store, and the runner with its two kinds: ingestion of uploads (their
+    ACL file checked by the knowledge layer's parser) and long agent tasks."""
+    config = settings.jobs
+    store = SqliteJobStore(config.path or settings.data_dir / "jobs.db")
+    await store.open()
+    stack.push_async_callback(store.close)
+    runner = JobRunner(
+        store,
+        concurrency=config.concurrency,
+        lease_s=config.lease_s,
+        poll_interval_s=config.poll_interval_s,
+        max_attempts=config.max_attempts,
+    )
+    # Pushed after the store: at shutdown the runner gives its jobs back, then the store closes.
+    stack.push_async_callback(runner.stop)
+    ingest = IngestJobs(
+        runner,
+        ingestor,
+        config.uploads_path or settings.data_dir / "uploads",
+        lambda text: AccessRules.parse(text, source="ACL file").tenants,
+    )
+    return store, runner, ingest, AgentTasks(runner, assistant)
+
+
 def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
     index = SqliteKnowledgeIndex(settings.knowledge_index_path())
     return index, IngestionPipeline(index, settings.knowledge), SecurityTrimmedRetriever(index)
@@ -317,17 +386,42 @@ def _mcp_http_client(settings: LaminaSettings) -> Callable[[McpServerSettings], 
     return client
 
 
+def _can_plan(chat_model: ChatModel) -> bool:
+    return chat_model.capabilities.generative and chat_model.capabilities.tool_calls
+
+
+def _model_plans_every_round(settings: LaminaSettings, chat_model: ChatModel) -> bool:
+    choice = settings.intelligence.planner
+    return choice == "model" or (choice == "auto" and _can_plan(chat_model))
+
+
 def build_planner(
     settings: LaminaSettings, chat_model: ChatModel, toolset: Toolset, prompts: PromptLibrary
 ) -> Planner:
     choice = settings.intelligence.planner
-    capable = chat_model.capabilities.generative and chat_model.capabilities.tool_calls
+    capable = _can_plan(chat_model)
     if choice == "deterministic" or (choice == "auto" and not capable):
         return DeterministicPlanner()
     if not capable:
         raise ValueError(
-            "LAMINA_INTELLIGENCE__PLANNER=model needs a model that can call tools "
+            f"LAMINA_INTELLIGENCE__PLANNER={choice} needs a model that can call tools "
             f"(provider {settings.inferencing.provider!r} cannot)"
+        )
+    if choice == "escalate":
+        # Agents plan through the model planner; semantic-kernel loads on the first hand-over.
+        from intelligence.agents import ActionAgent, ResearchAgent
+        from intelligence.planning.escalation import EscalatingPlanner
+
+        agents: dict[str, Planner] = {
+            "research": ResearchAgent(chat_model, prompts),
+            "action": ActionAgent(chat_model, toolset, prompts),
+        }
+        return EscalatingPlanner(
+            DeterministicPlanner(),
+            agents,
+            toolset,
+            agent=settings.intelligence.agent,
+            min_score=settings.intelligence.escalation_min_score,
         )
     # Imported here: model planning loads semantic-kernel, which is slow to import.
     from intelligence.planning.model_planner import ModelPlanner
@@ -353,9 +447,12 @@ async def build_services(settings: LaminaSettings) -> Services:
         await index.open()
         stack.push_async_callback(index.close)
 
-        conversations = SqliteConversationStore(settings.conversations_path())
-        await conversations.open()
-        stack.push_async_callback(conversations.close)
+        conversations = await open_conversation_store(settings, stack)
+        upkeep = ConversationUpkeep(
+            conversations, interval_s=settings.conversations.sweep_interval_s
+        )
+        await upkeep.start()
+        stack.push_async_callback(upkeep.stop)
         audit = SqliteAuditLog(settings.data_dir / "audit.db")
         await audit.open()
         stack.push_async_callback(audit.close)
@@ -380,22 +477,50 @@ async def build_services(settings: LaminaSettings) -> Services:
         )
         safety = build_safety(settings, audit, stack)
         answer_cache = build_answer_cache(settings, retriever, state.redis, stack)
+        planner = build_planner(settings, chat_model, toolset, prompts)
+        memory = ConversationMemory(
+            chat_model=chat_model,
+            conversations=conversations,
+            prompts=prompts,
+            settings=settings.intelligence,
+            counter=counter,
+            # A model planning every round writes its own search queries from the history.
+            model_rewrites=not _model_plans_every_round(settings, chat_model),
+        )
         assistant = Orchestrator(
             retriever=retriever,
             toolset=toolset,
             chat_model=chat_model,
-            planner=build_planner(settings, chat_model, toolset, prompts),
+            planner=planner,
+            memory=memory,
             conversations=conversations,
             audit=audit,
             prompts=prompts,
             safety=safety,
             answer_cache=answer_cache,
             approvals=approvals,
+            turn_lease_s=settings.conversations.turn_lease_s,
             settings=settings.intelligence,
             top_k=settings.knowledge.top_k,
             max_output_tokens=settings.inferencing.max_output_tokens,
             temperature=settings.inferencing.temperature,
         )
+        jobs, job_runner, ingest_jobs, agent_tasks = await build_jobs(
+            settings, ingestor, assistant, stack
+        )
+        # Every store that keeps data about people: GET and DELETE /v1/me/data go through
+        # each. A new such store must be appended here. The audit log is deliberately
+        # absent: it is the append-only record of who asked what, erasures included.
+        holders: list[PersonalDataHolder] = [
+            ConversationData(conversations),
+            UsageData(state.ledger, chat_model.meter),
+            job_runner,
+        ]
+        if answer_cache is not None:
+            holders.append(AnswerCacheData(answer_cache))
+        if approvals is not None:
+            holders.append(ApprovalData(approvals))
+        personal_data = PersonalData(holders, audit)
     except BaseException:
         await stack.aclose()
         raise
@@ -415,5 +540,10 @@ async def build_services(settings: LaminaSettings) -> Services:
         api_keys,
         answer_cache,
         approvals,
+        personal_data,
         stack,
+        jobs=jobs,
+        job_runner=job_runner,
+        ingest_jobs=ingest_jobs,
+        agent_tasks=agent_tasks,
     )

@@ -23,8 +23,11 @@ from intelligence.contracts import (
     AnswerFailed,
     ApprovalsUnavailable,
     ConversationNotFound,
+    IdempotencyKeyReused,
     InputRejected,
     IntelligenceError,
+    StoreUnavailable,
+    TurnInProgress,
     UnsafeInput,
 )
 from tools.approvals.store import ApprovalStoreUnavailable
@@ -109,6 +112,7 @@ _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
     ConversationNotFound: (404, "Not found"),
     AnswerFailed: (502, "The answer could not be produced"),
     ApprovalsUnavailable: (404, "Approvals are not enabled"),
+    IdempotencyKeyReused: (422, "Idempotency-Key reused"),
 }
 
 
@@ -219,6 +223,23 @@ def _intelligence(exc: IntelligenceError) -> Problem:
             exc.message,
             headers={"Retry-After": "5"},
             extra={"code": exc.code},
+        )
+    if isinstance(exc, StoreUnavailable):
+        log.error("store unavailable: %s", exc.message)
+        return Problem(
+            503,
+            "Service unavailable",
+            "A store this request needs cannot be reached; try again shortly.",
+            headers={"Retry-After": "5"},
+            extra={"code": "store_unavailable"},
+        )
+    if isinstance(exc, TurnInProgress):
+        return Problem(
+            409,
+            "Turn in progress",
+            exc.message,
+            headers={"Retry-After": "2"},
+            extra={"code": "turn_in_progress"},
         )
     if isinstance(exc, AnswerFailed) and exc.code in _ANSWER_FAILED_STATUS:
         status, title = _ANSWER_FAILED_STATUS[exc.code]

@@ -16,6 +16,7 @@ from intelligence.settings import (
     AnswerCacheSettings,
     ConversationSettings,
     IntelligenceSettings,
+    JobSettings,
     SafetySettings,
 )
 from knowledge.settings import KnowledgeSettings
@@ -69,7 +70,7 @@ class AuthSettings(BaseModel):
     role_permissions: dict[str, list[str]] = Field(
         default_factory=lambda: {r: [p.value for p in ps] for r, ps in ROLE_PERMISSIONS.items()},
         description="App role -> permissions it grants (chat, conversations, models, "
-        "usage.read, keys.manage)",
+        "usage.read, keys.manage, ingest)",
     )
     default_roles: list[str] = Field(
         default_factory=lambda: [USER_ROLE],
@@ -172,6 +173,7 @@ class LaminaSettings(BaseSettings):
     tools: ToolsSettings = ToolsSettings()
     intelligence: IntelligenceSettings = IntelligenceSettings()
     conversations: ConversationSettings = ConversationSettings()
+    jobs: JobSettings = JobSettings()
 
     def knowledge_index_path(self) -> Path:
         return self.knowledge.index_path or self.data_dir / "knowledge.db"

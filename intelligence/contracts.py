@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, Literal, Protocol
 
 from inferencing.contracts import RouteInfo, Usage
+from knowledge.contracts import RetrievedPassage
 from tools.contracts import ApprovalDecision, ApprovalRequest
 
 
@@ -64,8 +65,17 @@ class PlanStep:
 class Plan:
     steps: tuple[PlanStep, ...]
     planner: str
-    """Which planner produced the plan: ``deterministic`` or ``model:<name>``."""
+    """Which planner produced the plan: ``deterministic``, ``model:<name>``, or a hand-over
+    such as ``deterministic>agent:research`` (rules first, then an agent). A turn's
+    recorded plan, extended round by round, names the planner of its latest round."""
     rationale: str = ""
+    revisit: bool = False
+    """Ask the planner again with this round's results even though no model planned its
+    steps: rules that must see what a search found before they can decide (an empty or
+    weak result hands the turn over to an agent)."""
+    usage: Usage | None = None
+    """Model tokens spent to make the plan (``None``: no model was asked). In a turn's
+    recorded plan, the sum over its rounds: what ``max_agent_tokens`` is checked against."""
 
 
 class StepStatus(StrEnum):
@@ -105,8 +115,10 @@ class StepResult:
 
 
 class PlanningContext(Protocol):
-    """What a planner is given: the question, the recent history, the caller, and the
-    results of the rounds planned so far in this turn (empty on the first round)."""
+    """What a planner is given: the question, the recent history, the caller, the
+    results of the rounds planned so far in this turn (empty on the first round), and
+    the passages those rounds' searches found (security-trimmed: the caller may read
+    them), so rules can judge whether a search found enough."""
 
     @property
     def question(self) -> str: ...
@@ -120,12 +132,22 @@ class PlanningContext(Protocol):
     @property
     def rounds(self) -> Sequence[Sequence[StepResult]]: ...
 
+    @property
+    def passages(self) -> Sequence[RetrievedPassage]: ...
+
+    @property
+    def search_query(self) -> str:
+        """The question as a standalone search query: a follow-up ("what about for
+        contractors?") rewritten with what it refers to in the history; else the question."""
+        ...
+
 
 class Planner(Protocol):
     async def plan(self, context: PlanningContext) -> Plan:
         """The next steps. With ``context.rounds`` empty, the whole turn's first plan; after
-        a round of model-planned calls (steps with a ``tool_call_id``), the planner is asked
-        again with their results and returns more steps, or only the answer step."""
+        a round of model-planned calls (steps with a ``tool_call_id``) or a plan that asked
+        to ``revisit``, the planner is asked again with their results and returns more
+        steps, or only the answer step."""
         ...
 
 
@@ -483,6 +505,10 @@ class StartedTurn:
     user_message_id: str
     events: AsyncGenerator[TurnEvent, None]
     """Close it (``aclose``) to abandon the turn; what was answered so far is kept."""
+    idempotency: Literal["new", "replayed", "joined", "retried"] | None = None
+    """With an idempotency key: whether this request started the turn (``new``), plays
+    back its stored answer (``replayed``), joined it while it runs (``joined``) or runs
+    an interrupted or failed one again (``retried``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,6 +622,169 @@ async def collect_turn(events: AsyncGenerator[TurnEvent, None]) -> TurnResult:
     raise AnswerFailed("The answer ended unexpectedly.")
 
 
+# --- jobs -----------------------------------------------------------------------
+
+INGEST_JOB = "ingest"
+"""A job kind: index uploaded documents under an ACL file."""
+AGENT_TASK_JOB = "agent_task"
+"""A job kind: one long turn of the assistant, run in the background."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailure:
+    """Why a job failed: a stable ``code`` for clients, a ``message`` safe to show."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Work that runs in the background, owned by (tenant, user); its state is durable."""
+
+    id: str
+    kind: str
+    tenant_id: str
+    user_id: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    input: Mapping[str, Any]
+    """What the job works on, as JSON-ready values (never a server path)."""
+    principal: Principal
+    """The caller's identity when the job was created: the job runs as this principal."""
+    progress: float | None = None
+    """Between 0 and 1, when the job can tell; ``None`` otherwise."""
+    progress_message: str | None = None
+    result: Mapping[str, Any] | None = None
+    """JSON-ready, once the job succeeded."""
+    error: JobFailure | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    """How many times the job was claimed to run (more than one after a crash)."""
+    worker_id: str | None = None
+    lease_until: datetime | None = None
+    """While ``RUNNING``: the job counts as abandoned (its process died) after this."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    items: tuple[Job, ...]
+    next_cursor: str | None = None
+
+
+class JobAlreadyFinished(Exception):
+    """A cancel request for a job that has already ended; the message is safe to show."""
+
+
+class JobStore(Protocol):
+    """Durable jobs scoped to (tenant, user) for their owners: another user's job behaves
+    as if it did not exist. Workers claim queued jobs with a lease they renew; a job whose
+    lease ended is requeued. Also a :class:`PersonalDataHolder`.
+
+    Every adapter passes ``tests/intelligence/stores/job_contract.py``. Leases are judged
+    against the ``now`` a caller passes, never the adapter's own clock."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def create(
+        self,
+        principal: Principal,
+        kind: str,
+        input: Mapping[str, Any],
+        *,
+        job_id: str | None = None,
+    ) -> Job:
+        """A new ``QUEUED`` job owned by and run as ``principal`` (its id is ``job_id``
+        when given, else a fresh one)."""
+        ...
+
+    async def get(self, principal: Principal, job_id: str) -> Job | None:
+        """The caller's job, or ``None`` (also for another user's job)."""
+        ...
+
+    async def list_jobs(
+        self, principal: Principal, *, limit: int = 20, cursor: str | None = None
+    ) -> JobPage:
+        """The caller's jobs, newest first; raises ``ValueError`` for a bad cursor."""
+        ...
+
+    async def claim(
+        self, worker_id: str, lease_until: datetime, *, kinds: Sequence[str]
+    ) -> Job | None:
+        """The oldest ``QUEUED`` job of one of ``kinds``, now ``RUNNING`` for ``worker_id``
+        until ``lease_until``, its ``attempts`` counted. Of racing claims for one job
+        exactly one gets it; ``None`` when nothing is queued."""
+        ...
+
+    async def heartbeat(self, job_id: str, worker_id: str, lease_until: datetime) -> Job | None:
+        """Extend the lease of a job ``worker_id`` runs, and return it (its
+        ``cancel_requested`` tells the worker to stop). ``None`` when the worker no longer
+        holds the job (finished, requeued after its lease ended, or erased)."""
+        ...
+
+    async def set_progress(
+        self, job_id: str, worker_id: str, progress: float | None, message: str | None
+    ) -> bool:
+        """Record a running job's progress; False when ``worker_id`` no longer holds it."""
+        ...
+
+    async def finish(
+        self,
+        job_id: str,
+        worker_id: str,
+        status: JobStatus,
+        *,
+        result: Mapping[str, Any] | None = None,
+        error: JobFailure | None = None,
+    ) -> Job | None:
+        """End a job ``worker_id`` holds with a finished ``status`` (progress 1 when it
+        succeeded); ``None`` (and nothing changed) when the worker no longer holds it."""
+        ...
+
+    async def release(self, job_id: str, worker_id: str) -> bool:
+        """Give a job back to the queue (its worker shuts down): ``QUEUED`` again, this
+        attempt not counted, or ``CANCELLED`` when a cancel was requested."""
+        ...
+
+    async def request_cancel(self, principal: Principal, job_id: str) -> Job | None:
+        """Cancel the caller's job: a queued one is ``CANCELLED`` at once, a running one
+        gets ``cancel_requested`` (its worker stops it), a finished one is left as it was.
+        Returns the job as it is now, or ``None`` when it is not the caller's."""
+        ...
+
+    async def requeue_abandoned(self, now: datetime, *, max_attempts: int) -> list[Job]:
+        """Every ``RUNNING`` job whose lease ended before ``now`` (all tenants), after this
+        call: ``QUEUED`` again, ``CANCELLED`` when a cancel was requested, or ``FAILED``
+        (code ``abandoned``) when it was claimed ``max_attempts`` times already."""
+        ...
+
+    async def export_user(self, principal: Principal) -> list[dict[str, Any]]:
+        """Every job of the caller, oldest first, as JSON-ready values."""
+        ...
+
+    async def erase_user(self, principal: Principal) -> int:
+        """Delete every job of the caller; returns how many went."""
+        ...
+
+
 # --- errors ---------------------------------------------------------------------
 
 
@@ -611,6 +800,11 @@ class IntelligenceError(Exception):
 
 class ConversationNotFound(IntelligenceError):
     pass
+
+
+class StoreUnavailable(IntelligenceError):
+    """A store cannot serve the request (unreachable, refusing credentials, misconfigured);
+    worth retrying. Its ``message`` is for the operator's log: clients get a generic one."""
 
 
 class InputRejected(IntelligenceError):

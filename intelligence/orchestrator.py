@@ -15,7 +15,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from inferencing.contracts import (
@@ -47,8 +47,10 @@ from intelligence.contracts import (
     ConversationStore,
     DoneEvent,
     ErrorEvent,
+    IdempotencyKeyReused,
     InputRejected,
     MessageStatus,
+    NewTurn,
     Plan,
     PlanEvent,
     Planner,
@@ -62,10 +64,14 @@ from intelligence.contracts import (
     StepResult,
     StepStatus,
     TurnEvent,
+    TurnInProgress,
+    TurnRecord,
     TurnRequest,
     TurnResult,
     collect_turn,
 )
+from intelligence.idempotency import RunningTurns, request_hash, stored_answer
+from intelligence.memory import ConversationMemory
 from intelligence.prompts import Prompt, PromptLibrary
 from intelligence.safety import AnswerStopped, SafetyPolicy, TurnScope
 from intelligence.settings import IntelligenceSettings
@@ -106,6 +112,8 @@ class _PlanningContext:
     history: Sequence[ConversationMessage]
     principal: Principal
     rounds: Sequence[Sequence[StepResult]] = ()
+    passages: Sequence[RetrievedPassage] = ()
+    search_query: str = ""
 
 
 @asynccontextmanager
@@ -148,6 +156,8 @@ class Orchestrator:
         safety: SafetyPolicy | None = None,
         answer_cache: AnswerCache | None = None,
         approvals: ApprovalGate | None = None,
+        turn_lease_s: float = 30.0,
+        memory: ConversationMemory | None = None,
     ) -> None:
         self._retriever = retriever
         self._toolset = toolset
@@ -163,6 +173,9 @@ class Orchestrator:
         self._assistant_name = assistant_name
         self._safety = safety
         self._approvals = approvals
+        self._turn_lease_s = turn_lease_s
+        self._memory = memory
+        self._running = RunningTurns()
         self._answer_prompt: Prompt = prompts.get(settings.answer_prompt)
         self._answer_cache = answer_cache
         # Everything besides model, sources and question that shapes an answer: a change
@@ -189,42 +202,166 @@ class Orchestrator:
                 f"The message is {len(question)} characters long; "
                 f"the limit is {self._settings.max_message_chars}."
             )
+        key = request.idempotency_key
+        digest = request_hash(question, request.conversation_id) if key else None
+        if key is not None:
+            # A retry is answered from what the first request started, before anything
+            # else runs: it was checked when it was first accepted.
+            earlier = await self._conversations.find_turn(principal, key)
+            if earlier is not None:
+                return await self._again(earlier, digest, request, principal)
         if self._safety is not None:
             # Before anything is stored: a refused message leaves nothing but its audit record.
             await self._safety.check_input(
                 question, TurnScope(principal, request.correlation_id, request.conversation_id)
             )
-        if request.conversation_id is None:
-            conversation = await self._conversations.create(principal, _title_from(question))
-        else:
-            found = await self._conversations.get(principal, request.conversation_id)
-            if found is None:
+        history: list[ConversationMessage] = []
+        if request.conversation_id is not None:
+            if await self._conversations.get(principal, request.conversation_id) is None:
                 raise ConversationNotFound("No such conversation.")
-            conversation = found
-        history = await self._conversations.messages(
-            principal, conversation.id, last=self._settings.history_turns
-        )
+            history = await self._conversations.messages(
+                principal, request.conversation_id, last=self._settings.history_turns
+            )
         try:
-            user_message = await self._conversations.add_message(
-                principal, conversation.id, "user", question
+            # The question and the reply's row are durable, in one write, before any model
+            # is called: every outcome of the turn (complete, interrupted, failed) has a
+            # place to be recorded, and a retry with the key finds this turn.
+            record = await self._conversations.begin_turn(
+                principal,
+                NewTurn(
+                    question=question,
+                    conversation_id=request.conversation_id,
+                    title=_title_from(question),
+                    lease_until=self._lease_until(),
+                    idempotency_key=key,
+                    request_hash=digest,
+                ),
             )
-            # The reply's row exists before anything streams, so every outcome of the
-            # turn (complete, interrupted, failed) has a place to be recorded.
-            reply = await self._conversations.add_message(
-                principal, conversation.id, "assistant", "", status=MessageStatus.STREAMING
-            )
-        except LookupError:  # deleted between the check above and the insert
+        except LookupError:  # deleted between the check above and the write
             raise ConversationNotFound("No such conversation.") from None
+        if not record.created:  # a concurrent request with the same key won
+            return await self._again(record, digest, request, principal)
+        turn = await self._new_turn(record, question, history, principal, request.correlation_id)
+        return StartedTurn(
+            record.conversation.id,
+            record.user_message.id,
+            self._leased(turn, key),
+            "new" if key else None,
+        )
+
+    async def _again(
+        self,
+        record: TurnRecord,
+        digest: str | None,
+        request: TurnRequest,
+        principal: Principal,
+    ) -> StartedTurn:
+        """A request whose idempotency key started a turn before."""
+        key = record.idempotency_key
+        assert key is not None
+        if record.request_hash != digest:
+            raise IdempotencyKeyReused(
+                "This Idempotency-Key was used for a different request; use a new key."
+            )
+        conversation_id, user_message_id = record.conversation.id, record.user_message.id
+        status = record.reply.status
+        if status is MessageStatus.COMPLETE:
+            return StartedTurn(conversation_id, user_message_id, stored_answer(record), "replayed")
+        if status is MessageStatus.AWAITING_APPROVAL:
+            raise TurnInProgress(
+                "This turn is waiting for a person to approve an action; it continues "
+                "once they decide."
+            )
+        now = datetime.now(UTC)
+        if status is MessageStatus.STREAMING and (
+            record.lease_until is None or record.lease_until > now
+        ):
+            channel = self._running.find(principal, key)
+            if channel is None:
+                raise TurnInProgress(
+                    "This turn is still being answered; try again in a few seconds."
+                )
+            return StartedTurn(conversation_id, user_message_id, channel.subscribe(), "joined")
+        # Interrupted, failed, or abandoned by a process that died: run it again, once.
+        claimed = await self._conversations.retry_turn(
+            principal, record.reply.id, self._lease_until(), now=now
+        )
+        if claimed is None:
+            raise TurnInProgress("This turn is being retried already; try again in a few seconds.")
+        messages = await self._conversations.messages(principal, conversation_id)
+        ids = [m.id for m in messages]
+        asked = ids.index(user_message_id) if user_message_id in ids else len(ids)
+        earlier, last = messages[:asked], self._settings.history_turns
+        turn = await self._new_turn(
+            claimed,
+            claimed.user_message.content,
+            earlier[-last:] if last else [],
+            principal,
+            request.correlation_id,
+        )
+        return StartedTurn(conversation_id, user_message_id, self._leased(turn, key), "retried")
+
+    async def _new_turn(
+        self,
+        record: TurnRecord,
+        question: str,
+        history: Sequence[ConversationMessage],
+        principal: Principal,
+        correlation_id: str | None,
+    ) -> Turn:
         turn = Turn(
-            conversation.id,
-            reply.id,
+            record.conversation.id,
+            record.reply.id,
             question,
             history,
             principal,
-            request.correlation_id,
+            correlation_id,
             TurnBudget(self._settings),
         )
-        return StartedTurn(conversation.id, user_message.id, self._run(turn))
+        if self._memory is not None:
+            # What the models see of the conversation: a budgeted history, the summary of
+            # older turns, and the question as a standalone search query.
+            turn.context = await self._memory.prepare(
+                record.conversation, history, question, principal
+            )
+        return turn
+
+    def _lease_until(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=self._turn_lease_s)
+
+    async def _leased(self, turn: Turn, key: str | None) -> AsyncGenerator[TurnEvent, None]:
+        """The turn, renewing its lease while it runs (so a crash shows as an abandoned
+        turn once the lease ends) and, with a key, open for retries to join."""
+        channel = self._running.open(turn.principal, key) if key else None
+        heartbeat = asyncio.create_task(self._heartbeat(turn))
+        try:
+            async with _closing(self._run(turn)) as events:
+                async for event in events:
+                    if channel is not None:
+                        channel.publish(event)
+                    yield event
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            if channel is not None and key is not None:
+                self._running.close(turn.principal, key, channel)
+
+    async def _heartbeat(self, turn: Turn) -> None:
+        """Keep the running turn's lease, with the answer so far (kept if we die)."""
+        while True:
+            await asyncio.sleep(self._turn_lease_s / 3)
+            if turn.stored:
+                return
+            try:
+                alive = await self._conversations.renew_turn(
+                    turn.principal, turn.reply_id, "".join(turn.answer), self._lease_until()
+                )
+            except Exception:
+                log.warning("could not renew the lease of turn %s", turn.reply_id, exc_info=True)
+                continue
+            if not alive:
+                log.warning("turn %s was marked abandoned while it ran", turn.reply_id)
+                return
 
     async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
         started = await self.start_turn(request, principal)
@@ -516,8 +653,14 @@ class Orchestrator:
         first = turn.plan is None
         while first or turn.replan:
             await self._screen_new_results(turn)
+            memory = turn.context
             context = _PlanningContext(
-                turn.question, turn.history, turn.principal, execution.rounds
+                turn.question,
+                memory.history if memory is not None else turn.history,
+                turn.principal,
+                execution.rounds,
+                execution.passages,
+                memory.search_query if memory is not None else turn.question,
             )
             async with asyncio.timeout(turn.budget.remaining_s()) as deadline:
                 try:
@@ -528,13 +671,15 @@ class Orchestrator:
                     raise
             turn.plan = _extend(turn.plan, plan)
             yield PlanEvent(turn.plan)
+            turn.budget.admit_tokens(turn.plan.usage)
             steps = [s for s in plan.steps if s.kind is not StepKind.ANSWER]
             if not steps:
                 return
             turn.budget.admit(execution, steps)
             execution.rounds.append([])
-            # Only what the model asked for is shown back to it for another round.
-            turn.replan = any(step.tool_call_id for step in steps)
+            # Only what the model asked for is shown back to it for another round, or
+            # what rules asked to see (a search they must judge before they can decide).
+            turn.replan = any(step.tool_call_id for step in steps) or plan.revisit
             first = False
             async with _closing(self._round(turn, steps)) as events:
                 async for event in events:
@@ -746,11 +891,15 @@ class Orchestrator:
             ],
         )
         messages = [ChatMessage(Role.SYSTEM, system)]
-        messages += [
-            ChatMessage(Role(m.role), m.content)
-            for m in turn.history
-            if m.content and m.status is MessageStatus.COMPLETE
-        ]
+        if turn.context is not None:
+            # The running summary, then the recent messages within the history budget.
+            messages += turn.context.chat_messages()
+        else:
+            messages += [
+                ChatMessage(Role(m.role), m.content)
+                for m in turn.history
+                if m.content and m.status is MessageStatus.COMPLETE
+            ]
         messages.append(ChatMessage(Role.USER, turn.question))
         messages += round_trips
         documents = [GroundingDocument(ref, p.chunk.title, p.chunk.text) for ref, p in sources]
@@ -764,12 +913,26 @@ class Orchestrator:
 
 
 def _extend(plan: Plan | None, following: Plan) -> Plan:
-    """The turn's plan so far with a further round's steps, ending with its answer step."""
+    """The turn's plan so far with a further round's steps, ending with its answer step,
+    named after the latest round's planner (a hand-over, rules to agent, shows there) and
+    with the planning tokens of all rounds."""
     if plan is None:
         return following
     done = tuple(step for step in plan.steps if step.kind is not StepKind.ANSWER)
     rationale = " ".join(text for text in (plan.rationale, following.rationale) if text)
-    return Plan(steps=done + following.steps, planner=plan.planner, rationale=rationale)
+    usage = plan.usage
+    if following.usage is not None:
+        before = usage or Usage(0, 0)
+        usage = Usage(
+            before.input_tokens + following.usage.input_tokens,
+            before.output_tokens + following.usage.output_tokens,
+        )
+    return Plan(
+        steps=done + following.steps,
+        planner=following.planner,
+        rationale=rationale,
+        usage=usage,
+    )
 
 
 def _as_error(outcome: StepOutcome) -> str:

@@ -17,11 +17,71 @@ class IntelligenceSettings(BaseModel):
     prompts_dir: Path | None = Field(
         default=None, description="Versioned prompt files; default the bundled prompts/"
     )
-    planner: Literal["auto", "deterministic", "model"] = Field(
+    planner: Literal["auto", "deterministic", "model", "escalate"] = Field(
         default="auto",
-        description="auto: the model plans when it can call tools, else deterministic",
+        description="auto: the model plans when it can call tools, else deterministic; "
+        "escalate: rules first, an agent only when rules cannot decide",
+    )
+    agent: Literal["auto", "research", "action"] = Field(
+        default="auto",
+        description="The agent escalation hands over to; auto: action for a request to act "
+        "(or naming a tool) when the caller may use tools, else research",
+    )
+    max_agent_tokens: int = Field(
+        default=32_000,
+        ge=1,
+        description="Model tokens the planning and agent calls of one turn may spend "
+        "(the answer not counted)",
+    )
+    escalation_min_score: float | None = Field(
+        default=None,
+        description="escalate: a search whose best passage scores below this (the index's "
+        "own scale) goes to an agent; empty: only a search that found nothing",
     )
     history_turns: int = Field(default=6, ge=0, le=50, description="Past messages in the prompt")
+    history_tokens: int = Field(
+        default=2_000,
+        ge=0,
+        description="Tokens of past messages a model sees verbatim, newest first; older ones "
+        "go into the running summary (extractive mode: the oldest kept is cut short)",
+    )
+    summarize_history: bool = Field(
+        default=True,
+        description="Summarise messages beyond the verbatim history with the model "
+        "(generative models only)",
+    )
+    rewrite_followups: bool = Field(
+        default=True,
+        description="Rewrite a follow-up question into a standalone search query before "
+        "retrieval (by the model when it is generative, else by a word heuristic)",
+    )
+    summary_prompt: str = Field(
+        default="conversation_summary", description="Prompt name in prompts/"
+    )
+    rewrite_prompt: str = Field(default="followup_query", description="Prompt name in prompts/")
+    summary_max_tokens: int = Field(
+        default=300, ge=16, le=4_000, description="Longest running summary, in tokens"
+    )
+    summary_input_tokens: int = Field(
+        default=4_000,
+        ge=64,
+        description="Most tokens of newly aged-out messages summarised in one turn (the "
+        "newest first; any older ones are left out of the summary)",
+    )
+    rewrite_max_tokens: int = Field(
+        default=64, ge=8, le=1_000, description="Longest rewritten search query, in tokens"
+    )
+    memory_deployment: str | None = Field(
+        default=None,
+        description="Deployment for summaries and rewrites (e.g. a small model); "
+        "empty: routed like any other call",
+    )
+    memory_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        description="A summary or rewrite slower than this is skipped (the turn goes on)",
+    )
     max_message_chars: int = Field(default=8_000, ge=1, description="Longer user messages: 422")
     answer_prompt: str = Field(default="grounded_answer", description="Prompt name in prompts/")
     planner_prompt: str = Field(default="planner", description="Prompt name in prompts/")
@@ -79,8 +139,9 @@ class ConversationSettings(BaseModel):
         default=30.0,
         ge=1.0,
         le=3600.0,
-        description="A running turn renews its lease this often times three; a turn whose "
-        "lease ran out (its process died) is marked interrupted and may be retried",
+        description="How long a running turn counts as alive without renewing its lease "
+        "(it renews every third of it); a turn whose lease ran out (its process died) is "
+        "marked interrupted and may be retried",
     )
     sweep_interval_s: float = Field(
         default=60.0,
@@ -187,4 +248,47 @@ class SafetySettings(BaseModel):
     moderation_on_error: Literal["allow", "block"] = Field(
         default="allow",
         description="Moderator down: allow (log, answer unmoderated) or block the answer",
+    )
+
+
+class JobSettings(BaseModel):
+    """Background jobs: ingestion uploads and long agent tasks (``LAMINA_JOBS__*``)."""
+
+    path: Path | None = Field(
+        default=None, description="SQLite job store; default <data_dir>/jobs.db"
+    )
+    uploads_path: Path | None = Field(
+        default=None,
+        description="Where uploaded files wait for their ingestion job; default "
+        "<data_dir>/uploads (a volume every replica shares, when there are several)",
+    )
+    concurrency: int = Field(
+        default=2, ge=1, le=64, description="Jobs one server runs at a time; more wait queued"
+    )
+    lease_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        le=3600.0,
+        description="A running job renews its lease three times per period; a job whose "
+        "lease ran out (its server died) is queued again",
+    )
+    poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60.0,
+        description="How often a server looks for jobs queued elsewhere or abandoned",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Runs of a job whose server died each time, before it is failed",
+    )
+    max_upload_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Largest upload of one ingestion job, all files together (else 413)",
+    )
+    max_upload_files: int = Field(
+        default=500, ge=1, le=10_000, description="Most files in one ingestion upload (else 422)"
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from inferencing.contracts import ChatMessage, Role, RouteInfo, ToolCall
+from inferencing.contracts import ChatMessage, Role, RouteInfo, ToolCall, Usage
 from intelligence.contracts import (
     SEARCH_KNOWLEDGE,
     ApprovalRequiredEvent,
@@ -31,6 +31,7 @@ from intelligence.contracts import (
     StepOutcome,
     StepResult,
 )
+from intelligence.memory import TurnContext
 from intelligence.settings import IntelligenceSettings
 from knowledge.contracts import RetrievedPassage
 
@@ -94,7 +95,8 @@ def tool_messages(
 
 
 class BudgetExceeded(Exception):
-    """The turn would spend more steps, tool calls, rounds or time than it may."""
+    """The turn would spend more steps, tool calls, rounds, planning tokens or time than
+    it may."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -150,6 +152,23 @@ class TurnBudget:
         execution.steps_run += len(steps)
         execution.tool_calls_run += tool_calls
 
+    def admit_tokens(self, spent: Usage | None) -> None:
+        """Raise :class:`BudgetExceeded` when the turn's planning and agent calls together
+        (``spent``: the recorded plan's usage, which survives a pause for approval) used
+        more model tokens than ``max_agent_tokens``. Checked after each planning call: a
+        call's size is known only once it returns, so the call that crosses the limit is
+        the turn's last."""
+        if spent is None:
+            return
+        limit = self._settings.max_agent_tokens
+        used = spent.input_tokens + spent.output_tokens
+        if used > limit:
+            raise BudgetExceeded(
+                f"This question needed more than {limit} model tokens of planning "
+                f"({used} spent), the most one answer may use. Try a narrower question, "
+                "or ask in parts."
+            )
+
 
 @dataclass
 class Turn:
@@ -177,6 +196,9 @@ class Turn:
     """Whether the planner is asked again after the current round (model-planned calls)."""
     pending: ApprovalRequiredEvent | None = None
     """Set when the turn paused for approval."""
+    context: TurnContext | None = None
+    """The budgeted history, running summary and search query its models see (from
+    :class:`~intelligence.memory.ConversationMemory`); ``None``: the history as loaded."""
 
     def fail(self, error: ErrorEvent) -> None:
         self.error = error

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Annotated, Any
 
 from asgi_correlation_id import correlation_id
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from pydantic import TypeAdapter
 from sse_starlette import EventSourceResponse
 
@@ -24,6 +24,7 @@ from intelligence.contracts import (
     TurnEvent,
     TurnRequest,
     TurnResult,
+    collect_turn,
 )
 
 router = APIRouter(prefix="/v1", tags=["chat"])
@@ -52,6 +53,24 @@ Errors found before the stream begins (authentication, validation, unknown
 conversation) are returned as `application/problem+json` instead."""
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_STATUS_HEADER = "X-Lamina-Idempotency"
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=IDEMPOTENCY_HEADER,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Your unique key for this request (e.g. a UUID), so that sending it again "
+        "never starts a second turn: the same key and body replay the stored answer, join the "
+        "turn while it runs, or finish an interrupted one; the same key with another body is "
+        "a 422, and a turn still running elsewhere a 409 (retry after `Retry-After`).",
+    ),
+]
+
+
 @router.post("/chat", response_model=ChatAnswer, summary="Ask a question (JSON)")
 async def chat(
     body: ChatRequestBody,
@@ -59,9 +78,13 @@ async def chat(
     response: Response,
     principal: ChatCaller,
     services: ServicesDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> ChatAnswer:
     await _edge_checks(body, request, principal, services)
-    result = await services.assistant.run_turn(_turn(body), principal)
+    started = await services.assistant.start_turn(_turn(body, idempotency_key), principal)
+    if started.idempotency is not None:
+        response.headers[IDEMPOTENCY_STATUS_HEADER] = started.idempotency
+    result = await collect_turn(started.events)
     if result.cache is not None:
         response.headers[CACHE_HEADER] = cache_header(result.cache)
     return chat_answer(result)
@@ -90,13 +113,18 @@ def chat_answer(result: TurnResult) -> ChatAnswer:
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
 )
 async def chat_stream(
-    body: ChatRequestBody, request: Request, principal: ChatCaller, services: ServicesDep
+    body: ChatRequestBody,
+    request: Request,
+    principal: ChatCaller,
+    services: ServicesDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> EventSourceResponse:
     await _edge_checks(body, request, principal, services)
     # start_turn validates and persists the user message before the response
     # starts, so every refusal up to here is a proper HTTP error, never a 200.
-    started = await services.assistant.start_turn(_turn(body), principal)
-    return EventSourceResponse(sse_events(started.events), ping=15)
+    started = await services.assistant.start_turn(_turn(body, idempotency_key), principal)
+    headers = {IDEMPOTENCY_STATUS_HEADER: started.idempotency} if started.idempotency else None
+    return EventSourceResponse(sse_events(started.events), ping=15, headers=headers)
 
 
 async def _edge_checks(
@@ -120,11 +148,12 @@ def cache_header(outcome: CacheOutcome) -> str:
     return "; ".join(parts)
 
 
-def _turn(body: ChatRequestBody) -> TurnRequest:
+def _turn(body: ChatRequestBody, idempotency_key: str | None = None) -> TurnRequest:
     return TurnRequest(
         message=body.message,
         conversation_id=body.conversation_id,
         correlation_id=correlation_id.get(),
+        idempotency_key=idempotency_key,
     )
 
 
