@@ -55,6 +55,19 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
 
+def retry_later(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    after_s: int = 5,
+    extra: Mapping[str, Any] | None = None,
+) -> Problem:
+    """A problem whose request may be sent again as it was once ``after_s`` seconds have
+    passed (``Retry-After``)."""
+    return Problem(status, title, detail, headers={"Retry-After": str(after_s)}, extra=extra)
+
+
 def problem_response(
     problem: Problem, request: Request | None = None, *, outside_middleware: bool = False
 ) -> JSONResponse:
@@ -119,12 +132,8 @@ _INTELLIGENCE_STATUS: dict[type[IntelligenceError], tuple[int, str]] = {
 def _tool(exc: ToolError) -> Problem:
     """Tool errors reach the edge only from approval decisions."""
     if isinstance(exc, ApprovalStoreUnavailable):
-        return Problem(
-            503,
-            "Approvals unavailable",
-            exc.message,
-            headers={"Retry-After": "5"},
-            extra={"code": "approvals_unavailable"},
+        return retry_later(
+            503, "Approvals unavailable", exc.message, extra={"code": "approvals_unavailable"}
         )
     if isinstance(exc, ApprovalNotFound):
         return Problem(404, "Not found", exc.message, extra={"code": "approval_not_found"})
@@ -165,32 +174,22 @@ def _authentication(exc: AuthenticationError) -> Problem:
 
 def _identity_provider(exc: IdentityProviderUnavailable) -> Problem:
     log.error("identity provider unavailable: %s", exc)
-    return Problem(
-        503,
-        "Authentication unavailable",
-        "Sign-in cannot be checked right now.",
-        headers={"Retry-After": "5"},
-    )
+    return retry_later(503, "Authentication unavailable", "Sign-in cannot be checked right now.")
 
 
 def _groups(exc: GroupsUnavailable) -> Problem:
     log.error("group memberships unavailable: %s", exc)
-    return Problem(
+    return retry_later(
         503,
         "Group memberships unavailable",
         "Your group memberships cannot be checked right now; try again shortly.",
-        headers={"Retry-After": str(max(1, round(exc.retry_after_s or 5)))},
+        after_s=max(1, round(exc.retry_after_s or 5)),
     )
 
 
 def _key_store(exc: KeyStoreUnavailable) -> Problem:
     log.error("API key store unavailable: %s", exc)
-    return Problem(
-        503,
-        "Authentication unavailable",
-        "API keys cannot be checked right now.",
-        headers={"Retry-After": "5"},
-    )
+    return retry_later(503, "Authentication unavailable", "API keys cannot be checked right now.")
 
 
 def _cap(exc: CapExceeded) -> Problem:
@@ -217,29 +216,18 @@ def _quota(exc: TokenQuotaExceeded) -> Problem:
 
 def _intelligence(exc: IntelligenceError) -> Problem:
     if isinstance(exc, UnsafeInput) and exc.code == "safety_unavailable":
-        return Problem(
-            503,
-            "Safety check unavailable",
-            exc.message,
-            headers={"Retry-After": "5"},
-            extra={"code": exc.code},
-        )
+        return retry_later(503, "Safety check unavailable", exc.message, extra={"code": exc.code})
     if isinstance(exc, StoreUnavailable):
         log.error("store unavailable: %s", exc.message)
-        return Problem(
+        return retry_later(
             503,
             "Service unavailable",
             "A store this request needs cannot be reached; try again shortly.",
-            headers={"Retry-After": "5"},
             extra={"code": "store_unavailable"},
         )
     if isinstance(exc, TurnInProgress):
-        return Problem(
-            409,
-            "Turn in progress",
-            exc.message,
-            headers={"Retry-After": "2"},
-            extra={"code": "turn_in_progress"},
+        return retry_later(
+            409, "Turn in progress", exc.message, after_s=2, extra={"code": "turn_in_progress"}
         )
     if isinstance(exc, AnswerFailed) and exc.code in _ANSWER_FAILED_STATUS:
         status, title = _ANSWER_FAILED_STATUS[exc.code]

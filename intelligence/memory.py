@@ -239,14 +239,13 @@ class ConversationMemory:
         if not messages:
             return previous
         words = max(30, self._settings.summary_max_tokens * 3 // 4)
-        prompt = self._prompts.render(
-            self._summary_prompt,
-            summary=previous,
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            max_words=words,
-        )
         text = await self._ask(
-            prompt, self._settings.summary_max_tokens, self._summary_prompt, principal
+            self._summary_prompt,
+            self._settings.summary_max_tokens,
+            principal,
+            summary=previous,
+            messages=_transcript(messages),
+            max_words=words,
         )
         if not text:
             return previous
@@ -331,14 +330,13 @@ class ConversationMemory:
                 replace(m, content=self._cut(m.content, _REWRITE_MESSAGE_TOKENS))
                 for m in kept[-_REWRITE_CONTEXT_MESSAGES:]
             ]
-            prompt = self._prompts.render(
-                self._rewrite_prompt,
-                summary=summary,
-                messages=[{"role": m.role, "content": m.content} for m in recent],
-                question=question,
-            )
             text = await self._ask(
-                prompt, self._settings.rewrite_max_tokens, self._rewrite_prompt, principal
+                self._rewrite_prompt,
+                self._settings.rewrite_max_tokens,
+                principal,
+                summary=summary,
+                messages=_transcript(recent),
+                question=question,
             )
             query = _as_query(text)
             return (query, "model") if query else (question, "question")
@@ -347,8 +345,12 @@ class ConversationMemory:
 
     # --- model calls --------------------------------------------------------------------
 
-    async def _ask(self, prompt: str, max_tokens: int, source: Prompt, caller: Principal) -> str:
-        """The model's reply to ``prompt``, stripped; empty when the call failed."""
+    async def _ask(
+        self, source: Prompt, max_tokens: int, caller: Principal, **variables: object
+    ) -> str:
+        """The model's reply to ``source`` rendered with ``variables``, stripped; empty
+        when the call failed."""
+        prompt = self._prompts.render(source, **variables)
         request = ChatRequest(
             messages=[ChatMessage(Role.USER, prompt)],
             max_tokens=max_tokens,
@@ -428,6 +430,11 @@ def _with_sources_named(message: ConversationMessage) -> ConversationMessage:
 
 _QUERY_LABEL = re.compile(r"^(?:standalone\s+)?(?:search\s+)?query\s*:\s*", re.IGNORECASE)
 _QUOTES = "\"'`“”‘’«»"
+
+
+def _transcript(messages: Sequence[ConversationMessage]) -> list[dict[str, str]]:
+    """Messages as a prompt template lists them."""
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 def _as_query(reply: str) -> str:

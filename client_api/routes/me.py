@@ -8,8 +8,9 @@ an integration's history on behalf of everyone who used it (403).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from asgi_correlation_id import correlation_id
 from fastapi import APIRouter
@@ -17,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from client_api.auth.dependencies import ConversationsCaller
 from client_api.auth.permissions import is_signed_in_user
-from client_api.problems import Problem
+from client_api.problems import Problem, retry_later
 from client_api.routes.deps import ServicesDep
 from intelligence.contracts import Principal
 from intelligence.personal_data import PersonalDataIncomplete
@@ -25,6 +26,8 @@ from intelligence.personal_data import PersonalDataIncomplete
 router = APIRouter(prefix="/v1/me", tags=["me"])
 
 _RETRY_AFTER_S = 5
+
+_T = TypeVar("_T")
 
 
 class MyDataExport(BaseModel):
@@ -59,11 +62,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=_RESPONSES,
 )
 async def export_my_data(principal: ConversationsCaller, services: ServicesDep) -> MyDataExport:
-    _require_person(principal)
-    try:
-        stores = await services.personal_data.export(principal, correlation_id.get())
-    except PersonalDataIncomplete as incomplete:
-        raise _incomplete(incomplete) from None
+    stores = await _for_person(services.personal_data.export, principal)
     return MyDataExport(
         tenant_id=principal.tenant_id,
         user_id=principal.user_id,
@@ -79,15 +78,15 @@ async def export_my_data(principal: ConversationsCaller, services: ServicesDep) 
     responses=_RESPONSES,
 )
 async def erase_my_data(principal: ConversationsCaller, services: ServicesDep) -> MyDataErased:
-    _require_person(principal)
-    try:
-        erased = await services.personal_data.erase(principal, correlation_id.get())
-    except PersonalDataIncomplete as incomplete:
-        raise _incomplete(incomplete) from None
+    erased = await _for_person(services.personal_data.erase, principal)
     return MyDataErased(tenant_id=principal.tenant_id, user_id=principal.user_id, erased=erased)
 
 
-def _require_person(principal: Principal) -> None:
+async def _for_person(
+    action: Callable[[Principal, str | None], Awaitable[_T]], principal: Principal
+) -> _T:
+    """``action`` (export or erase) done for the caller, who must be a person; stores
+    that could not answer make it a 503 that names them."""
     if not is_signed_in_user(principal):
         raise Problem(
             403,
@@ -96,16 +95,16 @@ def _require_person(principal: Principal) -> None:
             "app-only token stands for a service, whose data its operator manages.",
             extra={"code": "person_required"},
         )
+    try:
+        return await action(principal, correlation_id.get())
+    except PersonalDataIncomplete as incomplete:
+        raise _incomplete(incomplete) from None
 
 
 def _incomplete(incomplete: PersonalDataIncomplete) -> Problem:
     extra: dict[str, Any] = {"code": incomplete.code, "failed_stores": list(incomplete.failed)}
     if incomplete.action == "erase":
         extra["erased"] = dict(incomplete.erased)
-    return Problem(
-        503,
-        "Try again shortly",
-        incomplete.message,
-        headers={"Retry-After": str(_RETRY_AFTER_S)},
-        extra=extra,
+    return retry_later(
+        503, "Try again shortly", incomplete.message, after_s=_RETRY_AFTER_S, extra=extra
     )

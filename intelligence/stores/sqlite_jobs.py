@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from collections.abc import Coroutine, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from intelligence.contracts import Job, JobFailure, JobPage, JobStatus, Principal
+from intelligence.stores.sqlite_common import SerialisedSqliteStore
+from intelligence.stores.stamps import now_stamp, stamp
 
 _SCHEMA = """
 PRAGMA journal_mode = WAL;
@@ -51,18 +51,6 @@ _FAILED = JobStatus.FAILED.value
 
 ABANDONED = "abandoned"
 """The error code of a job given up after its process died ``max_attempts`` times."""
-
-
-def _stamp(moment: datetime) -> str:
-    """One text form for every stored instant (UTC, microseconds): SQL compares them as
-    strings in time order."""
-    if moment.tzinfo is None:
-        raise ValueError("a naive datetime has no instant; pass a timezone-aware one")
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _now() -> str:
-    return _stamp(datetime.now(UTC))
 
 
 def _principal_json(principal: Principal) -> str:
@@ -119,22 +107,6 @@ def _job(row: aiosqlite.Row) -> Job:
     )
 
 
-def _encode_cursor(created_at: str, job_id: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([created_at, job_id]).encode()).decode()
-
-
-def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
-    if cursor is None:
-        return None
-    try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, TypeError) as exc:
-        raise ValueError("invalid cursor") from exc
-    if not isinstance(created_at, str) or not isinstance(job_id, str):
-        raise ValueError("invalid cursor")
-    return created_at, job_id
-
-
 def export_view(job: Job) -> dict[str, Any]:
     """A job as a data-subject export gives it."""
     return {
@@ -161,15 +133,16 @@ async def _shielded(write: Coroutine[Any, Any, T]) -> T:
     return await asyncio.shield(write)
 
 
-class SqliteJobStore:
-    """Jobs in one SQLite file. Every operation holds one lock (the store shares a single
-    connection), and writes run as ``BEGIN IMMEDIATE`` transactions, so that processes
-    sharing the file serialise too: of racing claims exactly one wins."""
+class SqliteJobStore(SerialisedSqliteStore):
+    """Jobs in one SQLite file. Its operations take the connection one at a time, and
+    writes are ``BEGIN IMMEDIATE`` transactions (see :class:`SerialisedSqliteStore`), so
+    that of racing claims, from this process or another, exactly one wins."""
+
+    _kind = "job store"
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self._path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -188,34 +161,6 @@ class SqliteJobStore:
             await db.close()
             raise
         self._db = db
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    @property
-    def _connection(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("job store is not open")
-        return self._db
-
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            yield self._connection
-
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            db = self._connection
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
 
     async def _update(self, query: str, params: Sequence[object]) -> list[Job]:
         """Run one ``UPDATE ... RETURNING *`` and return the rows it changed."""
@@ -240,7 +185,7 @@ class SqliteJobStore:
     async def _insert(
         self, principal: Principal, kind: str, input: Mapping[str, Any], job_id: str
     ) -> Job:
-        now = _now()
+        now = now_stamp()
         async with self._writing() as db:
             await db.execute(
                 "INSERT INTO jobs (id, kind, tenant_id, user_id, principal, status,"
@@ -276,19 +221,8 @@ class SqliteJobStore:
     async def list_jobs(
         self, principal: Principal, *, limit: int = 20, cursor: str | None = None
     ) -> JobPage:
-        after = _decode_cursor(cursor)
-        query = "SELECT * FROM jobs WHERE tenant_id = ? AND user_id = ?"
-        params: list[object] = [principal.tenant_id, principal.user_id]
-        if after is not None:
-            query += " AND (created_at, id) < (?, ?)"
-            params += list(after)
-        query += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        params.append(limit + 1)
-        async with self._reading() as db, db.execute(query, params) as rows:
-            found = list(await rows.fetchall())
-        items = found[:limit]
-        next_cursor = (
-            _encode_cursor(items[-1]["created_at"], items[-1]["id"]) if len(found) > limit else None
+        items, next_cursor = await self._newest_first(
+            "jobs", "created_at", principal, limit=limit, cursor=cursor
         )
         return JobPage(tuple(_job(row) for row in items), next_cursor)
 
@@ -308,7 +242,7 @@ class SqliteJobStore:
                 _RUNNING,
                 _QUEUED,
                 _RUNNING,
-                _now(),
+                now_stamp(),
                 job_id,
                 principal.tenant_id,
                 principal.user_id,
@@ -330,7 +264,7 @@ class SqliteJobStore:
             " WHERE id = (SELECT id FROM jobs WHERE status = ?"
             f" AND kind IN ({marks}) ORDER BY created_at, id LIMIT 1)"
             " AND status = ? RETURNING *",
-            (_RUNNING, worker_id, _stamp(lease_until), _now(), _QUEUED, *kinds, _QUEUED),
+            (_RUNNING, worker_id, stamp(lease_until), now_stamp(), _QUEUED, *kinds, _QUEUED),
         )
         return changed[0] if changed else None
 
@@ -338,7 +272,7 @@ class SqliteJobStore:
         changed = await self._update(
             "UPDATE jobs SET lease_until = ?"
             " WHERE id = ? AND worker_id = ? AND status = ? RETURNING *",
-            (_stamp(lease_until), job_id, worker_id, _RUNNING),
+            (stamp(lease_until), job_id, worker_id, _RUNNING),
         )
         return changed[0] if changed else None
 
@@ -348,7 +282,7 @@ class SqliteJobStore:
         changed = await self._update(
             "UPDATE jobs SET progress = ?, progress_message = ?, updated_at = ?"
             " WHERE id = ? AND worker_id = ? AND status = ? RETURNING *",
-            (progress, message, _now(), job_id, worker_id, _RUNNING),
+            (progress, message, now_stamp(), job_id, worker_id, _RUNNING),
         )
         return bool(changed)
 
@@ -374,7 +308,7 @@ class SqliteJobStore:
                 error.code if error else None,
                 error.message if error else None,
                 status is JobStatus.SUCCEEDED,
-                _now(),
+                now_stamp(),
                 job_id,
                 worker_id,
                 _RUNNING,
@@ -388,7 +322,7 @@ class SqliteJobStore:
             " attempts = MAX(attempts - 1, 0), worker_id = NULL, lease_until = NULL,"
             " updated_at = ?"
             " WHERE id = ? AND worker_id = ? AND status = ? RETURNING *",
-            (_CANCELLED, _QUEUED, _now(), job_id, worker_id, _RUNNING),
+            (_CANCELLED, _QUEUED, now_stamp(), job_id, worker_id, _RUNNING),
         )
         return bool(changed)
 
@@ -416,9 +350,9 @@ class SqliteJobStore:
                 ABANDONED,
                 max_attempts,
                 message,
-                _now(),
+                now_stamp(),
                 _RUNNING,
-                _stamp(now),
+                stamp(now),
             ),
         )
 

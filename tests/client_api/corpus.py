@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from client_api.composition import build_knowledge
 from client_api.settings import LaminaSettings
 
@@ -24,9 +26,22 @@ def dev_settings(data: Path, **overrides: Any) -> LaminaSettings:
     return LaminaSettings(data_dir=data, log_level="WARNING", auth={"mode": "dev"}, **overrides)
 
 
-def ingest_corpus(root: Path, data: Path, *, handbook: str, payroll: str) -> Path:
-    """Write a public handbook page and a finance-only payroll page under ``root``,
-    ingest them into ``data``, and return ``data``."""
+def dev_headers(
+    user: str, *, groups: str = "", roles: str = "", tenant: str = "contoso"
+) -> dict[str, str]:
+    """The identity of a caller, as an app in dev identity mode reads it from headers."""
+    return {
+        "X-Lamina-User": user,
+        "X-Lamina-Groups": groups,
+        "X-Lamina-Roles": roles,
+        "X-Lamina-Tenant": tenant,
+    }
+
+
+def ingest_corpus(tmp_path_factory: pytest.TempPathFactory, *, handbook: str, payroll: str) -> Path:
+    """Write a public handbook page and a finance-only payroll page into a new folder,
+    ingest them into a new data folder, and return the data folder."""
+    root, data = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("data")
     (root / "handbook").mkdir()
     (root / "handbook" / "leave.md").write_text(handbook)
     (root / "payroll").mkdir()

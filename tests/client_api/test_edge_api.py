@@ -27,12 +27,7 @@ PAYROLL = "# Payroll\n\nThe payroll account is DE89 3704 0044 0532 0130 00 at Ke
 
 @pytest.fixture(scope="module")
 def corpus_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ingest_corpus(
-        tmp_path_factory.mktemp("corpus"),
-        tmp_path_factory.mktemp("data"),
-        handbook=HANDBOOK,
-        payroll=PAYROLL,
-    )
+    return ingest_corpus(tmp_path_factory, handbook=HANDBOOK, payroll=PAYROLL)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from client_api.app import create_app
 from client_api.settings import LaminaSettings
-from tests.client_api.corpus import dev_settings, ingest_corpus
+from tests.client_api.corpus import dev_headers, dev_settings, ingest_corpus
 from tests.support.identity import AUDIENCE, running_identity_provider
 from tests.support.processes import app_in_thread
 
@@ -35,12 +35,7 @@ MCP_ACCEPT = {"Accept": "application/json, text/event-stream"}
 
 @pytest.fixture(scope="module")
 def corpus_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ingest_corpus(
-        tmp_path_factory.mktemp("corpus"),
-        tmp_path_factory.mktemp("data"),
-        handbook=HANDBOOK,
-        payroll=PAYROLL,
-    )
+    return ingest_corpus(tmp_path_factory, handbook=HANDBOOK, payroll=PAYROLL)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +45,6 @@ def lamina(corpus_data: Path) -> Iterator[str]:
     )
     with app_in_thread(create_app(settings)) as base:
         yield base
-
-
-def dev_headers(
-    user: str, *, roles: str = "", groups: str = "", tenant: str = "contoso"
-) -> dict[str, str]:
-    return {
-        "X-Lamina-User": user,
-        "X-Lamina-Roles": roles,
-        "X-Lamina-Groups": groups,
-        "X-Lamina-Tenant": tenant,
-    }
 
 
 @asynccontextmanager

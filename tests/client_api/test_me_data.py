@@ -28,6 +28,7 @@ from inferencing.simulator import ScriptedReply, ScriptedToolCall, SimulatorServ
 from tests.client_api.corpus import dev_settings, ingest_corpus
 from tests.support.processes import app_in_thread
 from tests.support.redis_server import RedisServer, private_redis
+from tests.support.simulator import simulated_inferencing
 from tests.support.sse import read_events
 
 ANN = "ann-0d9c41"
@@ -61,12 +62,7 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    data = ingest_corpus(
-        tmp_path_factory.mktemp("corpus"),
-        tmp_path_factory.mktemp("data"),
-        handbook=HANDBOOK,
-        payroll=PAYROLL,
-    )
+    data = ingest_corpus(tmp_path_factory, handbook=HANDBOOK, payroll=PAYROLL)
     with private_redis() as server, SimulatorServer() as simulator:
         settings = dev_settings(
             data,
@@ -74,13 +70,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             answer_cache={"enabled": True, "backend": "redis"},
             tools={"approvals": {"backend": "redis"}},
             limits={"user_requests_per_minute": 1000, "user_tokens_per_day": 10_000_000},
-            inferencing={
-                "provider": "openai",
-                "base_url": simulator.openai_base_url,
-                "api_key": "sim-key",
-                "model": "gpt-sim",
-                "retry": {"max_attempts": 1},
-            },
+            inferencing=simulated_inferencing(simulator),
         )
         with app_in_thread(create_app(settings)) as base:
             yield Deployment(base, data, server, simulator)

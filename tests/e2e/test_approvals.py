@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from inferencing.simulator import ScriptedReply, ScriptedToolCall, SimulatorServer
-from tests.support.processes import free_port, lamina_env, lamina_process, run_lamina
+from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.simulator import simulator_env
 from tests.support.sse import read_events
 
 pytestmark = pytest.mark.slow
@@ -97,14 +98,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     )
     install_plugin(plugin)
     with SimulatorServer() as simulator:
-        env = lamina_env(
-            LAMINA_DATA_DIR=str(data),
-            LAMINA_AUTH__MODE="dev",
-            LAMINA_INFERENCING__PROVIDER="openai",
-            LAMINA_INFERENCING__BASE_URL=simulator.openai_base_url,
-            LAMINA_INFERENCING__API_KEY="sim-key",
-            LAMINA_INFERENCING__MODEL="gpt-sim",
-            LAMINA_INFERENCING__RETRY__MAX_ATTEMPTS="1",
+        env = simulator_env(
+            simulator,
+            data,
             LAMINA_TOOLS__APPROVALS__APPROVER_ROLES='["ops.lead"]',
             LAMINA_TEST_PURGE_LOG=str(root / "purges.jsonl"),
             PYTHONPATH=str(plugin),

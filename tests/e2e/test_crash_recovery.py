@@ -17,7 +17,8 @@ import pytest
 from httpx_sse import connect_sse
 
 from inferencing.simulator import ConfigUpdate, SimulatorConfig, SimulatorServer
-from tests.support.processes import free_port, lamina_env, lamina_process, run_lamina
+from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.simulator import simulator_env
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +46,9 @@ def test_kill_9_mid_answer_then_retry_with_the_same_key_finishes_once(tmp_path: 
     # Four words a second: the answer takes ~15 s to stream, so the kill lands mid-answer.
     config = SimulatorConfig(default_reply=ANSWER, tokens_per_second=4)
     with SimulatorServer(config) as simulator:
-        env = lamina_env(
-            LAMINA_DATA_DIR=str(data),
-            LAMINA_AUTH__MODE="dev",
-            LAMINA_INFERENCING__PROVIDER="openai",
-            LAMINA_INFERENCING__BASE_URL=simulator.openai_base_url,
-            LAMINA_INFERENCING__API_KEY="sim-key",
-            LAMINA_INFERENCING__MODEL="gpt-sim",
-            LAMINA_INFERENCING__RETRY__MAX_ATTEMPTS="1",
+        env = simulator_env(
+            simulator,
+            data,
             LAMINA_INTELLIGENCE__PLANNER="deterministic",
             LAMINA_CONVERSATIONS__TURN_LEASE_S="2",
             LAMINA_CONVERSATIONS__SWEEP_INTERVAL_S="1",

@@ -16,7 +16,8 @@ import pytest
 
 from inferencing.simulator import Fault, ScriptedReply, SimulatorServer
 from tests.e2e.conftest import write_corpus
-from tests.support.processes import free_port, lamina_env, lamina_process, run_lamina
+from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.simulator import simulator_env
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +37,10 @@ def test_a_task_running_when_its_server_is_killed_completes_after_a_restart(
     corpus, data = tmp_path / "corpus", tmp_path / "data"
     write_corpus(corpus)
     with SimulatorServer() as simulator:
-        env = lamina_env(
-            LAMINA_DATA_DIR=str(data),
+        env = simulator_env(
+            simulator,
+            data,
             LAMINA_LOG_LEVEL="WARNING",
-            LAMINA_AUTH__MODE="dev",
-            LAMINA_INFERENCING__PROVIDER="openai",
-            LAMINA_INFERENCING__BASE_URL=simulator.openai_base_url,
-            LAMINA_INFERENCING__API_KEY="sim-key",
-            LAMINA_INFERENCING__MODEL="gpt-sim",
-            LAMINA_INFERENCING__RETRY__MAX_ATTEMPTS="1",
             LAMINA_INTELLIGENCE__PLANNER="deterministic",
             LAMINA_JOBS__LEASE_S="2",
             LAMINA_JOBS__POLL_INTERVAL_S="0.2",

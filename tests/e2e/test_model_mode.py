@@ -15,6 +15,7 @@ from client_api.settings import load_settings
 from inferencing.simulator import Fault, ScriptedReply, ScriptedToolCall, SimulatorServer
 from tests.e2e.conftest import write_corpus
 from tests.support.processes import app_in_thread, lamina_env, run_lamina
+from tests.support.simulator import simulated_inferencing
 from tests.support.sse import read_events
 
 pytestmark = pytest.mark.slow
@@ -38,14 +39,8 @@ def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactor
     settings = load_settings(
         data_dir=data,
         auth={"mode": "dev"},
-        inferencing={
-            "provider": "openai",
-            "base_url": simulator.openai_base_url,
-            "api_key": "sim-key",
-            "model": "gpt-sim",
-            # One attempt: the scripted failures below must reach the caller.
-            "retry": {"max_attempts": 1},
-        },
+        # One attempt a call: the scripted failures below must reach the caller.
+        inferencing=simulated_inferencing(simulator),
     )
     with app_in_thread(create_app(settings)) as url:
         yield url

@@ -1,4 +1,4 @@
-"""Fixtures of the inferencing tests: one simulator on loopback for the session."""
+"""Fixtures of the inferencing tests (the simulator comes from ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 from redis.asyncio import Redis
 
 from inferencing.gateway.redis_state import redis_client
-from inferencing.simulator import SimulatorServer
 from tests.support.redis_server import RedisServer, private_redis
 
 
@@ -24,19 +23,6 @@ class Caller:
 @pytest.fixture
 def caller() -> Caller:
     return Caller()
-
-
-@pytest.fixture(scope="session")
-def simulator_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as server:
-        yield server
-
-
-@pytest.fixture
-def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
-    """The session's simulator, with an empty script and no recorded requests."""
-    simulator_server.reset()
-    return simulator_server
 
 
 @pytest.fixture(scope="module")

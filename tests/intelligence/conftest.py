@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 
 from intelligence.stores.sqlite import SqliteConversationStore
+from tests.support.lifecycle import opened
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
     """A real SQLite conversation store in a fresh file."""
-    s = SqliteConversationStore(tmp_path / "c.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with opened(SqliteConversationStore(tmp_path / "c.db")) as s:
+        yield s

@@ -4,7 +4,8 @@ to the scripted simulator on loopback; tools run under the real policy and appro
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from intelligence.planning.escalation import EscalatingPlanner
 from intelligence.prompts import PromptLibrary
 from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
-from tests.fakes import InMemoryAuditLog, InMemoryRetriever, chunk
+from tests.fakes import InMemoryRetriever, chunk
+from tests.intelligence.assembly import orchestrator_over_fakes
+from tests.support.lifecycle import opened
 from tools.approvals.sqlite_store import SqliteApprovalStore
 from tools.contracts import ApprovalDecision, RiskLevel
 from tools.plugins import tool
@@ -66,26 +69,13 @@ def close_account(account: str) -> dict[str, str]:
 # --- the simulator and what it was asked -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def simulator_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as server:
-        yield server
-
-
-@pytest.fixture
-def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
-    simulator_server.reset()
-    return simulator_server
-
-
 @pytest.fixture
 async def chat_model(simulator: SimulatorServer) -> AsyncIterator[ChatModel]:
     deployment = DeploymentSettings(
         name="sim", base_url=simulator.openai_base_url, api_key="sim-key", model="gpt-sim"
     )
-    model = build_chat_model(deployment)
-    yield model
-    await model.aclose()
+    async with aclosing(build_chat_model(deployment)) as model:
+        yield model
 
 
 def chat_requests(simulator: SimulatorServer) -> list[dict[str, Any]]:
@@ -118,13 +108,11 @@ class Service:
 
 @pytest.fixture
 async def tools_layer(tmp_path: Path) -> AsyncIterator[BuiltTools]:
-    approvals = SqliteApprovalStore(tmp_path / "approvals.db")
-    await approvals.open()
     settings = ToolsSettings(load_entry_points=False)
-    yield build_tools(
-        settings, [order_status, payroll_report, close_account], approval_store=approvals
-    )
-    await approvals.close()
+    async with opened(SqliteApprovalStore(tmp_path / "approvals.db")) as approvals:
+        yield build_tools(
+            settings, [order_status, payroll_report, close_account], approval_store=approvals
+        )
 
 
 @pytest.fixture
@@ -148,13 +136,12 @@ def service(
         retriever = InMemoryRetriever(
             [chunk("leave", "Employees get 27 days of annual leave.", groups=HR)]
         )
-        assistant = Orchestrator(
+        assistant = orchestrator_over_fakes(
+            store,
+            chat_model,
             retriever=retriever,
             toolset=toolset,
-            chat_model=chat_model,
             planner=planner,
-            conversations=store,
-            audit=InMemoryAuditLog(),
             prompts=prompts,
             settings=intelligence,
             approvals=tools_layer.approvals,

@@ -5,7 +5,8 @@ answerer, and nothing reaches the simulator."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from intelligence.contracts import (
     MessageStatus,
     Principal,
     StepResult,
+    TurnRequest,
 )
 from intelligence.memory import ConversationMemory, TurnContext, is_followup, widen_followup
 from intelligence.planning.deterministic import DeterministicPlanner
@@ -30,6 +32,9 @@ from intelligence.prompts import PromptLibrary
 from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
 from knowledge.contracts import RetrievedPassage
+from tests.fakes import InMemoryRetriever, chunk
+from tests.intelligence.assembly import orchestrator_over_fakes
+from tests.support.simulator import simulated_inferencing
 
 ALICE = Principal(tenant_id="contoso", user_id="alice")
 LEAVE_QUESTION = "How many days of parental leave do I get?"
@@ -48,42 +53,20 @@ LEAVE_ANSWER_NAMED = (
 FOLLOW_UP = "what about for contractors?"
 
 
-@pytest.fixture(scope="module")
-def simulator_server() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as server:
-        yield server
-
-
-@pytest.fixture
-def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
-    simulator_server.reset()
-    return simulator_server
-
-
 @pytest.fixture
 async def model(simulator: SimulatorServer) -> AsyncIterator[Gateway]:
     """The gateway over one simulated deployment, one attempt per call."""
-    settings = InferencingSettings.model_validate(
-        {
-            "provider": "openai",
-            "base_url": simulator.openai_base_url,
-            "api_key": "sim-key",
-            "model": "gpt-sim",
-            "retry": {"max_attempts": 1},
-        }
-    )
-    gateway = build_gateway(settings)
-    yield gateway
-    await gateway.aclose()
+    settings = InferencingSettings.model_validate(simulated_inferencing(simulator))
+    async with aclosing(build_gateway(settings)) as gateway:
+        yield gateway
 
 
 @pytest.fixture
 async def extractive(simulator: SimulatorServer) -> AsyncIterator[Gateway]:
     """The gateway over the extractive answerer (no generative model); the simulator runs
     only to show that nothing reaches it."""
-    gateway = build_gateway(InferencingSettings())
-    yield gateway
-    await gateway.aclose()
+    async with aclosing(build_gateway(InferencingSettings())) as gateway:
+        yield gateway
 
 
 def memory(
@@ -133,10 +116,18 @@ class Chat:
         assert conversation is not None
         return conversation, await self.store.messages(ALICE, self.id, last=last)
 
+    async def summary(self) -> tuple[str, str | None]:
+        """The stored running summary, and the id of the message it runs to."""
+        conversation, _ = await self.now(last=1)
+        return conversation.summary, conversation.summary_through
 
-async def chat(store: SqliteConversationStore) -> Chat:
-    conversation = await store.create(ALICE, "Leave")
-    return Chat(store, conversation.id)
+
+async def chat(store: SqliteConversationStore, *, turns: int = 0) -> Chat:
+    """A new conversation of Alice's, with the first ``turns`` of ``turn_text`` said in it."""
+    conversation = Chat(store, (await store.create(ALICE, "Leave")).id)
+    for n in range(turns):
+        await conversation.say(*turn_text(n))
+    return conversation
 
 
 def turn_text(n: int) -> tuple[str, str]:
@@ -235,8 +226,7 @@ async def test_messages_beyond_the_budget_are_summarised_and_the_recent_ones_kep
         assert all(text in prompt for text in turn_text(n))
     assert not any(text in prompt for text in turn_text(2))
     assert summarising["max_tokens"] == IntelligenceSettings().summary_max_tokens
-    saved, _ = await conversation.now(last=1)
-    assert (saved.summary, saved.summary_through) == (context.summary, replies[1].id)
+    assert await conversation.summary() == (context.summary, replies[1].id)
     # The answer sees the summary first, then the verbatim messages.
     messages = context.chat_messages()
     assert messages[0].role is Role.SYSTEM and context.summary in (messages[0].content or "")
@@ -246,9 +236,7 @@ async def test_messages_beyond_the_budget_are_summarised_and_the_recent_ones_kep
 async def test_the_summary_grows_by_the_newly_aged_out_messages_only(
     store: SqliteConversationStore, model: Gateway, simulator: SimulatorServer
 ) -> None:
-    conversation = await chat(store)
-    for n in range(3):
-        await conversation.say(*turn_text(n))
+    conversation = await chat(store, turns=3)
     mind = memory(store, model, history_tokens=80, rewrite_followups=False)
     simulator.script(ScriptedReply(content="Summary of turns 0 and 1."))
     await mind.prepare(*await conversation.now(last=20), "next", ALICE)
@@ -275,9 +263,7 @@ async def test_the_summary_grows_by_the_newly_aged_out_messages_only(
 async def test_messages_that_left_the_loaded_window_are_read_back_to_be_summarised(
     store: SqliteConversationStore, model: Gateway, simulator: SimulatorServer
 ) -> None:
-    conversation = await chat(store)
-    for n in range(4):
-        await conversation.say(*turn_text(n))
+    conversation = await chat(store, turns=4)
     # The budget holds all four loaded messages: what ages out is what the window left.
     mind = memory(store, model, history_turns=4, rewrite_followups=False)
     simulator.script(ScriptedReply(content="Turns 0 and 1."), ScriptedReply(content="Turns 0-2."))
@@ -300,9 +286,7 @@ async def test_messages_that_left_the_loaded_window_are_read_back_to_be_summaris
 async def test_extractive_mode_cuts_the_history_short_and_calls_no_model(
     store: SqliteConversationStore, extractive: Gateway, simulator: SimulatorServer
 ) -> None:
-    conversation = await chat(store)
-    for n in range(3):
-        await conversation.say(*turn_text(n))
+    conversation = await chat(store, turns=3)
     state, history = await conversation.now(last=20)
     # The last turn (70 tokens) fits whole; the 30 tokens left take a part of the answer
     # before it; the rest is left out.
@@ -319,8 +303,7 @@ async def test_extractive_mode_cuts_the_history_short_and_calls_no_model(
     widened = "rules policy 2 apply remote workers region " + "q" * 20
     assert context.search_query == f"And the one before? {widened}"
     assert chat_bodies(simulator) == []
-    saved, _ = await conversation.now(last=1)
-    assert (saved.summary, saved.summary_through) == ("", None)
+    assert await conversation.summary() == ("", None)
 
 
 # --- failures never fail the turn -----------------------------------------------------------
@@ -329,9 +312,7 @@ async def test_extractive_mode_cuts_the_history_short_and_calls_no_model(
 async def test_a_failing_model_leaves_the_question_and_the_old_summary(
     store: SqliteConversationStore, model: Gateway, simulator: SimulatorServer
 ) -> None:
-    conversation = await chat(store)
-    for n in range(3):
-        await conversation.say(*turn_text(n))
+    conversation = await chat(store, turns=3)
     simulator.script(
         ScriptedReply(fault=Fault(kind="unavailable")),
         ScriptedReply(fault=Fault(kind="status", status_code=500)),
@@ -346,8 +327,7 @@ async def test_a_failing_model_leaves_the_question_and_the_old_summary(
     assert (context.search_query, context.query_source) == (FOLLOW_UP, "question")
     assert context.summary == ""
     assert [m.content for m in context.history] == list(turn_text(2))
-    saved, _ = await conversation.now(last=1)
-    assert (saved.summary, saved.summary_through) == ("", None)
+    assert await conversation.summary() == ("", None)
 
 
 async def test_a_model_slower_than_the_memory_timeout_is_skipped(
@@ -427,25 +407,11 @@ class Planning:
 async def test_a_follow_up_turn_searches_for_the_rewrite_and_answers_with_the_history(
     store: SqliteConversationStore, model: Gateway, simulator: SimulatorServer
 ) -> None:
-    from intelligence.contracts import TurnRequest
-    from intelligence.orchestrator import Orchestrator
-    from tests.fakes import FakeToolset, InMemoryAuditLog, InMemoryRetriever, chunk
-
     retriever = InMemoryRetriever(
         [chunk("leave-1", "Employees get 26 weeks of paid parental leave.", public=True)]
     )
-    prompts = PromptLibrary(PromptLibrary.bundled_directory())
-    settings = IntelligenceSettings()
-    orchestrator = Orchestrator(
-        retriever=retriever,
-        toolset=FakeToolset(),
-        chat_model=model,
-        planner=DeterministicPlanner(),
-        conversations=store,
-        audit=InMemoryAuditLog(),
-        prompts=prompts,
-        settings=settings,
-        memory=memory(store, model),
+    orchestrator = orchestrator_over_fakes(
+        store, model, retriever=retriever, memory=memory(store, model)
     )
     simulator.script(ScriptedReply(content=LEAVE_ANSWER))
     first = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)

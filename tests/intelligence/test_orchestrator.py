@@ -27,8 +27,6 @@ from intelligence.contracts import (
     TurnRequest,
 )
 from intelligence.orchestrator import Orchestrator
-from intelligence.planning.deterministic import DeterministicPlanner
-from intelligence.prompts import PromptLibrary
 from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
 from tests.fakes import (
@@ -41,6 +39,7 @@ from tests.fakes import (
     chunk,
     text_reply,
 )
+from tests.intelligence.assembly import orchestrator_over_fakes
 from tools.contracts import RiskLevel, ToolSpec
 
 ALICE = Principal("contoso", "alice", groups=frozenset({"hr"}), roles=frozenset({"employee"}))
@@ -61,14 +60,14 @@ def make(
     audit: InMemoryAuditLog | None = None,
     retriever: InMemoryRetriever | None = None,
 ) -> Orchestrator:
-    return Orchestrator(
-        retriever=retriever or InMemoryRetriever(list(CHUNKS)),
-        toolset=toolset or FakeToolset(),
-        chat_model=model,
-        planner=planner or DeterministicPlanner(),  # type: ignore[arg-type]
-        conversations=store,
-        audit=audit or InMemoryAuditLog(),
-        prompts=PromptLibrary(PromptLibrary.bundled_directory()),
+    return orchestrator_over_fakes(
+        store,
+        model,
+        chunks=CHUNKS,
+        retriever=retriever,
+        toolset=toolset,
+        planner=planner,  # type: ignore[arg-type]
+        audit=audit,
         settings=IntelligenceSettings(max_message_chars=200, history_turns=4),
     )
 

@@ -32,26 +32,24 @@ from intelligence.contracts import (
     UnsafeInput,
 )
 from intelligence.orchestrator import Orchestrator
-from intelligence.planning.deterministic import DeterministicPlanner
-from intelligence.prompts import PromptLibrary
 from intelligence.safety import (
     PiiRedactor,
     SafetyPolicy,
     StreamingRedactor,
     TurnScope,
 )
-from intelligence.settings import IntelligenceSettings, SafetySettings
+from intelligence.settings import SafetySettings
 from intelligence.stores.sqlite import SqliteConversationStore
 from tests.fakes import (
     FakeTool,
     FakeToolset,
     FixedPlanner,
     InMemoryAuditLog,
-    InMemoryRetriever,
     ScriptedChatModel,
     chunk,
     text_reply,
 )
+from tests.intelligence.assembly import orchestrator_over_fakes
 from tests.support.content_safety import FakeContentSafety, running_content_safety
 from tools.contracts import ToolSpec
 
@@ -294,17 +292,15 @@ def orchestrator(
     toolset: FakeToolset | None = None,
 ) -> Orchestrator:
     default = [chunk("leave", "Employees receive 27 days of leave.", groups=HR)]
-    return Orchestrator(
-        retriever=InMemoryRetriever(chunks or default),  # type: ignore[arg-type]
-        toolset=toolset or FakeToolset(),
-        chat_model=model,
-        planner=planner or DeterministicPlanner(),  # type: ignore[arg-type]
-        conversations=store,
+    return orchestrator_over_fakes(
+        store,
+        model,
+        chunks=chunks or default,  # type: ignore[arg-type]
+        toolset=toolset,
+        planner=planner,  # type: ignore[arg-type]
         audit=audit,
-        prompts=PromptLibrary(PromptLibrary.bundled_directory()),
-        settings=IntelligenceSettings(),
         safety=safety,
-    )  # fmt: skip
+    )
 
 
 async def collect(events: AsyncIterator[TurnEvent]) -> list[TurnEvent]:

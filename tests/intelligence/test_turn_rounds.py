@@ -21,10 +21,10 @@ from intelligence.contracts import (
     TurnRequest,
 )
 from intelligence.orchestrator import Orchestrator
-from intelligence.prompts import PromptLibrary
 from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
-from tests.fakes import InMemoryAuditLog, InMemoryRetriever, ScriptedChatModel, chunk, text_reply
+from tests.fakes import ScriptedChatModel, chunk, text_reply
+from tests.intelligence.assembly import orchestrator_over_fakes
 from tools.contracts import Toolset
 from tools.plugins import tool
 from tools.policy import build_toolset
@@ -72,16 +72,12 @@ def orchestrator(
     toolset: Toolset,
     **limits: float,
 ) -> Orchestrator:
-    return Orchestrator(
-        retriever=InMemoryRetriever(
-            [chunk("leave", "27 days of leave.", groups=frozenset({"hr"}))]
-        ),
+    return orchestrator_over_fakes(
+        store,
+        model,
+        chunks=[chunk("leave", "27 days of leave.", groups=frozenset({"hr"}))],
         toolset=toolset,
-        chat_model=model,
         planner=planner,
-        conversations=store,
-        audit=InMemoryAuditLog(),
-        prompts=PromptLibrary(PromptLibrary.bundled_directory()),
         settings=IntelligenceSettings.model_validate(limits),
     )
 

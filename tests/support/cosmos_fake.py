@@ -394,6 +394,13 @@ class _Reply(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def _check_etag(document: _Document, if_match: str | None) -> _Document:
+    """``document``, unless the request's If-Match names an etag it no longer has (412)."""
+    if if_match is not None and if_match != document.etag:
+        raise _Reply(412, "PreconditionFailed", _PRECONDITION)
+    return document
+
+
 @dataclass
 class FakeCosmos:
     """An account with one endpoint. Give it ``key`` (base64, as Azure issues them) to
@@ -846,12 +853,8 @@ class FakeCosmos:
             raise _Reply(
                 409, "Conflict", "Entity with the specified id already exists in the system."
             )
-        if existing is not None and if_match is not None and if_match != existing.etag:
-            raise _Reply(
-                412,
-                "PreconditionFailed",
-                _PRECONDITION,
-            )
+        if existing is not None:
+            _check_etag(existing, if_match)
         return self._store(
             container, partition_key, checked, existing.rid if existing else None
         ), existing is None
@@ -860,13 +863,7 @@ class FakeCosmos:
         self, container: _Container, partition_key: tuple[str, ...], body: Any, if_match: str | None
     ) -> _Document:
         checked = self._checked(container, partition_key, body)
-        existing = self._find(container, partition_key, checked["id"])
-        if if_match is not None and if_match != existing.etag:
-            raise _Reply(
-                412,
-                "PreconditionFailed",
-                _PRECONDITION,
-            )
+        existing = _check_etag(self._find(container, partition_key, checked["id"]), if_match)
         return self._store(container, partition_key, checked, existing.rid)
 
     def _patch(
@@ -877,13 +874,7 @@ class FakeCosmos:
         body: Any,
         if_match: str | None,
     ) -> _Document:
-        existing = self._find(container, partition_key, item_id)
-        if if_match is not None and if_match != existing.etag:
-            raise _Reply(
-                412,
-                "PreconditionFailed",
-                _PRECONDITION,
-            )
+        existing = _check_etag(self._find(container, partition_key, item_id), if_match)
         operations = body.get("operations") if isinstance(body, dict) else None
         if not isinstance(operations, list) or not operations or "condition" in body:
             raise _Reply(400, "BadRequest", "The fake patches with a list of operations only.")
@@ -905,8 +896,8 @@ class FakeCosmos:
                 patched[name] = patched.get(name, 0) + operation.get("value", 0)
             else:
                 raise _Reply(400, "BadRequest", f"The fake does not patch with {op!r}.")
-        checked = self._checked(container, partition_key, patched)
-        return self._store(container, partition_key, checked, existing.rid)
+        # The id cannot be patched, so this replaces the document just checked.
+        return self._replace(container, partition_key, patched, None)
 
     def _delete(
         self,
@@ -915,13 +906,7 @@ class FakeCosmos:
         item_id: str,
         if_match: str | None,
     ) -> None:
-        existing = self._find(container, partition_key, item_id)
-        if if_match is not None and if_match != existing.etag:
-            raise _Reply(
-                412,
-                "PreconditionFailed",
-                _PRECONDITION,
-            )
+        _check_etag(self._find(container, partition_key, item_id), if_match)
         del container.documents[(partition_key, item_id)]
 
     def _render(self, container: _Container, document: _Document) -> dict[str, Any]:

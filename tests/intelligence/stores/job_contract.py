@@ -20,6 +20,7 @@ import pytest
 from intelligence.contracts import (
     AGENT_TASK_JOB,
     INGEST_JOB,
+    Job,
     JobFailure,
     JobStatus,
     JobStore,
@@ -40,6 +41,14 @@ def _soon() -> datetime:
 
 def _long_after() -> datetime:
     return datetime.now(UTC) + timedelta(days=1)
+
+
+async def _claimed(store: JobStore) -> Job:
+    """A new ingestion job of Alice's, claimed by worker ``w1`` (the store held no other)."""
+    await store.create(ALICE, INGEST_JOB, {})
+    claimed = await store.claim("w1", _soon(), kinds=KINDS)
+    assert claimed is not None
+    return claimed
 
 
 class JobStoreContract:
@@ -123,9 +132,7 @@ class JobStoreContract:
     async def test_a_heartbeat_extends_the_lease_of_the_worker_holding_the_job(
         self, store: JobStore
     ) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         later = _long_after()
         seen = await store.heartbeat(claimed.id, "w1", later)
         assert seen is not None
@@ -136,9 +143,7 @@ class JobStoreContract:
     async def test_progress_is_recorded_for_the_worker_holding_the_job(
         self, store: JobStore
     ) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         assert await store.set_progress(claimed.id, "w1", 0.5, "handbook/leave.md")
         assert not await store.set_progress(claimed.id, "w2", 0.9, "not mine")
         seen = await store.get(ALICE, claimed.id)
@@ -146,9 +151,7 @@ class JobStoreContract:
         assert (seen.progress, seen.progress_message) == (0.5, "handbook/leave.md")
 
     async def test_finishing_records_the_result_once(self, store: JobStore) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         report = {"files_seen": 2, "files_indexed": 1, "skipped": [{"path": "x", "reason": "y"}]}
         ended = await store.finish(claimed.id, "w1", JobStatus.SUCCEEDED, result=report)
         assert ended is not None
@@ -162,9 +165,7 @@ class JobStoreContract:
         assert await store.get(ALICE, claimed.id) == ended
 
     async def test_a_failure_keeps_its_code_and_message(self, store: JobStore) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         failure = JobFailure("ingestion_failed", "ACL file not found: acl.yaml")
         ended = await store.finish(claimed.id, "w1", JobStatus.FAILED, error=failure)
         assert ended is not None
@@ -173,9 +174,7 @@ class JobStoreContract:
     async def test_a_released_job_is_queued_again_without_counting_the_attempt(
         self, store: JobStore
     ) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         assert await store.release(claimed.id, "w1")
         seen = await store.get(ALICE, claimed.id)
         assert seen is not None
@@ -192,9 +191,7 @@ class JobStoreContract:
         assert await store.claim("w1", _soon(), kinds=KINDS) is None
 
     async def test_cancelling_a_running_job_flags_it_for_its_worker(self, store: JobStore) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         flagged = await store.request_cancel(ALICE, claimed.id)
         assert flagged is not None
         assert (flagged.status, flagged.cancel_requested) == (JobStatus.RUNNING, True)
@@ -206,9 +203,7 @@ class JobStoreContract:
         assert ended.status is JobStatus.CANCELLED
 
     async def test_cancelling_a_finished_job_changes_nothing(self, store: JobStore) -> None:
-        await store.create(ALICE, INGEST_JOB, {})
-        claimed = await store.claim("w1", _soon(), kinds=KINDS)
-        assert claimed is not None
+        claimed = await _claimed(store)
         ended = await store.finish(claimed.id, "w1", JobStatus.SUCCEEDED, result={"ok": True})
         seen = await store.request_cancel(ALICE, claimed.id)
         assert seen == ended
