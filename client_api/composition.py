@@ -511,10 +511,12 @@ async def build_services(settings: LaminaSettings) -> Services:
         # Every store that keeps data about people: GET and DELETE /v1/me/data go through
         # each. A new such store must be appended here. The audit log is deliberately
         # absent: it is the append-only record of who asked what, erasures included.
+        # Jobs first: a queued task erased first can no longer start a turn that would
+        # write a conversation after the conversations were erased.
         holders: list[PersonalDataHolder] = [
+            job_runner,
             ConversationData(conversations),
             UsageData(state.ledger, chat_model.meter),
-            job_runner,
         ]
         if answer_cache is not None:
             holders.append(AnswerCacheData(answer_cache))

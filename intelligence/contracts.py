@@ -226,6 +226,10 @@ class TurnRecord:
     created: bool = True
     """False when the idempotency key had been used already: nothing was written, and this
     is the earlier turn (whatever its request hash)."""
+    attempt: str | None = None
+    """The current run of the turn, new with :meth:`ConversationStore.begin_turn` and with
+    each :meth:`~ConversationStore.retry_turn`: renewing the lease and storing the answer
+    need it, so a run that lost its turn to a retry can no longer write to it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,7 +281,12 @@ class ConversationStore(Protocol):
         *,
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
-    ) -> None: ...
+        attempt: str | None = None,
+    ) -> bool:
+        """Store the message's final text and status. With ``attempt``, only while that run
+        of its turn owns it (a retry took it over otherwise). Returns whether it was
+        written."""
+        ...
 
     async def messages(
         self, principal: Principal, conversation_id: str, *, last: int | None = None
@@ -300,10 +309,17 @@ class ConversationStore(Protocol):
         ...
 
     async def renew_turn(
-        self, principal: Principal, reply_id: str, content: str, lease_until: datetime
+        self,
+        principal: Principal,
+        reply_id: str,
+        content: str,
+        lease_until: datetime,
+        *,
+        attempt: str,
     ) -> bool:
         """A running turn's heartbeat: keep the answer so far and extend the lease. False
-        (and nothing changed) when the reply is no longer ``STREAMING``."""
+        (and nothing changed) when the reply is no longer ``STREAMING`` or ``attempt`` is no
+        longer its current run."""
         ...
 
     async def retry_turn(
@@ -311,8 +327,9 @@ class ConversationStore(Protocol):
     ) -> TurnRecord | None:
         """Claim a turn to run again: a reply that is ``INTERRUPTED`` or ``FAILED``, or
         ``STREAMING`` with a lease ended before ``now``, becomes ``STREAMING`` again,
-        emptied, leased until ``lease_until``. Of racing claims exactly one gets the
-        record; the others (and a reply in any other state) get ``None``."""
+        emptied, leased until ``lease_until``, with a new ``attempt``. Of racing claims
+        exactly one gets the record; the others (and a reply in any other state) get
+        ``None``."""
         ...
 
     async def interrupt_abandoned(self, now: datetime) -> int:

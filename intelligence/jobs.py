@@ -378,8 +378,11 @@ class JobRunner:
             await asyncio.wait({running.task})
         finally:
             heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             await progress.close()
-            self._running.pop(job.id, None)
+            # Only this run's entry: the job may have been claimed again here meanwhile.
+            if self._running.get(job.id) is running:
+                del self._running[job.id]
         task = running.task
         if task.cancelled():
             match running.stop_reason:
@@ -507,14 +510,28 @@ class IngestJobs:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise InvalidUpload(f"Files uploaded twice: {', '.join(duplicates)}.")
+        folders = {
+            "/".join(name.split("/")[:end])
+            for name in names
+            for end in range(1, name.count("/") + 1)
+        }
+        clashing = sorted(folders.intersection(names))
+        if clashing:
+            raise InvalidUpload(
+                f"{', '.join(map(repr, clashing))} is uploaded both as a file and as a folder."
+            )
         if acl is None:
             acl_text = _private_acl(principal)
         else:
+            # Read one byte past the cap: a larger file is refused without reading it all.
+            raw = await asyncio.to_thread(acl.read, MAX_ACL_BYTES + 1)
+            if len(raw) > MAX_ACL_BYTES:
+                raise InvalidUpload(f"The ACL file is larger than {MAX_ACL_BYTES} bytes.")
             try:
-                acl_text = (await asyncio.to_thread(acl.read)).decode("utf-8")
+                acl_text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidUpload("The ACL file is not UTF-8 text.") from None
-        self._check_acl(acl_text, principal)
+        await self._check_acl(acl_text, principal)
         job_id = uuid.uuid4().hex
         folder = self.folder(job_id)
         staged = [(name, stream) for name, (_, stream) in zip(names, files, strict=True)]
@@ -546,14 +563,21 @@ class IngestJobs:
                 "upload_missing", "The uploaded files are no longer there; upload them again."
             ) from None
         # Checked again: the job runs as the identity it was created with.
-        self._check_acl(acl_text, principal)
+        await self._check_acl(acl_text, principal)
 
         def advance(name: str, done: int, total: int) -> None:
             report_progress(done / total if total else None, name)
 
         report_progress(0.0, "Reading the uploaded files")
         try:
-            report = await self._ingestor.ingest(corpus, acl_file=acl, progress=advance)
+            # Uploads live in a namespace of their uploader's: one can never replace or
+            # delete a document of the tenant's corpus, or someone else's upload.
+            report = await self._ingestor.ingest(
+                corpus,
+                acl_file=acl,
+                progress=advance,
+                source_prefix=upload_source_prefix(principal),
+            )
         except KnowledgeError as exc:
             raise JobFailed("ingestion_failed", str(exc)) from exc
         return dataclasses.asdict(report)
@@ -561,9 +585,10 @@ class IngestJobs:
     async def discard(self, job: Job) -> None:
         await asyncio.to_thread(shutil.rmtree, self.folder(job.id), True)
 
-    def _check_acl(self, text: str, principal: Principal) -> None:
+    async def _check_acl(self, text: str, principal: Principal) -> None:
         try:
-            tenants = self._acl_tenants(text)
+            # Parsing YAML is CPU work: off the event loop, which serves every request.
+            tenants = await asyncio.to_thread(self._acl_tenants, text)
         except KnowledgeError as exc:
             raise InvalidUpload(f"The ACL file is not valid: {exc}") from None
         foreign = sorted(tenants - {principal.tenant_id})
@@ -572,6 +597,16 @@ class IngestJobs:
                 f"The ACL file grants access in tenant {', '.join(map(repr, foreign))}; "
                 f"uploads are indexed in your own tenant ({principal.tenant_id!r}) only."
             )
+
+
+MAX_ACL_BYTES = 1024 * 1024
+"""An ACL file is rules, not content: a megabyte is far more than any needs."""
+
+
+def upload_source_prefix(principal: Principal) -> str:
+    """Where a user's uploads live in the index: ``upload://<user>/``, which no path of a
+    corpus folder can spell (a relative path never holds ``//``)."""
+    return f"upload://{principal.user_id}/"
 
 
 def _relative_name(name: str) -> str:
@@ -585,6 +620,8 @@ def _relative_name(name: str) -> str:
             for part in parts
         )
     )
+    # A name part longer than file systems allow is refused here, not by the disk.
+    unusable = unusable or any(len(part.encode()) > 255 for part in parts)
     if unusable:
         raise InvalidUpload(
             f"{name!r} is not a usable file name: give a relative path of visible names, "

@@ -80,6 +80,7 @@ from intelligence.turn_state import (
     Suspension,
     Turn,
     TurnBudget,
+    TurnSuperseded,
     read_suspension,
     suspend,
     tool_messages,
@@ -317,6 +318,7 @@ class Orchestrator:
             principal,
             correlation_id,
             TurnBudget(self._settings),
+            attempt=record.attempt,
         )
         if self._memory is not None:
             # What the models see of the conversation: a budgeted history, the summary of
@@ -347,21 +349,25 @@ class Orchestrator:
                 self._running.close(turn.principal, key, channel)
 
     async def _heartbeat(self, turn: Turn) -> None:
-        """Keep the running turn's lease, with the answer so far (kept if we die)."""
-        while True:
-            await asyncio.sleep(self._turn_lease_s / 3)
-            if turn.stored:
-                return
+        """Keep the running turn's lease, with the answer so far (kept if we die): at once
+        (preparing the turn took time), then every third of the lease."""
+        assert turn.attempt is not None
+        while not turn.stored:
             try:
                 alive = await self._conversations.renew_turn(
-                    turn.principal, turn.reply_id, "".join(turn.answer), self._lease_until()
+                    turn.principal,
+                    turn.reply_id,
+                    "".join(turn.answer),
+                    self._lease_until(),
+                    attempt=turn.attempt,
                 )
             except Exception:
                 log.warning("could not renew the lease of turn %s", turn.reply_id, exc_info=True)
-                continue
-            if not alive:
-                log.warning("turn %s was marked abandoned while it ran", turn.reply_id)
-                return
+            else:
+                if not alive:
+                    log.warning("turn %s was marked abandoned while it ran", turn.reply_id)
+                    return
+            await asyncio.sleep(self._turn_lease_s / 3)
 
     async def run_turn(self, request: TurnRequest, principal: Principal) -> TurnResult:
         started = await self.start_turn(request, principal)
@@ -507,6 +513,16 @@ class Orchestrator:
             await self._remember_answer(turn, lookup)
             yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route, turn.cache)
             return
+        except TurnSuperseded:
+            log.warning(
+                "turn %s was taken over by a retry; this run's answer is dropped", turn.reply_id
+            )
+            turn.error = ErrorEvent(
+                "superseded",
+                "This answer took too long and a retry of the request took it over; the "
+                "retry's answer is the one kept.",
+                False,
+            )
         except BudgetExceeded as exc:
             turn.fail(ErrorEvent("turn_budget_exceeded", exc.message, False))
         except AnswerStopped as exc:
@@ -533,21 +549,26 @@ class Orchestrator:
             if not turn.stored:
                 try:
                     await asyncio.shield(self._store(turn))
+                except TurnSuperseded:
+                    log.warning("turn %s was taken over by a retry", turn.reply_id)
                 except Exception:
                     log.exception("could not store the outcome of turn %s", turn.reply_id)
         if turn.error is not None:
             yield turn.error
 
     async def _store(self, turn: Turn) -> None:
-        await self._conversations.finish_message(
+        written = await self._conversations.finish_message(
             turn.principal,
             turn.reply_id,
             "".join(turn.answer),
             turn.status,
             citations=turn.citations,
             plan=turn.plan,
+            attempt=turn.attempt,
         )
         turn.stored = True
+        if not written and turn.attempt is not None:
+            raise TurnSuperseded(turn.reply_id)
         try:
             await self._audit.append(self._audit_record(turn))
         except Exception:

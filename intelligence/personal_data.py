@@ -13,6 +13,7 @@ composition root, which alone may see them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from intelligence.contracts import (
     PersonalDataHolder,
     Principal,
 )
-from tools.contracts import ApprovalGate
+from tools.contracts import ApprovalGate, ApprovalRequest
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,28 @@ class ApprovalData:
         self._gate = gate
 
     async def export_user(self, principal: Principal) -> Any:
-        return json_ready(await self._gate.approvals_of(principal))
+        return [
+            _approval_export(approval, principal)
+            for approval in await self._gate.approvals_of(principal)
+        ]
 
     async def erase_user(self, principal: Principal) -> int:
         return await self._gate.forget_user(principal)
+
+
+def _approval_export(approval: ApprovalRequest, principal: Principal) -> Any:
+    """An approval as its requester or its decider may see it. The paused turn (``resume``)
+    is internal state, and holds what the requester's access found: never exported. To a
+    decider of someone else's approval, only their own part of it: what they decided."""
+    if approval.requested_by == principal.user_id and approval.tenant_id == principal.tenant_id:
+        return json_ready(dataclasses.replace(approval, resume={}))
+    return json_ready(
+        {
+            "id": approval.id,
+            "tool": approval.tool,
+            "status": approval.status,
+            "decided_by": approval.decided_by,
+            "decided_at": approval.decided_at,
+            "reason": approval.reason,
+        }
+    )

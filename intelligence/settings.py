@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, PositiveFloat, SecretStr
 
 from intelligence.contracts import RetentionPolicy
 
@@ -130,7 +130,7 @@ class ConversationSettings(BaseModel):
     retention_days: float | None = Field(
         default=None, gt=0, description="Messages older than this are deleted; empty: kept"
     )
-    tenant_retention_days: dict[str, float | None] = Field(
+    tenant_retention_days: dict[str, PositiveFloat | None] = Field(
         default_factory=dict,
         description='Per-tenant retention overriding retention_days, e.g. {"contoso": 30}; '
         "null: kept",

@@ -94,6 +94,11 @@ def tool_messages(
     return messages
 
 
+class TurnSuperseded(Exception):
+    """A retry took the turn over while this run was still going (its lease had run
+    out): this run's answer is not stored."""
+
+
 class BudgetExceeded(Exception):
     """The turn would spend more steps, tool calls, rounds, planning tokens or time than
     it may."""
@@ -196,6 +201,9 @@ class Turn:
     """Whether the planner is asked again after the current round (model-planned calls)."""
     pending: ApprovalRequiredEvent | None = None
     """Set when the turn paused for approval."""
+    attempt: str | None = None
+    """This run of the turn (from the store): its answer is stored only while the run
+    still owns the turn, never over a retry's."""
     context: TurnContext | None = None
     """The budgeted history, running summary and search query its models see (from
     :class:`~intelligence.memory.ConversationMemory`); ``None``: the history as loaded."""

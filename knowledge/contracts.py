@@ -193,8 +193,20 @@ IngestProgress = Callable[[str, int, int], None]
 
 class Ingestor(Protocol):
     async def ingest(
-        self, root: Path, *, acl_file: Path | None = None, progress: IngestProgress | None = None
-    ) -> IngestionReport: ...
+        self,
+        root: Path,
+        *,
+        acl_file: Path | None = None,
+        progress: IngestProgress | None = None,
+        source_prefix: str = "",
+    ) -> IngestionReport:
+        """Index every file under ``root`` under the access rules of ``acl_file``.
+
+        Each document's source (its identity in the index, shown in citations) is
+        ``source_prefix`` followed by its path relative to ``root``; the ACL's globs match
+        the relative path. A prefix gives a set of documents a namespace of its own (an
+        upload can then never replace a document of the tenant's corpus)."""
+        ...
 
 
 # --- errors ------------------------------------------------------------------

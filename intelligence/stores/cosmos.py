@@ -18,6 +18,11 @@ Writes that depend on what is stored are conditional on its ETag (``if-match``):
 session's ``seq`` (so messages keep their order under concurrent writers), ``renew_turn``
 and ``retry_turn`` (of racing claims exactly one replaces the reply it read), the sweeps.
 
+The reply carries ``attempt``, the token of the run that owns it: ``begin_turn`` sets it and
+each ``retry_turn`` replaces it. ``renew_turn`` and ``finish_message`` with an attempt read
+the reply, check that it still names their run, and replace it conditional on that read's
+ETag, so a run that lost its turn to a retry can no longer write over the retry's answer.
+
 Idempotency: a claim item before the batch, not an idempotency item inside it. A batch is
 confined to one logical partition, but a key must be unique across all of a caller's
 conversations (one key can arrive with a conversation id and without), and a new
@@ -27,7 +32,7 @@ conversation erased by the user its old id back when the key is used again. So:
 
 1. ``create_item`` of the claim is the one point of decision: of racing calls exactly one
    gets 201, the others 409.
-2. The claim records the whole planned turn (its ids, question, title, lease). Whoever
+2. The claim records the whole planned turn (its ids, question, title, lease, run). Whoever
    finds a claim whose turn is not written yet (a racer that lost, or a retry after the
    claimer died between its two writes) writes *that* turn itself. The batch creates the
    messages under the claim's ids, so only one batch ever lands, and a key can never stay
@@ -63,7 +68,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -83,6 +88,7 @@ from intelligence.contracts import (
     TurnRecord,
 )
 from intelligence.settings import CosmosSettings
+from intelligence.stores.stamps import now_stamp, stamp
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -167,6 +173,7 @@ class _PlannedTurn:
     created_at: str
     idempotency_key: str | None
     request_hash: str | None
+    attempt: str
 
     @classmethod
     def of_claim(cls, claim: Item) -> _PlannedTurn:
@@ -181,6 +188,9 @@ class _PlannedTurn:
             created_at=claim["createdAt"],
             idempotency_key=claim["idempotencyKey"],
             request_hash=claim.get("requestHash"),
+            # A claim written before replies carried their run has none: whoever writes
+            # its turn names one (only one batch lands, so the turn gets exactly one).
+            attempt=claim.get("attempt") or _new_attempt(),
         )
 
 
@@ -296,7 +306,7 @@ class CosmosConversationStore:
     # --- conversations and messages ------------------------------------------------------------
 
     async def create(self, principal: Principal, title: str) -> Conversation:
-        now = _now()
+        now = now_stamp()
         session = self._session_item(principal, uuid.uuid4().hex, title, now)
         written = await self._create(session)
         if written is None:  # pragma: no cover - a fresh random id
@@ -361,7 +371,7 @@ class CosmosConversationStore:
             session = await self._session(principal, conversation_id)
             if session is None:
                 raise LookupError("no such conversation for this caller")
-            now = _now()
+            now = now_stamp()
             seq = session["seq"] + 1
             message = self._message_item(
                 principal,
@@ -401,20 +411,33 @@ class CosmosConversationStore:
         *,
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
-    ) -> None:
+        attempt: str | None = None,
+    ) -> bool:
         located = _message_partition(principal, message_id)
         if located is None:
-            return
-        await self._patch(
-            located,
-            message_id,
-            [
-                {"op": "set", "path": "/content", "value": content},
-                {"op": "set", "path": "/status", "value": status.value},
-                {"op": "set", "path": "/citations", "value": _dump_citations(citations)},
-                {"op": "set", "path": "/plan", "value": _PLAN.dump_python(plan, mode="json")},
-            ],
-        )
+            return False
+        final = {
+            "content": content,
+            "status": status.value,
+            "citations": _dump_citations(citations),
+            "plan": _PLAN.dump_python(plan, mode="json"),
+        }
+        if attempt is None:
+            return await self._patch(
+                located,
+                message_id,
+                [{"op": "set", "path": f"/{name}", "value": v} for name, v in final.items()],
+            )
+        # Fenced: read, check the run, and replace only what was read (a retry that took
+        # the turn over in between makes the replace fail, and the next read sees it).
+        for _ in range(_ATTEMPTS):
+            message = await self._read(located, message_id)
+            if message is None or message.get("attempt") != attempt:
+                return False
+            finished = self._expiring({**message, **final}, _MESSAGE)
+            if await self._replace(finished, message["_etag"]) is not None:
+                return True
+        return False
 
     async def messages(
         self, principal: Principal, conversation_id: str, *, last: int | None = None
@@ -450,10 +473,11 @@ class CosmosConversationStore:
             question=turn.question,
             user_message_id=_new_message_id(conversation_id),
             reply_id=_new_message_id(conversation_id),
-            lease_until=_stamp(turn.lease_until),
-            created_at=_now(),
+            lease_until=stamp(turn.lease_until),
+            created_at=now_stamp(),
             idempotency_key=key,
             request_hash=turn.request_hash,
+            attempt=_new_attempt(),
         )
         for attempt in range(_ATTEMPTS):
             if key is not None:
@@ -484,16 +508,22 @@ class CosmosConversationStore:
         return await self._stored_turn(principal, _PlannedTurn.of_claim(claim), created=False)
 
     async def renew_turn(
-        self, principal: Principal, reply_id: str, content: str, lease_until: datetime
+        self,
+        principal: Principal,
+        reply_id: str,
+        content: str,
+        lease_until: datetime,
+        *,
+        attempt: str,
     ) -> bool:
         located = _message_partition(principal, reply_id)
         if located is None:
             return False
         for _ in range(_ATTEMPTS):
             reply = await self._read(located, reply_id)
-            if reply is None or not _is_running_reply(reply):
+            if reply is None or not _is_running_reply(reply) or reply.get("attempt") != attempt:
                 return False
-            renewed = {**reply, "content": content, "leaseUntil": _stamp(lease_until)}
+            renewed = {**reply, "content": content, "leaseUntil": stamp(lease_until)}
             if await self._replace(self._expiring(renewed, _MESSAGE), reply["_etag"]) is not None:
                 return True
         return False
@@ -508,7 +538,7 @@ class CosmosConversationStore:
         if reply is None or reply.get("role") != "assistant" or not reply.get("questionId"):
             return None
         status = reply.get("status")
-        lease_ended = reply.get("leaseUntil", "") < _stamp(now)
+        lease_ended = reply.get("leaseUntil", "") < stamp(now)
         if not (
             status in (MessageStatus.INTERRUPTED.value, MessageStatus.FAILED.value)
             or (status == MessageStatus.STREAMING.value and lease_ended)
@@ -520,7 +550,8 @@ class CosmosConversationStore:
             "content": "",
             "citations": [],
             "plan": None,
-            "leaseUntil": _stamp(lease_until),
+            "leaseUntil": stamp(lease_until),
+            "attempt": _new_attempt(),
         }
         # Conditional on what was read: of racing retries one replaces it, the others get 412.
         written = await self._replace(self._expiring(claimed, _MESSAGE), reply["_etag"])
@@ -534,7 +565,7 @@ class CosmosConversationStore:
         return _turn_record(session, question, written, created=True)
 
     async def interrupt_abandoned(self, now: datetime) -> int:
-        moment = _stamp(now)
+        moment = stamp(now)
         found = await self._query(
             _Q_ABANDONED,
             {"@type": _MESSAGE, "@status": MessageStatus.STREAMING.value, "@now": moment},
@@ -579,7 +610,7 @@ class CosmosConversationStore:
     async def purge_expired(self, now: datetime) -> int:
         # Messages expire by their TTL. What is left is a session whose newest message has
         # expired (expiresAt passed): delete it once it holds no message.
-        emptied = await self._query(_Q_EMPTIED, {"@type": _SESSION, "@now": _stamp(now)}, None)
+        emptied = await self._query(_Q_EMPTIED, {"@type": _SESSION, "@now": stamp(now)}, None)
         for session in emptied:
             partition = [session["tenantId"], session["userId"], session["sessionId"]]
             left = await self._query(_Q_LAST_MESSAGES, {"@type": _MESSAGE, "@last": 1}, partition)
@@ -651,7 +682,7 @@ class CosmosConversationStore:
                 current = await self._read(partition, plan.conversation_id)
                 if current is None:
                     return None
-                session = self._touched(current, current["seq"] + 2, _now())
+                session = self._touched(current, current["seq"] + 2, now_stamp())
                 operations = [
                     (
                         "replace",
@@ -684,6 +715,7 @@ class CosmosConversationStore:
                 lease_until=plan.lease_until,
                 idempotency_key=plan.idempotency_key,
                 request_hash=plan.request_hash,
+                attempt=plan.attempt,
             )
             operations += [("create", (question,), {}), ("create", (reply,), {})]
             result = await self._batch(partition, operations)
@@ -725,7 +757,7 @@ class CosmosConversationStore:
         if kind == _SESSION:
             ttl += _SESSION_GRACE_S
             updated = datetime.fromisoformat(item["updatedAt"])
-            item["expiresAt"] = _stamp(updated + timedelta(seconds=seconds))
+            item["expiresAt"] = stamp(updated + timedelta(seconds=seconds))
         item["ttl"] = min(ttl, _MAX_TTL)
         return item
 
@@ -768,6 +800,7 @@ class CosmosConversationStore:
         lease_until: str | None = None,
         idempotency_key: str | None = None,
         request_hash: str | None = None,
+        attempt: str | None = None,
     ) -> Item:
         item: Item = {
             "id": message_id or _new_message_id(conversation_id),
@@ -790,6 +823,8 @@ class CosmosConversationStore:
         if idempotency_key is not None:
             item["idempotencyKey"] = idempotency_key
             item["requestHash"] = request_hash
+        if attempt is not None:
+            item["attempt"] = attempt
         return self._expiring(item, _MESSAGE)
 
     def _claim_item(self, principal: Principal, plan: _PlannedTurn) -> Item:
@@ -811,6 +846,7 @@ class CosmosConversationStore:
                 "replyId": plan.reply_id,
                 "leaseUntil": plan.lease_until,
                 "createdAt": plan.created_at,
+                "attempt": plan.attempt,
             },
             _CLAIM,
         )
@@ -981,24 +1017,16 @@ class CosmosConversationStore:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _stamp(moment: datetime) -> str:
-    """One text form for every stored instant (UTC, microseconds), so that Cosmos DB
-    compares them as strings in time order."""
-    if moment.tzinfo is None:
-        raise ValueError("a naive datetime has no instant; pass a timezone-aware one")
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _now() -> str:
-    return _stamp(datetime.now(UTC))
-
-
 def _partition(principal: Principal, session_id: str) -> list[str]:
     return [principal.tenant_id, principal.user_id, session_id]
 
 
 def _new_message_id(conversation_id: str) -> str:
     return f"{conversation_id}.{uuid.uuid4().hex}"
+
+
+def _new_attempt() -> str:
+    return uuid.uuid4().hex
 
 
 def _message_partition(principal: Principal, message_id: str) -> list[str] | None:
@@ -1061,6 +1089,7 @@ def _turn_record(session: Item, question: Item, reply: Item, *, created: bool) -
             else None
         ),
         created=created,
+        attempt=reply.get("attempt"),
     )
 
 

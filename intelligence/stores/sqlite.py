@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +26,8 @@ from intelligence.contracts import (
     RetentionPolicy,
     TurnRecord,
 )
+from intelligence.stores.sqlite_common import SerialisedSqliteStore
+from intelligence.stores.stamps import now_stamp, stamp
 
 _CITATIONS = TypeAdapter(tuple[Citation, ...])
 _PLAN: TypeAdapter[Plan | None] = TypeAdapter(Plan | None)
@@ -58,7 +57,8 @@ CREATE TABLE IF NOT EXISTS messages (
     citations TEXT NOT NULL DEFAULT '[]',
     plan TEXT,
     created_at TEXT NOT NULL,
-    lease_until TEXT
+    lease_until TEXT,
+    attempt TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, seq);
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS audit_log (
 
 _ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "conversations": (("summary", "TEXT NOT NULL DEFAULT ''"), ("summary_through", "TEXT")),
-    "messages": (("lease_until", "TEXT"),),
+    "messages": (("lease_until", "TEXT"), ("attempt", "TEXT")),
 }
 """Columns later versions added: a database made by an earlier version gains them on open."""
 
@@ -100,24 +100,12 @@ _KEEP_FOREVER = RetentionPolicy()
 _OWNED = "SELECT id FROM conversations WHERE tenant_id = ? AND user_id = ?"
 
 
-def _stamp(moment: datetime) -> str:
-    """One text form for every stored instant (UTC, microseconds), so SQL compares them
-    as strings in time order."""
-    if moment.tzinfo is None:
-        raise ValueError("a naive datetime has no instant; pass a timezone-aware one")
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _now() -> str:
-    return _stamp(datetime.now(UTC))
-
-
-class _Database:
+class _Database(SerialisedSqliteStore):
     """One aiosqlite connection per store; SQLite serialises writers anyway."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self._path = path
-        self._db: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
         if self._db is not None:
@@ -152,58 +140,24 @@ class _Database:
         await db.commit()
         await db.executescript(_SCHEMA_OF_TURNS)
 
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("store is not open")
-        return self._db
-
 
 class SqliteConversationStore(_Database):
-    """Conversations scoped to (tenant, user): every query carries both.
-
-    Every operation holds one lock: the store shares a single connection, and a write
-    of one coroutine must not be read (or committed) half-way by another. Writes run as
-    ``BEGIN IMMEDIATE`` transactions, so processes sharing the file serialise too."""
+    """Conversations scoped to (tenant, user): every query carries both; its operations
+    take the connection one at a time (see :class:`SerialisedSqliteStore`)."""
 
     def __init__(self, path: Path, *, retention: RetentionPolicy = _KEEP_FOREVER) -> None:
         super().__init__(path)
         self._retention = retention
-        self._lock = asyncio.Lock()
-
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            yield self.db
-
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                await db.rollback()
-                raise
-            await db.commit()
 
     # --- conversations and messages -------------------------------------------------
 
     async def create(self, principal: Principal, title: str) -> Conversation:
-        now = _now()
+        now = now_stamp()
         conversation_id = uuid.uuid4().hex
         async with self._writing() as db:
             await _insert_conversation(db, conversation_id, principal, title, now)
-        stamp = datetime.fromisoformat(now)
-        return Conversation(
-            conversation_id, principal.tenant_id, principal.user_id, title, stamp, stamp
-        )
+        at = datetime.fromisoformat(now)
+        return Conversation(conversation_id, principal.tenant_id, principal.user_id, title, at, at)
 
     async def get(self, principal: Principal, conversation_id: str) -> Conversation | None:
         async with self._reading() as db:
@@ -213,21 +167,8 @@ class SqliteConversationStore(_Database):
     async def list_conversations(
         self, principal: Principal, *, limit: int = 20, cursor: str | None = None
     ) -> ConversationPage:
-        after = _decode_cursor(cursor)
-        query = "SELECT * FROM conversations WHERE tenant_id = ? AND user_id = ?"
-        params: list[object] = [principal.tenant_id, principal.user_id]
-        if after is not None:
-            query += " AND (updated_at, id) < (?, ?)"
-            params += list(after)
-        query += " ORDER BY updated_at DESC, id DESC LIMIT ?"
-        params.append(limit + 1)
-        async with self._reading() as db, db.execute(query, params) as rows:
-            found = list(await rows.fetchall())
-        items = found[:limit]
-        # The cursor carries the stored text of the timestamp, so the next page's
-        # comparison sees exactly what the database holds.
-        next_cursor = (
-            _encode_cursor(items[-1]["updated_at"], items[-1]["id"]) if len(found) > limit else None
+        items, next_cursor = await self._newest_first(
+            "conversations", "updated_at", principal, limit=limit, cursor=cursor
         )
         return ConversationPage(tuple(_conversation(r) for r in items), next_cursor)
 
@@ -248,7 +189,7 @@ class SqliteConversationStore(_Database):
         *,
         status: MessageStatus = MessageStatus.COMPLETE,
     ) -> ConversationMessage:
-        now = _now()
+        now = now_stamp()
         message_id = uuid.uuid4().hex
         async with self._writing() as db:
             if await _owned_conversation(db, principal, conversation_id) is None:
@@ -268,11 +209,13 @@ class SqliteConversationStore(_Database):
         *,
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
-    ) -> None:
+        attempt: str | None = None,
+    ) -> bool:
         async with self._writing() as db:
-            await db.execute(
+            cursor = await db.execute(
                 "UPDATE messages SET content = ?, status = ?, citations = ?, plan = ?"
-                f" WHERE id = ? AND conversation_id IN ({_OWNED})",
+                f" WHERE id = ? AND conversation_id IN ({_OWNED})"
+                " AND (? IS NULL OR attempt = ?)",
                 (
                     content,
                     status.value,
@@ -281,8 +224,11 @@ class SqliteConversationStore(_Database):
                     message_id,
                     principal.tenant_id,
                     principal.user_id,
+                    attempt,
+                    attempt,
                 ),
             )
+        return cursor.rowcount > 0
 
     async def messages(
         self, principal: Principal, conversation_id: str, *, last: int | None = None
@@ -303,7 +249,7 @@ class SqliteConversationStore(_Database):
     # --- turns ----------------------------------------------------------------------
 
     async def begin_turn(self, principal: Principal, turn: NewTurn) -> TurnRecord:
-        lease_until = _stamp(turn.lease_until)
+        lease_until = stamp(turn.lease_until)
         async with self._writing() as db:
             # Inside the write transaction: of racing calls with one key, the first to
             # take the lock writes, and every later one finds its turn here.
@@ -320,7 +266,7 @@ class SqliteConversationStore(_Database):
                         return record
                     # Its messages expired under the retention policy: the key is free.
                     await db.execute("DELETE FROM turns WHERE reply_id = ?", (earlier["reply_id"],))
-            now = _now()
+            now = now_stamp()
             if turn.conversation_id is None:
                 conversation_id = uuid.uuid4().hex
                 await _insert_conversation(db, conversation_id, principal, turn.title, now)
@@ -348,6 +294,7 @@ class SqliteConversationStore(_Database):
                 MessageStatus.STREAMING,
                 now,
                 lease_until=lease_until,
+                attempt=uuid.uuid4().hex,
             )
             await db.execute(
                 "INSERT INTO turns (reply_id, user_message_id, conversation_id, tenant_id,"
@@ -380,18 +327,25 @@ class SqliteConversationStore(_Database):
             return await _turn_record(db, principal, found["reply_id"], created=False)
 
     async def renew_turn(
-        self, principal: Principal, reply_id: str, content: str, lease_until: datetime
+        self,
+        principal: Principal,
+        reply_id: str,
+        content: str,
+        lease_until: datetime,
+        *,
+        attempt: str,
     ) -> bool:
         async with self._writing() as db:
             cursor = await db.execute(
                 "UPDATE messages SET content = ?, lease_until = ?"
-                " WHERE id = ? AND role = 'assistant' AND status = ?"
+                " WHERE id = ? AND role = 'assistant' AND status = ? AND attempt = ?"
                 f" AND conversation_id IN ({_OWNED})",
                 (
                     content,
-                    _stamp(lease_until),
+                    stamp(lease_until),
                     reply_id,
                     MessageStatus.STREAMING.value,
+                    attempt,
                     principal.tenant_id,
                     principal.user_id,
                 ),
@@ -405,18 +359,19 @@ class SqliteConversationStore(_Database):
             # One conditional UPDATE is the claim: of racing retries only one matches.
             cursor = await db.execute(
                 "UPDATE messages SET content = '', status = ?, citations = '[]', plan = NULL,"
-                " lease_until = ?"
+                " lease_until = ?, attempt = ?"
                 " WHERE id = ? AND role = 'assistant'"
                 " AND (status IN (?, ?) OR (status = ? AND lease_until < ?))"
                 f" AND conversation_id IN ({_OWNED})",
                 (
                     MessageStatus.STREAMING.value,
-                    _stamp(lease_until),
+                    stamp(lease_until),
+                    uuid.uuid4().hex,
                     reply_id,
                     MessageStatus.INTERRUPTED.value,
                     MessageStatus.FAILED.value,
                     MessageStatus.STREAMING.value,
-                    _stamp(now),
+                    stamp(now),
                     principal.tenant_id,
                     principal.user_id,
                 ),
@@ -429,7 +384,7 @@ class SqliteConversationStore(_Database):
         async with self._writing() as db:
             cursor = await db.execute(
                 "UPDATE messages SET status = ? WHERE status = ? AND lease_until < ?",
-                (MessageStatus.INTERRUPTED.value, MessageStatus.STREAMING.value, _stamp(now)),
+                (MessageStatus.INTERRUPTED.value, MessageStatus.STREAMING.value, stamp(now)),
             )
         return cursor.rowcount
 
@@ -473,7 +428,7 @@ class SqliteConversationStore(_Database):
         purged = 0
         async with self._writing() as db:
             for where, params, seconds in scopes:
-                cutoff = _stamp(now - timedelta(seconds=seconds))
+                cutoff = stamp(now - timedelta(seconds=seconds))
                 cursor = await db.execute(
                     "DELETE FROM messages WHERE created_at < ? AND conversation_id IN"
                     f" (SELECT id FROM conversations WHERE {where})",
@@ -486,6 +441,13 @@ class SqliteConversationStore(_Database):
                     " AND NOT EXISTS"
                     " (SELECT 1 FROM messages WHERE conversation_id = conversations.id)",
                     [*params, cutoff],
+                )
+            if purged:
+                # A summary of messages that are gone would keep what retention deleted.
+                await db.execute(
+                    "UPDATE conversations SET summary = '', summary_through = NULL"
+                    " WHERE summary_through IS NOT NULL AND NOT EXISTS"
+                    " (SELECT 1 FROM messages WHERE id = conversations.summary_through)"
                 )
         return purged
 
@@ -523,7 +485,7 @@ class SqliteAuditLog(_Database):
     """Append-only: the adapter offers no update or delete."""
 
     async def append(self, record: AuditRecord) -> None:
-        await self.db.execute(
+        await self._connection.execute(
             "INSERT INTO audit_log (at, event, tenant_id, user_id, correlation_id, data)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -535,7 +497,7 @@ class SqliteAuditLog(_Database):
                 json.dumps(record.data, default=str),
             ),
         )
-        await self.db.commit()
+        await self._connection.commit()
 
     async def records(self, *, event: str | None = None) -> list[AuditRecord]:
         query = "SELECT * FROM audit_log"
@@ -543,7 +505,7 @@ class SqliteAuditLog(_Database):
         if event is not None:
             query += " WHERE event = ?"
             params.append(event)
-        async with self.db.execute(query + " ORDER BY seq", params) as rows:
+        async with self._connection.execute(query + " ORDER BY seq", params) as rows:
             return [
                 AuditRecord(
                     event=r["event"],
@@ -590,12 +552,13 @@ async def _insert_message(
     now: str,
     *,
     lease_until: str | None = None,
+    attempt: str | None = None,
 ) -> None:
     await db.execute(
         "INSERT INTO messages"
-        " (id, conversation_id, role, content, status, created_at, lease_until)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (message_id, conversation_id, role, content, status.value, now, lease_until),
+        " (id, conversation_id, role, content, status, created_at, lease_until, attempt)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (message_id, conversation_id, role, content, status.value, now, lease_until, attempt),
     )
 
 
@@ -643,6 +606,7 @@ async def _turn_record(
             datetime.fromisoformat(lease) if lease and status is MessageStatus.STREAMING else None
         ),
         created=created,
+        attempt=reply["attempt"],
     )
 
 
@@ -670,18 +634,3 @@ def _message(row: aiosqlite.Row) -> ConversationMessage:
         citations=_CITATIONS.validate_json(row["citations"]),
         plan=_PLAN.validate_json(row["plan"]) if row["plan"] else None,
     )
-
-
-def _encode_cursor(updated_at: str, conversation_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{updated_at}|{conversation_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
-    if not cursor:
-        return None
-    try:
-        updated_at, conversation_id = base64.urlsafe_b64decode(cursor).decode().split("|", 1)
-        datetime.fromisoformat(updated_at)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("invalid cursor") from exc
-    return updated_at, conversation_id

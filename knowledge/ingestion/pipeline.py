@@ -37,12 +37,15 @@ def chunk_id_for(document_id: str, ordinal: int) -> str:
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     path: Path
+    relative: str
+    """The path under the corpus root, which access rules match."""
     source: str
+    """The document's identity in the index: the relative path, after any source prefix."""
     size: int
     symlink: bool
 
 
-def _walk(root: Path, excluded: Path | None) -> list[_Candidate]:
+def _walk(root: Path, excluded: Path | None, prefix: str) -> list[_Candidate]:
     """Every non-hidden file under ``root`` except ``excluded``, sorted by relative path."""
     found: list[_Candidate] = []
     for directory, subdirectories, files in os.walk(root):
@@ -54,8 +57,9 @@ def _walk(root: Path, excluded: Path | None) -> list[_Candidate]:
                 continue
             symlink = path.is_symlink()
             size = 0 if symlink else path.stat().st_size
-            found.append(_Candidate(path, path.relative_to(root).as_posix(), size, symlink))
-    return sorted(found, key=lambda candidate: candidate.source)
+            relative = path.relative_to(root).as_posix()
+            found.append(_Candidate(path, relative, prefix + relative, size, symlink))
+    return sorted(found, key=lambda candidate: candidate.relative)
 
 
 class IngestionPipeline:
@@ -72,7 +76,12 @@ class IngestionPipeline:
         self._settings = settings
 
     async def ingest(
-        self, root: Path, *, acl_file: Path | None = None, progress: IngestProgress | None = None
+        self,
+        root: Path,
+        *,
+        acl_file: Path | None = None,
+        progress: IngestProgress | None = None,
+        source_prefix: str = "",
     ) -> IngestionReport:
         root = await asyncio.to_thread(root.resolve)
         if not await asyncio.to_thread(root.is_dir):
@@ -81,15 +90,15 @@ class IngestionPipeline:
             (acl_file or root / self._settings.acl_file_name).resolve
         )
         rules = await asyncio.to_thread(AccessRules.load, acl_path)
-        candidates = await asyncio.to_thread(_walk, root, acl_path)
+        candidates = await asyncio.to_thread(_walk, root, acl_path, source_prefix)
 
         indexed = 0
         chunk_total = 0
         skipped: list[SkippedFile] = []
         for done, candidate in enumerate(candidates, start=1):
-            outcome = await self._load(candidate, rules.access_for(candidate.source))
+            outcome = await self._load(candidate, rules.access_for(candidate.relative))
             if isinstance(outcome, str):
-                skipped.append(SkippedFile(candidate.source, outcome))
+                skipped.append(SkippedFile(candidate.relative, outcome))
                 await self._forget(rules.tenants, candidate.source)
             else:
                 tenant_id = outcome[0].access.tenant_id
@@ -99,7 +108,7 @@ class IngestionPipeline:
                 indexed += 1
                 chunk_total += len(outcome)
             if progress is not None:
-                progress(candidate.source, done, len(candidates))
+                progress(candidate.relative, done, len(candidates))
 
         return IngestionReport(
             files_seen=len(candidates),

@@ -30,12 +30,7 @@ QUESTION = "How many days of annual leave do I get?"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ingest_corpus(
-        tmp_path_factory.mktemp("corpus"),
-        tmp_path_factory.mktemp("data"),
-        handbook=HANDBOOK,
-        payroll=PAYROLL,
-    )
+    return ingest_corpus(tmp_path_factory, handbook=HANDBOOK, payroll=PAYROLL)
 
 
 @pytest.fixture(scope="module")

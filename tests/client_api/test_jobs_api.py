@@ -20,8 +20,9 @@ from client_api.app import create_app
 from client_api.auth.permissions import ROLE_PERMISSIONS
 from client_api.settings import LaminaSettings
 from inferencing.simulator import Fault, ScriptedReply, SimulatorServer
-from tests.client_api.corpus import dev_settings, ingest_corpus
+from tests.client_api.corpus import dev_headers, dev_settings, ingest_corpus
 from tests.support.processes import app_in_thread
+from tests.support.simulator import simulated_inferencing
 
 HANDBOOK = "# Leave\n\nEvery employee gets 25 days of annual leave a year.\n"
 PAYROLL = "# Payroll\n\nSalaries are paid on the 25th of each month.\n"
@@ -40,28 +41,12 @@ CONTENT_OWNER = "Lamina.ContentOwner"
 READER = "Lamina.Reader"
 
 
-def headers(
-    user: str, *, groups: str = "", roles: str = "", tenant: str = "contoso"
-) -> dict[str, str]:
-    return {
-        "X-Lamina-User": user,
-        "X-Lamina-Groups": groups,
-        "X-Lamina-Roles": roles,
-        "X-Lamina-Tenant": tenant,
-    }
-
-
-OWNER = headers("olga", roles=CONTENT_OWNER)
+OWNER = dev_headers("olga", roles=CONTENT_OWNER)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ingest_corpus(
-        tmp_path_factory.mktemp("corpus"),
-        tmp_path_factory.mktemp("data"),
-        handbook=HANDBOOK,
-        payroll=PAYROLL,
-    )
+    return ingest_corpus(tmp_path_factory, handbook=HANDBOOK, payroll=PAYROLL)
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +128,14 @@ def test_an_upload_is_accepted_ingested_and_then_answered_from_for_those_the_acl
     assert not (data / "uploads" / job["id"]).exists()  # the files are gone with the job
 
     question = {"message": "Who may work from the lighthouse office on Fridays?"}
-    pilot = client.post("/v1/chat", json=question, headers=headers("pia", groups="pilot"))
+    pilot = client.post("/v1/chat", json=question, headers=dev_headers("pia", groups="pilot"))
     assert pilot.status_code == 200, pilot.text
-    assert "policies/remote.md" in sources(pilot.json())
+    # Cited from the uploader's own namespace of the index.
+    assert "upload://olga/policies/remote.md" in sources(pilot.json())
     assert "lighthouse office" in pilot.json()["answer"]
-    outsider = client.post("/v1/chat", json=question, headers=headers("oscar", groups="sales"))
+    outsider = client.post("/v1/chat", json=question, headers=dev_headers("oscar", groups="sales"))
     assert outsider.status_code == 200
-    assert "policies/remote.md" not in sources(outsider.json())
+    assert "upload://olga/policies/remote.md" not in sources(outsider.json())
     assert "lighthouse" not in outsider.json()["answer"]
 
 
@@ -181,7 +167,7 @@ def test_an_oversized_upload_is_refused_with_413(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("roles", ["", "Lamina.User", READER])
 def test_uploading_needs_the_ingest_permission(client: httpx.Client, roles: str) -> None:
-    response = upload(client, [("policies/x.md", b"# X")], hdrs=headers("uma", roles=roles))
+    response = upload(client, [("policies/x.md", b"# X")], hdrs=dev_headers("uma", roles=roles))
     assert response.status_code == 403
     assert response.json()["missing_permission"] == "ingest"
 
@@ -192,7 +178,7 @@ def test_uploading_needs_the_ingest_permission(client: httpx.Client, roles: str)
 def test_an_agent_task_runs_in_the_background_and_its_answer_is_kept(
     client: httpx.Client,
 ) -> None:
-    ann = headers("ann")
+    ann = dev_headers("ann")
     accepted = client.post(
         "/v1/jobs/tasks", json={"message": "How many days of annual leave?"}, headers=ann
     )
@@ -215,7 +201,7 @@ def test_an_agent_task_runs_in_the_background_and_its_answer_is_kept(
 
 
 def test_a_task_needs_the_chat_permission(client: httpx.Client) -> None:
-    reader = headers("rae", roles=READER)  # may read conversations, not chat
+    reader = dev_headers("rae", roles=READER)  # may read conversations, not chat
     response = client.post("/v1/jobs/tasks", json={"message": "Hi"}, headers=reader)
     assert response.status_code == 403
     assert response.json()["missing_permission"] == "chat"
@@ -225,12 +211,12 @@ def test_a_task_needs_the_chat_permission(client: httpx.Client) -> None:
 
 
 def test_a_job_is_its_owners_alone(client: httpx.Client) -> None:
-    ann, bob = headers("ann-2"), headers("bob-2")
+    ann, bob = dev_headers("ann-2"), dev_headers("bob-2")
     accepted = client.post("/v1/jobs/tasks", json={"message": "Leave days?"}, headers=ann)
     location = accepted.headers["Location"]
     assert client.get(location, headers=bob).status_code == 404
     assert client.post(f"{location}/cancel", headers=bob).status_code == 404
-    other_tenant = headers("ann-2", tenant="fabrikam")
+    other_tenant = dev_headers("ann-2", tenant="fabrikam")
     assert client.get(location, headers=other_tenant).status_code == 404
     assert client.get("/v1/jobs", headers=bob).json()["items"] == []
     mine = client.get("/v1/jobs", headers=ann).json()["items"]
@@ -241,7 +227,7 @@ def test_a_job_is_its_owners_alone(client: httpx.Client) -> None:
 
 
 def test_cancelling_a_job_that_has_ended_is_409(client: httpx.Client) -> None:
-    cy = headers("cy")
+    cy = dev_headers("cy")
     accepted = client.post("/v1/jobs/tasks", json={"message": "Leave days?"}, headers=cy)
     location = accepted.headers["Location"]
     assert poll(client, location, cy)["status"] == "succeeded"
@@ -262,13 +248,7 @@ def model_lamina(
 ) -> Iterator[str]:
     settings = dev_settings(
         tmp_path_factory.mktemp("model-data"),
-        inferencing={
-            "provider": "openai",
-            "base_url": simulator.openai_base_url,
-            "api_key": "sim-key",
-            "model": "gpt-sim",
-            "retry": {"max_attempts": 1},
-        },
+        inferencing=simulated_inferencing(simulator),
         intelligence={"planner": "deterministic"},
         jobs={"poll_interval_s": 0.1},
     )
@@ -279,7 +259,7 @@ def model_lamina(
 def test_cancelling_a_running_task_stops_it(model_lamina: str, simulator: SimulatorServer) -> None:
     simulator.reset()
     simulator.script(ScriptedReply(fault=Fault(kind="timeout", hang_s=60)))
-    dee = headers("dee")
+    dee = dev_headers("dee")
     with httpx.Client(base_url=model_lamina, timeout=30) as client:
         accepted = client.post("/v1/jobs/tasks", json={"message": "Write the report"}, headers=dee)
         assert accepted.status_code == 202, accepted.text
@@ -299,7 +279,7 @@ def test_cancelling_a_running_task_stops_it(model_lamina: str, simulator: Simula
 
 
 def test_my_jobs_are_exported_and_erased_with_my_data(client: httpx.Client) -> None:
-    eve = headers("eve", roles=CONTENT_OWNER)
+    eve = dev_headers("eve", roles=CONTENT_OWNER)
     accepted = client.post("/v1/jobs/tasks", json={"message": "Leave days?"}, headers=eve)
     poll(client, accepted.headers["Location"], eve)
     exported = client.get("/v1/me/data", headers=eve).json()["stores"]["jobs"]
@@ -310,3 +290,22 @@ def test_my_jobs_are_exported_and_erased_with_my_data(client: httpx.Client) -> N
     assert erased.json()["erased"]["jobs"] == 1
     assert client.get(accepted.headers["Location"], headers=eve).status_code == 404
     assert client.get("/v1/jobs", headers=eve).json()["items"] == []
+
+
+def test_an_upload_never_replaces_a_document_of_the_tenants_corpus(
+    client: httpx.Client,
+) -> None:
+    # The corpus holds handbook/leave.md for everyone; an upload under the same name is
+    # the uploader's own document, beside it.
+    forged = b"# Leave\n\nEvery employee gets 2 days of annual leave a year.\n"
+    accepted = upload(client, [("handbook/leave.md", forged)], acl=None)
+    assert accepted.status_code == 202, accepted.text
+    assert poll(client, accepted.headers["Location"], OWNER)["status"] == "succeeded"
+
+    question = {"message": "How many days of annual leave do employees get?"}
+    answer = client.post("/v1/chat", json=question, headers=dev_headers("ann")).json()
+    assert "handbook/leave.md" in sources(answer)
+    assert "25 days" in answer["answer"] and "2 days" not in answer["answer"]
+    # The uploader sees both, each under its own source.
+    mine = client.post("/v1/chat", json=question, headers=OWNER).json()
+    assert {"handbook/leave.md", "upload://olga/handbook/leave.md"} <= sources(mine)

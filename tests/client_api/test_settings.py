@@ -79,3 +79,13 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [env for env, _, _ in describe_settings() if f"`{env}`" not in readme]
     assert missing == []
+
+
+def test_a_retention_period_must_be_positive_or_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    # -1 means "never expire" to Cosmos DB; here it would delete a tenant's messages at once.
+    monkeypatch.setenv("LAMINA_CONVERSATIONS__TENANT_RETENTION_DAYS", '{"contoso": -1}')
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "LAMINA_CONVERSATIONS__TENANT_RETENTION_DAYS" in str(caught.value)
+    monkeypatch.setenv("LAMINA_CONVERSATIONS__TENANT_RETENTION_DAYS", '{"contoso": null}')
+    assert load_settings().conversations.retention().seconds_for("contoso") is None

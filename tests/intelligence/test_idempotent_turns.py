@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,24 +17,16 @@ from intelligence.contracts import (
     IdempotencyKeyReused,
     MessageStatus,
     Principal,
+    StartedTurn,
     TurnEvent,
     TurnInProgress,
     TurnRequest,
 )
 from intelligence.orchestrator import Orchestrator
-from intelligence.planning.deterministic import DeterministicPlanner
-from intelligence.prompts import PromptLibrary
-from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
 from intelligence.upkeep import ConversationUpkeep
-from tests.fakes import (
-    FakeToolset,
-    InMemoryAuditLog,
-    InMemoryRetriever,
-    ScriptedChatModel,
-    chunk,
-    text_reply,
-)
+from tests.fakes import ScriptedChatModel, chunk, text_reply
+from tests.intelligence.assembly import orchestrator_over_fakes
 
 ALICE = Principal("contoso", "alice", groups=frozenset({"hr"}))
 BOB = Principal("contoso", "bob", groups=frozenset({"hr"}))
@@ -44,17 +37,7 @@ ANSWER = "You get 27 days of annual leave [1]."
 def make(
     store: SqliteConversationStore, model: ScriptedChatModel, *, lease_s: float = 30.0
 ) -> Orchestrator:
-    return Orchestrator(
-        retriever=InMemoryRetriever(list(CHUNKS)),
-        toolset=FakeToolset(),
-        chat_model=model,
-        planner=DeterministicPlanner(),
-        conversations=store,
-        audit=InMemoryAuditLog(),
-        prompts=PromptLibrary(PromptLibrary.bundled_directory()),
-        settings=IntelligenceSettings(),
-        turn_lease_s=lease_s,
-    )
+    return orchestrator_over_fakes(store, model, chunks=CHUNKS, turn_lease_s=lease_s)
 
 
 def ask(message: str = "How much leave do I get?", key: str | None = "k-1") -> TurnRequest:
@@ -63,6 +46,18 @@ def ask(message: str = "How much leave do I get?", key: str | None = "k-1") -> T
 
 def answer_of(events: list[TurnEvent]) -> str:
     return "".join(e.text for e in events if isinstance(e, AnswerDelta))
+
+
+async def mid_answer(orchestrator: Orchestrator) -> tuple[StartedTurn, list[TurnEvent]]:
+    """A turn started with the key and read up to its first piece of answer, where its
+    generator stays suspended; the events read so far."""
+    started = await orchestrator.start_turn(ask(), ALICE)
+    seen: list[TurnEvent] = []
+    async for event in started.events:
+        seen.append(event)
+        if isinstance(event, AnswerDelta):
+            break
+    return started, seen
 
 
 async def collect(events: AsyncIterator[TurnEvent]) -> list[TurnEvent]:
@@ -122,12 +117,7 @@ async def test_keys_belong_to_their_user(store: SqliteConversationStore) -> None
 async def test_a_retry_while_the_turn_runs_joins_it(store: SqliteConversationStore) -> None:
     model = ScriptedChatModel([text_reply(ANSWER)])
     orchestrator = make(store, model)
-    first = await orchestrator.start_turn(ask(), ALICE)
-    seen: list[TurnEvent] = []
-    async for event in first.events:
-        seen.append(event)
-        if isinstance(event, AnswerDelta):
-            break  # the turn is mid-answer, its generator suspended here
+    first, seen = await mid_answer(orchestrator)
 
     joined = await orchestrator.start_turn(ask(), ALICE)
     assert joined.idempotency == "joined"
@@ -140,10 +130,7 @@ async def test_a_retry_while_the_turn_runs_joins_it(store: SqliteConversationSto
 async def test_an_interrupted_turn_runs_again_once(store: SqliteConversationStore) -> None:
     model = ScriptedChatModel([text_reply(ANSWER), text_reply(ANSWER)])
     orchestrator = make(store, model)
-    first = await orchestrator.start_turn(ask(), ALICE)
-    async for event in first.events:
-        if isinstance(event, AnswerDelta):
-            break
+    first, _ = await mid_answer(orchestrator)
     await first.events.aclose()  # the client hung up
     [conversation] = (await store.list_conversations(ALICE)).items
     reply = (await store.messages(ALICE, conversation.id))[-1]
@@ -201,10 +188,7 @@ async def test_a_joined_stream_whose_turn_is_abandoned_ends_with_a_retryable_err
     store: SqliteConversationStore,
 ) -> None:
     orchestrator = make(store, ScriptedChatModel([text_reply(ANSWER)]))
-    first = await orchestrator.start_turn(ask(), ALICE)
-    async for event in first.events:
-        if isinstance(event, AnswerDelta):
-            break
+    first, _ = await mid_answer(orchestrator)
     joined = await orchestrator.start_turn(ask(), ALICE)
     await first.events.aclose()
     events = await collect(joined.events)
@@ -220,3 +204,22 @@ async def test_without_a_key_every_request_is_a_new_turn(store: SqliteConversati
         assert started.idempotency is None
         await collect(started.events)
     assert len((await store.list_conversations(ALICE)).items) == 2
+
+
+async def test_a_run_whose_turn_a_retry_took_over_stores_nothing(
+    store: SqliteConversationStore,
+) -> None:
+    orchestrator = make(store, ScriptedChatModel([text_reply(ANSWER)]))
+    first, _ = await mid_answer(orchestrator)
+    # Seen from another replica (a stalled process, a skewed clock), the lease ran out,
+    # and a retry claimed the turn.
+    reply_id = (await store.messages(ALICE, first.conversation_id))[-1].id
+    later = datetime.now(UTC) + timedelta(hours=1)
+    taken = await store.retry_turn(ALICE, reply_id, later + timedelta(minutes=1), now=later)
+    assert taken is not None
+
+    rest = await collect(first.events)
+    assert isinstance(rest[-1], ErrorEvent) and rest[-1].code == "superseded"
+    assert not any(isinstance(e, DoneEvent) for e in rest)
+    reply = (await store.messages(ALICE, first.conversation_id))[-1]
+    assert (reply.status, reply.content) == (MessageStatus.STREAMING, "")

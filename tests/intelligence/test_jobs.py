@@ -33,9 +33,6 @@ from intelligence.jobs import (
     ReportProgress,
 )
 from intelligence.orchestrator import Orchestrator
-from intelligence.planning.deterministic import DeterministicPlanner
-from intelligence.prompts import PromptLibrary
-from intelligence.settings import IntelligenceSettings
 from intelligence.stores.sqlite import SqliteConversationStore
 from intelligence.stores.sqlite_jobs import SqliteJobStore
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
@@ -44,14 +41,9 @@ from knowledge.ingestion.acl import AccessRules
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
 from knowledge.settings import KnowledgeSettings
-from tests.fakes import (
-    FakeToolset,
-    InMemoryAuditLog,
-    InMemoryRetriever,
-    ScriptedChatModel,
-    chunk,
-    text_reply,
-)
+from tests.fakes import ScriptedChatModel, chunk, text_reply
+from tests.intelligence.assembly import orchestrator_over_fakes
+from tests.support.lifecycle import opened
 
 ALICE = Principal("contoso", "alice", groups=frozenset({"hr"}))
 BOB = Principal("contoso", "bob", groups=frozenset({"finance"}))
@@ -113,19 +105,50 @@ class Gate:
         return {"echo": dict(job.input)}
 
 
+async def gate_started(runner: JobRunner, **options: Any) -> Gate:
+    """A new ``Gate`` registered as ``runner``'s handler of WORK jobs, and ``runner`` started."""
+    gate = Gate()
+    runner.register(WORK, gate, **options)
+    await runner.start()
+    return gate
+
+
+async def running_job(runner: JobRunner, gate: Gate) -> Job:
+    """Alice's WORK job, submitted and waited for until ``gate`` runs it."""
+    job = await runner.submit(ALICE, WORK, {})
+    await asyncio.wait_for(gate.started.wait(), 10)
+    return job
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteJobStore]:
-    s = SqliteJobStore(tmp_path / "jobs.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with opened(SqliteJobStore(tmp_path / "jobs.db")) as s:
+        yield s
+
+
+NewRunner = Callable[..., JobRunner]
 
 
 @pytest.fixture
-async def runner(store: SqliteJobStore) -> AsyncIterator[JobRunner]:
-    r = JobRunner(store, concurrency=2, lease_s=1.0, poll_interval_s=0.05)
-    yield r
-    await r.stop()
+async def new_runner(store: SqliteJobStore) -> AsyncIterator[NewRunner]:
+    """Makes runners on the test's store, each as one server runs it (polling every 50 ms);
+    every runner made is stopped when the test ends."""
+    made: list[JobRunner] = []
+
+    def make(*, concurrency: int = 1, lease_s: float = 1.0) -> JobRunner:
+        made.append(
+            JobRunner(store, concurrency=concurrency, lease_s=lease_s, poll_interval_s=0.05)
+        )
+        return made[-1]
+
+    yield make
+    for runner in made:
+        await runner.stop()
+
+
+@pytest.fixture
+def runner(new_runner: NewRunner) -> JobRunner:
+    return new_runner(concurrency=2)
 
 
 # --- the runner ------------------------------------------------------------------------
@@ -134,9 +157,7 @@ async def runner(store: SqliteJobStore) -> AsyncIterator[JobRunner]:
 async def test_a_job_reports_progress_and_ends_with_its_result(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
-    runner.register(WORK, gate)
-    await runner.start()
+    gate = await gate_started(runner)
     job = await runner.submit(ALICE, WORK, {"n": 1})
     assert job.status is JobStatus.QUEUED
 
@@ -161,9 +182,7 @@ async def test_a_job_reports_progress_and_ends_with_its_result(
 async def test_at_most_concurrency_jobs_run_at_once(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
-    runner.register(WORK, gate)
-    await runner.start()
+    gate = await gate_started(runner)
     jobs = [await runner.submit(ALICE, WORK, {"n": n}) for n in range(5)]
 
     async def two_running() -> bool:
@@ -179,11 +198,8 @@ async def test_at_most_concurrency_jobs_run_at_once(
 async def test_cancelling_a_running_job_stops_its_task_and_ends_it_cancelled(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
-    runner.register(WORK, gate)
-    await runner.start()
-    job = await runner.submit(ALICE, WORK, {})
-    await asyncio.wait_for(gate.started.wait(), 10)
+    gate = await gate_started(runner)
+    job = await running_job(runner, gate)
     assert await runner.cancel(BOB, job.id) is None  # not Bob's
     flagged = await runner.cancel(ALICE, job.id)
     assert flagged is not None
@@ -198,20 +214,15 @@ async def test_cancelling_a_running_job_stops_its_task_and_ends_it_cancelled(
 async def test_a_cancel_requested_on_another_server_stops_the_job_at_its_heartbeat(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
-    runner.register(WORK, gate)
-    await runner.start()
-    job = await runner.submit(ALICE, WORK, {})
-    await asyncio.wait_for(gate.started.wait(), 10)
+    gate = await gate_started(runner)
+    job = await running_job(runner, gate)
     await store.request_cancel(ALICE, job.id)  # as another server's API would
     assert (await ended(store, ALICE, job.id)).status is JobStatus.CANCELLED
 
 
-async def test_cancelling_a_queued_job_ends_it_before_it_runs(
-    store: SqliteJobStore,
-) -> None:
+async def test_cancelling_a_queued_job_ends_it_before_it_runs(new_runner: NewRunner) -> None:
     gate = Gate()
-    runner = JobRunner(store, concurrency=1, lease_s=1.0, poll_interval_s=0.05)
+    runner = new_runner()
     runner.register(WORK, gate)
     ends: list[str] = []
 
@@ -270,7 +281,7 @@ async def test_a_failure_is_recorded_with_a_clear_error(
 
 
 async def test_a_job_abandoned_by_a_dead_server_runs_again_to_completion(
-    store: SqliteJobStore,
+    store: SqliteJobStore, new_runner: NewRunner
 ) -> None:
     gate = Gate()
     gate.release.set()
@@ -281,13 +292,10 @@ async def test_a_job_abandoned_by_a_dead_server_runs_again_to_completion(
     )
     assert died is not None
 
-    restarted = JobRunner(store, concurrency=1, lease_s=1.0, poll_interval_s=0.05)
+    restarted = new_runner()
     restarted.register(WORK, gate)
     await restarted.start()
-    try:
-        done = await ended(store, ALICE, job.id)
-    finally:
-        await restarted.stop()
+    done = await ended(store, ALICE, job.id)
     assert (done.status, done.result, done.attempts) == (
         JobStatus.SUCCEEDED,
         {"echo": {"n": 7}},
@@ -296,14 +304,10 @@ async def test_a_job_abandoned_by_a_dead_server_runs_again_to_completion(
 
 
 async def test_a_stopping_server_gives_its_running_jobs_back_to_the_queue(
-    store: SqliteJobStore,
+    store: SqliteJobStore, new_runner: NewRunner
 ) -> None:
-    gate = Gate()
-    first = JobRunner(store, concurrency=1, lease_s=30.0, poll_interval_s=0.05)
-    first.register(WORK, gate)
-    await first.start()
-    job = await first.submit(ALICE, WORK, {})
-    await asyncio.wait_for(gate.started.wait(), 10)
+    first = new_runner(lease_s=30.0)
+    job = await running_job(first, await gate_started(first))
     await first.stop()
     queued = await store.get(ALICE, job.id)
     assert queued is not None
@@ -312,23 +316,17 @@ async def test_a_stopping_server_gives_its_running_jobs_back_to_the_queue(
     # The next server takes it at once: no lease to wait out.
     again = Gate()
     again.release.set()
-    second = JobRunner(store, concurrency=1, lease_s=30.0, poll_interval_s=0.05)
+    second = new_runner(lease_s=30.0)
     second.register(WORK, again)
     await second.start()
-    try:
-        assert (await ended(store, ALICE, job.id)).status is JobStatus.SUCCEEDED
-    finally:
-        await second.stop()
+    assert (await ended(store, ALICE, job.id)).status is JobStatus.SUCCEEDED
 
 
 async def test_a_server_that_lost_its_job_stops_running_it(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
-    runner.register(WORK, gate)
-    await runner.start()
-    job = await runner.submit(ALICE, WORK, {})
-    await asyncio.wait_for(gate.started.wait(), 10)
+    gate = await gate_started(runner)
+    job = await running_job(runner, gate)
     assert await store.erase_user(ALICE) == 1  # e.g. erased through another server
 
     async def stopped() -> bool:
@@ -341,16 +339,12 @@ async def test_a_server_that_lost_its_job_stops_running_it(
 async def test_erasing_a_user_stops_their_jobs_and_cleans_up(
     runner: JobRunner, store: SqliteJobStore
 ) -> None:
-    gate = Gate()
     cleaned: list[str] = []
 
     async def on_end(job: Job) -> None:
         cleaned.append(job.id)
 
-    runner.register(WORK, gate, on_end=on_end)
-    await runner.start()
-    running = await runner.submit(ALICE, WORK, {})
-    await asyncio.wait_for(gate.started.wait(), 10)
+    running = await running_job(runner, await gate_started(runner, on_end=on_end))
     bobs = await runner.submit(BOB, WORK, {})
     assert [e["id"] for e in await runner.export_user(ALICE)] == [running.id]
     assert await runner.erase_user(ALICE) == 1
@@ -380,10 +374,8 @@ def _staged(uploads: Path) -> list[Path]:
 
 @pytest.fixture
 async def index(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
-    i = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
-    await i.open()
-    yield i
-    await i.close()
+    async with opened(SqliteKnowledgeIndex(tmp_path / "knowledge.db")) as i:
+        yield i
 
 
 @pytest.fixture
@@ -426,7 +418,7 @@ async def test_uploaded_files_are_ingested_under_their_acl_and_then_removed(
     retriever = SecurityTrimmedRetriever(index)
     query = RetrievalQuery("work remotely on Fridays")
     found = await retriever.retrieve(query, ALICE)
-    assert [p.chunk.source for p in found.passages][:1] == ["policies/remote.md"]
+    assert [p.chunk.source for p in found.passages][:1] == ["upload://alice/policies/remote.md"]
     assert (await retriever.retrieve(query, BOB)).passages == ()
 
 
@@ -453,6 +445,8 @@ async def test_without_an_acl_file_only_the_uploader_may_read_the_upload(
         ([("/etc/passwd", b"x")], None, "not a usable file name"),
         ([(".hidden.md", b"x")], None, "not a usable file name"),
         ([("a.md", b"x"), ("a.md", b"y")], None, "twice"),
+        ([("a", b"x"), ("a/b.md", b"y")], None, "both as a file and as a folder"),
+        ([("x" * 256 + ".md", b"x")], None, "not a usable file name"),
         (
             [("a.md", b"x")],
             b"tenant: fabrikam\nrules:\n  - match: '**'\n    public: true\n",
@@ -495,24 +489,15 @@ async def test_an_ingestion_whose_files_are_gone_fails_clearly(
 
 @pytest.fixture
 async def conversations(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-    s = SqliteConversationStore(tmp_path / "conversations.db")
-    await s.open()
-    yield s
-    await s.close()
+    async with opened(SqliteConversationStore(tmp_path / "conversations.db")) as s:
+        yield s
 
 
 def _assistant(conversations: SqliteConversationStore, model: ScriptedChatModel) -> Orchestrator:
-    return Orchestrator(
-        retriever=InMemoryRetriever(
-            [chunk("leave", "Employees receive 27 days of annual leave.", public=True)]
-        ),
-        toolset=FakeToolset(),
-        chat_model=model,
-        planner=DeterministicPlanner(),
-        conversations=conversations,
-        audit=InMemoryAuditLog(),
-        prompts=PromptLibrary(PromptLibrary.bundled_directory()),
-        settings=IntelligenceSettings(),
+    return orchestrator_over_fakes(
+        conversations,
+        model,
+        chunks=[chunk("leave", "Employees receive 27 days of annual leave.", public=True)],
     )
 
 
@@ -534,7 +519,7 @@ async def test_an_agent_task_runs_a_turn_as_its_owner_and_keeps_the_answer(
 
 
 async def test_an_agent_task_run_again_after_a_crash_does_not_ask_twice(
-    store: SqliteJobStore, conversations: SqliteConversationStore
+    store: SqliteJobStore, conversations: SqliteConversationStore, new_runner: NewRunner
 ) -> None:
     model = ScriptedChatModel([text_reply("You receive 27 days of annual leave [1].")])
     assistant = _assistant(conversations, model)
@@ -548,13 +533,10 @@ async def test_an_agent_task_run_again_after_a_crash_does_not_ask_twice(
         "dead-server", datetime.now(UTC) + timedelta(seconds=0.2), kinds=[AGENT_TASK_JOB]
     )
 
-    runner = JobRunner(store, concurrency=1, lease_s=1.0, poll_interval_s=0.05)
+    runner = new_runner()
     AgentTasks(runner, assistant)
     await runner.start()
-    try:
-        done = await ended(store, ALICE, job.id)
-    finally:
-        await runner.stop()
+    done = await ended(store, ALICE, job.id)
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert done.result is not None
     assert done.result["answer"] == "You receive 27 days of annual leave [1]."
@@ -577,3 +559,12 @@ async def test_an_agent_task_for_a_refused_message_fails_with_the_reason(
     assert failed.error is not None
     assert failed.error.code == "conversation_not_found"
     assert INGEST_JOB not in runner.kinds
+
+
+async def test_an_acl_file_over_a_megabyte_is_refused_unread(
+    ingest: IngestJobs, store: SqliteJobStore
+) -> None:
+    huge = io.BytesIO(b"# " + b"x" * (1024 * 1024))
+    with pytest.raises(InvalidUpload, match="larger than"):
+        await ingest.submit(ALICE, [("a.md", io.BytesIO(b"# A\n\ntext"))], huge)
+    assert (await store.list_jobs(ALICE)).items == ()

@@ -183,3 +183,47 @@ async def test_the_conversation_holder_exports_and_erases_the_callers_conversati
         assert await store.get(BOB, theirs.id) is not None
     finally:
         await store.close()
+
+
+async def test_an_approval_export_never_hands_over_the_paused_turn_or_someone_elses_call() -> None:
+    from intelligence.personal_data import ApprovalData
+    from tools.contracts import ApprovalRequest, ApprovalStatus
+
+    at = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    paused = {"question": SECRET, "rounds": [["passage only bob may read"]]}
+    bobs = ApprovalRequest(
+        id="a1",
+        tool="refund",
+        arguments={"order": "o-77", "amount": 910},
+        summary="Refund 910 on o-77",
+        tenant_id="contoso",
+        requested_by="bob",
+        created_at=at,
+        expires_at=at,
+        status=ApprovalStatus.EXECUTED,
+        decided_by="ann",
+        decided_at=at,
+        reason="looks right",
+        resume=paused,
+        outcome={"ok": True, "output": {"refunded": 910}},
+    )
+
+    class Gate:
+        async def approvals_of(self, caller: Principal) -> list[ApprovalRequest]:
+            return [bobs]
+
+    as_decider = await ApprovalData(Gate()).export_user(ANN)  # type: ignore[arg-type]
+    assert as_decider == [
+        {
+            "id": "a1",
+            "tool": "refund",
+            "status": "executed",
+            "decided_by": "ann",
+            "decided_at": "2026-01-05T09:00:00Z",
+            "reason": "looks right",
+        }
+    ]
+    [as_requester] = await ApprovalData(Gate()).export_user(BOB)  # type: ignore[arg-type]
+    assert as_requester["arguments"] == {"order": "o-77", "amount": 910}
+    assert as_requester["outcome"] == {"ok": True, "output": {"refunded": 910}}
+    assert as_requester["resume"] == {}

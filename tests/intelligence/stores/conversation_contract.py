@@ -93,6 +93,20 @@ async def finished_turn(
     return record
 
 
+async def summary_of(
+    store: ConversationStore, principal: Principal, conversation_id: str
+) -> tuple[str, str | None]:
+    """The running summary of a conversation the principal owns, and the message it runs to."""
+    conversation = await store.get(principal, conversation_id)
+    assert conversation is not None
+    return conversation.summary, conversation.summary_through
+
+
+def _attempt(record: TurnRecord) -> str:
+    assert record.attempt is not None, "a started turn names its run"
+    return record.attempt
+
+
 class ConversationStoreContract:
     # --- conversations and messages --------------------------------------------------
 
@@ -354,17 +368,20 @@ class ConversationStoreContract:
         self, store: ConversationStore
     ) -> None:
         started = await store.begin_turn(ALICE, new_turn(key="k1"))
+        run = _attempt(started)
         later = datetime.now(UTC) + 3 * LEASE
-        assert await store.renew_turn(ALICE, started.reply.id, "You have", later)
+        assert await store.renew_turn(ALICE, started.reply.id, "You have", later, attempt=run)
         renewed = await store.find_turn(ALICE, "k1")
         assert renewed is not None
         assert renewed.reply.content == "You have"
         assert renewed.reply.status is MessageStatus.STREAMING
         assert same_instant(renewed.lease_until, later)
-        assert not await store.renew_turn(BOB, started.reply.id, "hijack", later)
-        assert not await store.renew_turn(ALICE, "no-such-reply", "x", later)
+        assert not await store.renew_turn(BOB, started.reply.id, "hijack", later, attempt=run)
+        assert not await store.renew_turn(ALICE, "no-such-reply", "x", later, attempt=run)
         await store.finish_message(ALICE, started.reply.id, "You have 27", MessageStatus.COMPLETE)
-        assert not await store.renew_turn(ALICE, started.reply.id, "You have", later + LEASE)
+        assert not await store.renew_turn(
+            ALICE, started.reply.id, "You have", later + LEASE, attempt=run
+        )
         [_, reply] = await store.messages(ALICE, started.conversation.id)
         assert (reply.content, reply.status) == ("You have 27", MessageStatus.COMPLETE)
 
@@ -397,7 +414,9 @@ class ConversationStoreContract:
     ) -> None:
         now = datetime.now(UTC)
         started = await store.begin_turn(ALICE, new_turn(key="k1", lease_until=now + LEASE))
-        await store.renew_turn(ALICE, started.reply.id, "half", now + LEASE)
+        await store.renew_turn(
+            ALICE, started.reply.id, "half", now + LEASE, attempt=_attempt(started)
+        )
         assert await store.retry_turn(ALICE, started.reply.id, now + 2 * LEASE, now=now) is None
         [_, untouched] = await store.messages(ALICE, started.conversation.id)
         assert (untouched.status, untouched.content) == (MessageStatus.STREAMING, "half")
@@ -451,7 +470,9 @@ class ConversationStoreContract:
         now = datetime.now(UTC)
         soon, late = now + timedelta(seconds=10), now + timedelta(seconds=100)
         expired = await store.begin_turn(ALICE, new_turn(lease_until=soon))
-        await store.renew_turn(ALICE, expired.reply.id, "half an answer", soon)
+        await store.renew_turn(
+            ALICE, expired.reply.id, "half an answer", soon, attempt=_attempt(expired)
+        )
         expired_elsewhere = await store.begin_turn(ALICE_ELSEWHERE, new_turn(lease_until=soon))
         live = await store.begin_turn(ALICE, new_turn(lease_until=late))
         done = await store.begin_turn(BOB, new_turn(lease_until=soon))
@@ -485,22 +506,12 @@ class ConversationStoreContract:
         first = await finished_turn(store, ALICE, "Leave?", "27 days")
         cid = first.conversation.id
         await store.save_summary(ALICE, cid, "Alice asked about leave.", first.reply.id)
-        stored = await store.get(ALICE, cid)
-        assert stored is not None
-        assert (stored.summary, stored.summary_through) == (
-            "Alice asked about leave.",
-            first.reply.id,
-        )
+        assert await summary_of(store, ALICE, cid) == ("Alice asked about leave.", first.reply.id)
         second = await finished_turn(store, ALICE, "Sick?", "10 days", conversation_id=cid)
         await store.save_summary(ALICE, cid, "Leave and sick days.", second.reply.id)
         await store.save_summary(BOB, cid, "hijacked", second.reply.id)
         await store.save_summary(ALICE_ELSEWHERE, cid, "hijacked", second.reply.id)
-        stored = await store.get(ALICE, cid)
-        assert stored is not None
-        assert (stored.summary, stored.summary_through) == (
-            "Leave and sick days.",
-            second.reply.id,
-        )
+        assert await summary_of(store, ALICE, cid) == ("Leave and sick days.", second.reply.id)
         continued = await store.begin_turn(ALICE, new_turn(conversation_id=cid))
         assert continued.conversation.summary == "Leave and sick days."
 
@@ -586,3 +597,31 @@ class ConversationStoreContract:
         assert again.conversation.id != first.conversation.id
         assert await store.delete_user(ALICE) == 1
         assert await store.delete_user(ALICE) == 0
+
+    async def test_a_run_that_lost_its_turn_to_a_retry_can_no_longer_write_it(
+        self, store: ConversationStore
+    ) -> None:
+        now = datetime.now(UTC)
+        started = await store.begin_turn(ALICE, new_turn(key="k1", lease_until=now + LEASE))
+        stale = _attempt(started)
+        # The first run stalls past its lease; a retry takes the turn over.
+        retried = await store.retry_turn(
+            ALICE, started.reply.id, now + 3 * LEASE, now=now + 2 * LEASE
+        )
+        assert retried is not None
+        fresh = _attempt(retried)
+        assert fresh != stale
+        assert not await store.renew_turn(
+            ALICE, started.reply.id, "stale", now + 4 * LEASE, attempt=stale
+        )
+        assert not await store.finish_message(
+            ALICE, started.reply.id, "stale answer", MessageStatus.COMPLETE, attempt=stale
+        )
+        assert await store.renew_turn(
+            ALICE, started.reply.id, "fresh", now + 4 * LEASE, attempt=fresh
+        )
+        assert await store.finish_message(
+            ALICE, started.reply.id, "fresh answer", MessageStatus.COMPLETE, attempt=fresh
+        )
+        [_, reply] = await store.messages(ALICE, started.conversation.id)
+        assert (reply.content, reply.status) == ("fresh answer", MessageStatus.COMPLETE)

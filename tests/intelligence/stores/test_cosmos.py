@@ -180,6 +180,14 @@ async def test_a_turn_whose_claimer_died_is_written_by_the_next_call_with_its_ke
     assert [m.id for m in stored] == [again.user_message.id, again.reply.id]
     found = await store.find_turn(ALICE, "k1")
     assert found is not None and found.reply.id == again.reply.id
+    # The turn carries the run the claim planned, so the usual lease and fencing apply.
+    [(_, claim)] = [
+        (pk, doc) for pk, doc in items_of(cosmos, "contoso", "alice") if doc["type"] == "turnKey"
+    ]
+    assert again.attempt is not None and again.attempt == claim["attempt"] == found.attempt
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    assert await store.renew_turn(ALICE, again.reply.id, "half", later, attempt=again.attempt)
+    assert not await store.renew_turn(ALICE, again.reply.id, "x", later, attempt="another-run")
 
 
 async def test_a_cursor_the_service_does_not_know_is_a_value_error(

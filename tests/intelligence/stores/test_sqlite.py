@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from intelligence.contracts import AuditRecord, MessageStatus, Principal, RetentionPolicy
 from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.stores.stamps import stamp
 from tests.intelligence.stores.conversation_contract import (
     ALICE,
     BOB,
@@ -19,6 +21,7 @@ from tests.intelligence.stores.conversation_contract import (
     finished_turn,
     new_turn,
 )
+from tests.support.lifecycle import opened
 
 FRED = Principal("fabrikam", "fred")
 
@@ -26,32 +29,19 @@ FRED = Principal("fabrikam", "fred")
 class TestSqliteConversationStore(ConversationStoreContract):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-        store = SqliteConversationStore(tmp_path / "conversations.db", retention=RETENTION)
-        await store.open()
-        yield store
-        await store.close()
-
-
-@pytest.fixture
-async def opened(tmp_path: Path) -> AsyncIterator[SqliteConversationStore]:
-    store = SqliteConversationStore(tmp_path / "c.db")
-    await store.open()
-    yield store
-    await store.close()
+        path = tmp_path / "conversations.db"
+        async with opened(SqliteConversationStore(path, retention=RETENTION)) as store:
+            yield store
 
 
 async def test_conversations_survive_a_restart(tmp_path: Path) -> None:
-    first = SqliteConversationStore(tmp_path / "c.db")
-    await first.open()
-    c = await first.create(ALICE, "durable")
-    await first.add_message(ALICE, c.id, "user", "remember me")
-    await first.begin_turn(ALICE, new_turn(conversation_id=c.id, key="k1"))
-    await first.close()
-    second = SqliteConversationStore(tmp_path / "c.db")
-    await second.open()
-    assert (await second.messages(ALICE, c.id))[0].content == "remember me"
-    assert (await second.begin_turn(ALICE, new_turn(key="k1"))).created is False
-    await second.close()
+    async with opened(SqliteConversationStore(tmp_path / "c.db")) as first:
+        c = await first.create(ALICE, "durable")
+        await first.add_message(ALICE, c.id, "user", "remember me")
+        await first.begin_turn(ALICE, new_turn(conversation_id=c.id, key="k1"))
+    async with opened(SqliteConversationStore(tmp_path / "c.db")) as second:
+        assert (await second.messages(ALICE, c.id))[0].content == "remember me"
+        assert (await second.begin_turn(ALICE, new_turn(key="k1"))).created is False
 
 
 # The schema of the version before turns, leases and summaries, as databases hold it.
@@ -117,9 +107,7 @@ async def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pat
     path = tmp_path / "old.db"
     written_at = datetime.now(UTC) - timedelta(days=1)
     _database_of_the_first_schema(path, written_at)
-    store = SqliteConversationStore(path)
-    await store.open()
-    try:
+    async with opened(SqliteConversationStore(path)) as store:
         conversation = await store.get(ALICE, "c1")
         assert conversation is not None
         assert (conversation.title, conversation.summary, conversation.summary_through) == (
@@ -151,37 +139,29 @@ async def test_a_database_of_the_first_schema_is_upgraded_in_place(tmp_path: Pat
         assert [c.id for c in page.items] == ["c1"]
         [exported] = await store.export_user(ALICE)
         assert len(exported.messages) == 6
-    finally:
-        await store.close()
     # Opening the upgraded file again changes nothing.
-    again = SqliteConversationStore(path)
-    await again.open()
-    assert len(await again.messages(ALICE, "c1")) == 6
-    await again.close()
+    async with opened(SqliteConversationStore(path)) as again:
+        assert len(await again.messages(ALICE, "c1")) == 6
 
 
 async def test_two_processes_racing_one_key_create_one_turn(tmp_path: Path) -> None:
     # Two stores on one file stand for two replicas: BEGIN IMMEDIATE serialises them.
-    stores = [SqliteConversationStore(tmp_path / "shared.db") for _ in range(2)]
-    for store in stores:
-        await store.open()
-    try:
+    async with AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(opened(SqliteConversationStore(tmp_path / "shared.db")))
+            for _ in range(2)
+        ]
         records = await asyncio.gather(
             *(stores[i % 2].begin_turn(ALICE, new_turn(key="race")) for i in range(10))
         )
         assert sum(r.created for r in records) == 1
         assert len({r.reply.id for r in records}) == 1
         assert len((await stores[0].list_conversations(ALICE)).items) == 1
-    finally:
-        for store in stores:
-            await store.close()
 
 
 async def test_purge_applies_the_default_and_per_tenant_periods(tmp_path: Path) -> None:
     retention = RetentionPolicy(default_s=3600.0, tenants={"contoso": None, "ephemeral": 60.0})
-    store = SqliteConversationStore(tmp_path / "c.db", retention=retention)
-    await store.open()
-    try:
+    async with opened(SqliteConversationStore(tmp_path / "c.db", retention=retention)) as store:
         kept = await finished_turn(store, ALICE, "Leave?", "27 days", key="k")
         eves = await finished_turn(store, EVE, "Old", "answer", key="k")
         other = await finished_turn(store, FRED, "Q", "A")
@@ -198,34 +178,51 @@ async def test_purge_applies_the_default_and_per_tenant_periods(tmp_path: Path) 
         assert await store.purge_expired(now + timedelta(hours=2)) == 4
         assert await store.get(FRED, other.conversation.id) is None
         assert len(await store.messages(ALICE, kept.conversation.id)) == 2
-    finally:
-        await store.close()
 
 
-async def test_a_naive_datetime_is_refused(opened: SqliteConversationStore) -> None:
+async def test_a_summary_of_purged_messages_goes_with_them(tmp_path: Path) -> None:
+    retention = RetentionPolicy(tenants={"ephemeral": 60.0})
+    async with opened(SqliteConversationStore(tmp_path / "c.db", retention=retention)) as store:
+        old = await finished_turn(store, EVE, "Old question", "old answer")
+        await store.save_summary(EVE, old.conversation.id, "EVE asked about X", old.reply.id)
+        newer = await finished_turn(
+            store, EVE, "New", "new answer", conversation_id=old.conversation.id
+        )
+        later = datetime.now(UTC) + timedelta(minutes=2)
+        # Only the old turn is past its minute; pretend the new one came just now.
+        await store._connection.execute(
+            "UPDATE messages SET created_at = ? WHERE id IN (?, ?)",
+            (stamp(later), newer.user_message.id, newer.reply.id),
+        )
+        await store._connection.commit()
+        assert await store.purge_expired(later) == 2
+        conversation = await store.get(EVE, old.conversation.id)
+        assert conversation is not None
+        assert (conversation.summary, conversation.summary_through) == ("", None)
+
+
+async def test_a_naive_datetime_is_refused(store: SqliteConversationStore) -> None:
     with pytest.raises(ValueError, match="timezone"):
-        await opened.begin_turn(ALICE, new_turn(lease_until=datetime.now()))
+        await store.begin_turn(ALICE, new_turn(lease_until=datetime.now()))
     with pytest.raises(ValueError, match="timezone"):
-        await opened.interrupt_abandoned(datetime.now())
-    assert (await opened.list_conversations(ALICE)).items == ()
+        await store.interrupt_abandoned(datetime.now())
+    assert (await store.list_conversations(ALICE)).items == ()
 
 
-async def test_a_failed_write_leaves_the_store_usable(opened: SqliteConversationStore) -> None:
+async def test_a_failed_write_leaves_the_store_usable(store: SqliteConversationStore) -> None:
     with pytest.raises(LookupError):
-        await opened.begin_turn(BOB, new_turn(conversation_id="missing", key="k"))
-    record = await opened.begin_turn(BOB, new_turn(key="k"))
+        await store.begin_turn(BOB, new_turn(conversation_id="missing", key="k"))
+    record = await store.begin_turn(BOB, new_turn(key="k"))
     assert record.created
-    assert len(await opened.messages(BOB, record.conversation.id)) == 2
+    assert len(await store.messages(BOB, record.conversation.id)) == 2
 
 
 async def test_audit_log_appends_and_reads_back(tmp_path: Path) -> None:
-    log = SqliteAuditLog(tmp_path / "audit.db")
-    await log.open()
     record = AuditRecord(
         "chat.turn", "contoso", "alice", "cid", {"sources": ["a"]}, datetime.now(UTC)
     )
-    await log.append(record)
-    await log.append(AuditRecord("other", "contoso", "bob", None, {}, datetime.now(UTC)))
-    assert await log.records(event="chat.turn") == [record]
-    assert len(await log.records()) == 2
-    await log.close()
+    async with opened(SqliteAuditLog(tmp_path / "audit.db")) as log:
+        await log.append(record)
+        await log.append(AuditRecord("other", "contoso", "bob", None, {}, datetime.now(UTC)))
+        assert await log.records(event="chat.turn") == [record]
+        assert len(await log.records()) == 2
