@@ -332,6 +332,15 @@ class ConversationStore(Protocol):
         ``None``."""
         ...
 
+    async def resume_turn(
+        self, principal: Principal, reply_id: str, lease_until: datetime
+    ) -> TurnRecord | None:
+        """Claim a turn paused for approval to continue it: an ``AWAITING_APPROVAL`` reply
+        becomes ``STREAMING``, leased until ``lease_until``, with a new ``attempt``. Of
+        racing claims exactly one gets the record; a reply in any other state gets
+        ``None``."""
+        ...
+
     async def interrupt_abandoned(self, now: datetime) -> int:
         """Mark every ``STREAMING`` reply whose lease ended before ``now`` ``INTERRUPTED``,
         keeping its text so far (all tenants: for start-up and a periodic sweep). Returns

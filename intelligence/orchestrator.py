@@ -331,13 +331,19 @@ class Orchestrator:
     def _lease_until(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self._turn_lease_s)
 
-    async def _leased(self, turn: Turn, key: str | None) -> AsyncGenerator[TurnEvent, None]:
+    async def _leased(
+        self,
+        turn: Turn,
+        key: str | None,
+        *,
+        resume: tuple[ApprovalRequest, PlanStep] | None = None,
+    ) -> AsyncGenerator[TurnEvent, None]:
         """The turn, renewing its lease while it runs (so a crash shows as an abandoned
         turn once the lease ends) and, with a key, open for retries to join."""
         channel = self._running.open(turn.principal, key) if key else None
         heartbeat = asyncio.create_task(self._heartbeat(turn))
         try:
-            async with _closing(self._run(turn)) as events:
+            async with _closing(self._run(turn, resume)) as events:
                 async for event in events:
                     if channel is not None:
                         channel.publish(event)
@@ -351,7 +357,8 @@ class Orchestrator:
     async def _heartbeat(self, turn: Turn) -> None:
         """Keep the running turn's lease, with the answer so far (kept if we die): at once
         (preparing the turn took time), then every third of the lease."""
-        assert turn.attempt is not None
+        if turn.attempt is None:  # a store that does not fence runs: nothing to renew
+            return
         while not turn.stored:
             try:
                 alive = await self._conversations.renew_turn(
@@ -405,6 +412,15 @@ class Orchestrator:
                     owner, reply.id, "", MessageStatus.FAILED, plan=suspension.plan
                 )
             raise
+        # The decision won the approval: now the turn is running again, leased like any
+        # other, so a crash while it finishes shows as an interrupted turn to retry.
+        claimed = await self._conversations.resume_turn(owner, reply.id, self._lease_until())
+        if claimed is None:
+            raise ApprovalConflict(
+                seen.tool,
+                "This turn has already resumed, or its conversation is gone.",
+                seen.status,
+            )
         turn = Turn(
             suspension.conversation_id,
             suspension.reply_id,
@@ -416,6 +432,7 @@ class Orchestrator:
             plan=suspension.plan,
             waiting=list(suspension.waiting),
             replan=suspension.replan,
+            attempt=claimed.attempt,
         )
         execution = turn.execution
         execution.rounds = [list(results) for results in suspension.rounds]
@@ -423,7 +440,7 @@ class Orchestrator:
         execution.steps_run = suspension.steps_run
         execution.tool_calls_run = suspension.tool_calls_run
         execution.screened = suspension.screened
-        events = self._run(turn, resume=(approval, suspension.step))
+        events = self._leased(turn, None, resume=(approval, suspension.step))
         return ResumedTurn(approval, turn.conversation_id, turn.reply_id, requester, events)
 
     async def _paused_reply(

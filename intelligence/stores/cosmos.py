@@ -15,13 +15,15 @@ A turn is durable before the model runs. ``begin_turn`` writes the session updat
 new session), the user message and the running reply in **one transactional batch** in
 the conversation's partition; the reply carries the idempotency key and request hash.
 Writes that depend on what is stored are conditional on its ETag (``if-match``): the
-session's ``seq`` (so messages keep their order under concurrent writers), ``renew_turn``
-and ``retry_turn`` (of racing claims exactly one replaces the reply it read), the sweeps.
+session's ``seq`` (so messages keep their order under concurrent writers), ``renew_turn``,
+``retry_turn`` and ``resume_turn`` (of racing claims exactly one replaces the reply it read),
+the sweeps.
 
 The reply carries ``attempt``, the token of the run that owns it: ``begin_turn`` sets it and
-each ``retry_turn`` replaces it. ``renew_turn`` and ``finish_message`` with an attempt read
-the reply, check that it still names their run, and replace it conditional on that read's
-ETag, so a run that lost its turn to a retry can no longer write over the retry's answer.
+each ``retry_turn`` or ``resume_turn`` replaces it. ``renew_turn`` and ``finish_message``
+with an attempt read the reply, check that it still names their run, and replace it
+conditional on that read's ETag, so a run that lost its turn to a retry (or a paused run
+whose turn was resumed) can no longer write over the new run's answer.
 
 Idempotency: a claim item before the batch, not an idempotency item inside it. A batch is
 confined to one logical partition, but a key must be unique across all of a caller's
@@ -554,6 +556,38 @@ class CosmosConversationStore:
             "attempt": _new_attempt(),
         }
         # Conditional on what was read: of racing retries one replaces it, the others get 412.
+        written = await self._replace(self._expiring(claimed, _MESSAGE), reply["_etag"])
+        if written is None:
+            return None
+        session, question = await asyncio.gather(
+            self._read(located, located[2]), self._read(located, reply["questionId"])
+        )
+        if session is None or question is None:
+            return None
+        return _turn_record(session, question, written, created=True)
+
+    async def resume_turn(
+        self, principal: Principal, reply_id: str, lease_until: datetime
+    ) -> TurnRecord | None:
+        located = _message_partition(principal, reply_id)
+        if located is None:
+            return None
+        reply = await self._read(located, reply_id)
+        if (
+            reply is None
+            or reply.get("role") != "assistant"
+            or not reply.get("questionId")
+            or reply.get("status") != MessageStatus.AWAITING_APPROVAL.value
+        ):
+            return None
+        # Text and plan stay: the resumed run continues the plan the approval was asked for.
+        claimed = {
+            **reply,
+            "status": MessageStatus.STREAMING.value,
+            "leaseUntil": stamp(lease_until),
+            "attempt": _new_attempt(),
+        }
+        # Conditional on what was read: of racing resumes one replaces it, the others get 412.
         written = await self._replace(self._expiring(claimed, _MESSAGE), reply["_etag"])
         if written is None:
             return None

@@ -380,6 +380,28 @@ class SqliteConversationStore(_Database):
                 return None
             return await _turn_record(db, principal, reply_id, created=True)
 
+    async def resume_turn(
+        self, principal: Principal, reply_id: str, lease_until: datetime
+    ) -> TurnRecord | None:
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "UPDATE messages SET status = ?, lease_until = ?, attempt = ?"
+                " WHERE id = ? AND role = 'assistant' AND status = ?"
+                f" AND conversation_id IN ({_OWNED})",
+                (
+                    MessageStatus.STREAMING.value,
+                    stamp(lease_until),
+                    uuid.uuid4().hex,
+                    reply_id,
+                    MessageStatus.AWAITING_APPROVAL.value,
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            )
+            if cursor.rowcount == 0:
+                return None
+            return await _turn_record(db, principal, reply_id, created=True)
+
     async def interrupt_abandoned(self, now: datetime) -> int:
         async with self._writing() as db:
             cursor = await db.execute(

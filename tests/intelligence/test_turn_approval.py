@@ -163,3 +163,31 @@ async def test_a_rejection_is_told_to_the_model_and_nothing_runs(
     assert "wrong customer" in result.steps[0].summary
     [tool_message] = [m for m in server.model.requests[-1].messages if m.tool_call_id]
     assert "rejected" in (tool_message.content or "")
+
+
+async def test_a_resumed_turn_holds_a_lease_so_a_crash_shows_as_interrupted(
+    paused: tuple[Server, ApprovalRequiredEvent], tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    server, approval = paused
+    async with AsyncExitStack() as stack:
+        assistant = await server.start(stack)
+        resumed = await assistant.decide(
+            ApprovalDecisionRequest(approval.approval_id, ApprovalDecision.APPROVE), ANN
+        )
+        # The decision claimed the paused reply: it runs again, under a lease, and no
+        # second decision can resume it.
+        conversations = SqliteConversationStore(tmp_path / "c.db")
+        await conversations.open()
+        stack.push_async_callback(conversations.close)
+        reply = (await conversations.messages(ANN, resumed.conversation_id))[-1]
+        assert reply.status is MessageStatus.STREAMING
+        # The server dies before the turn goes on; once the lease has run out, the upkeep
+        # of any server marks the turn interrupted instead of leaving it paused for good.
+        await resumed.events.aclose()
+        later = datetime.now(UTC) + timedelta(minutes=5)
+        assert await conversations.interrupt_abandoned(later) == 1
+        reply = (await conversations.messages(ANN, resumed.conversation_id))[-1]
+        assert reply.status is MessageStatus.INTERRUPTED
+    assert RUNS == []

@@ -625,3 +625,37 @@ class ConversationStoreContract:
         )
         [_, reply] = await store.messages(ALICE, started.conversation.id)
         assert (reply.content, reply.status) == ("fresh answer", MessageStatus.COMPLETE)
+
+    async def test_a_paused_turn_is_resumed_once_under_a_new_run_and_lease(
+        self, store: ConversationStore
+    ) -> None:
+        now = datetime.now(UTC)
+        paused = await store.begin_turn(ALICE, new_turn(key="k1", lease_until=now + LEASE))
+        plan = Plan((PlanStep("s1", StepKind.CALL_TOOL, "close", tool="close"),), "model:x")
+        await store.finish_message(
+            ALICE,
+            paused.reply.id,
+            "",
+            MessageStatus.AWAITING_APPROVAL,
+            plan=plan,
+            attempt=_attempt(paused),
+        )
+        assert await store.resume_turn(BOB, paused.reply.id, now + 2 * LEASE) is None
+        racing = await asyncio.gather(
+            *(store.resume_turn(ALICE, paused.reply.id, now + 2 * LEASE) for _ in range(10))
+        )
+        [resumed] = [record for record in racing if record is not None]
+        assert resumed.reply.status is MessageStatus.STREAMING
+        assert same_instant(resumed.lease_until, now + 2 * LEASE)
+        assert _attempt(resumed) != _attempt(paused)
+        # The paused run can no longer write; the resumed one can.
+        assert not await store.finish_message(
+            ALICE, paused.reply.id, "stale", MessageStatus.COMPLETE, attempt=_attempt(paused)
+        )
+        assert await store.finish_message(
+            ALICE, paused.reply.id, "Closed.", MessageStatus.COMPLETE, attempt=_attempt(resumed)
+        )
+        # Only a paused turn resumes.
+        assert await store.resume_turn(ALICE, paused.reply.id, now + 3 * LEASE) is None
+        running = await store.begin_turn(ALICE, new_turn(lease_until=now + LEASE))
+        assert await store.resume_turn(ALICE, running.reply.id, now + 3 * LEASE) is None
