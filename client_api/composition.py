@@ -62,7 +62,7 @@ from intelligence.prompts import PromptLibrary
 from intelligence.safety.policy import SafetyPolicy
 from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
 from intelligence.stores.sqlite_jobs import SqliteJobStore
-from intelligence.upkeep import ConversationUpkeep
+from intelligence.upkeep import Upkeep
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.acl import AccessRules
@@ -289,7 +289,10 @@ async def build_jobs(
     """The job store, and the runner with its two kinds: ingestion of uploads (their
     ACL file checked by the knowledge layer's parser) and long agent tasks."""
     config = settings.jobs
-    store = SqliteJobStore(config.path or settings.data_dir / "jobs.db")
+    store = SqliteJobStore(
+        config.path or settings.data_dir / "jobs.db",
+        retention=settings.conversations.retention(),
+    )
     await store.open()
     stack.push_async_callback(store.close)
     runner = JobRunner(
@@ -448,11 +451,6 @@ async def build_services(settings: LaminaSettings) -> Services:
         stack.push_async_callback(index.close)
 
         conversations = await open_conversation_store(settings, stack)
-        upkeep = ConversationUpkeep(
-            conversations, interval_s=settings.conversations.sweep_interval_s
-        )
-        await upkeep.start()
-        stack.push_async_callback(upkeep.stop)
         audit = SqliteAuditLog(settings.data_dir / "audit.db")
         await audit.open()
         stack.push_async_callback(audit.close)
@@ -508,6 +506,9 @@ async def build_services(settings: LaminaSettings) -> Services:
         jobs, job_runner, ingest_jobs, agent_tasks = await build_jobs(
             settings, ingestor, assistant, stack
         )
+        upkeep = Upkeep(conversations, jobs, interval_s=settings.conversations.sweep_interval_s)
+        await upkeep.start()
+        stack.push_async_callback(upkeep.stop)
         # Every store that keeps data about people: GET and DELETE /v1/me/data go through
         # each. A new such store must be appended here. The audit log is deliberately
         # absent: it is the append-only record of who asked what, erasures included.

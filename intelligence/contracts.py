@@ -802,6 +802,12 @@ class JobStore(Protocol):
         (code ``abandoned``) when it was claimed ``max_attempts`` times already."""
         ...
 
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete finished jobs that ended longer ago than their tenant's retention period
+        (a store is built with the conversations' :class:`RetentionPolicy`: an agent task
+        holds a question and its answer too); returns how many went."""
+        ...
+
     async def export_user(self, principal: Principal) -> list[dict[str, Any]]:
         """Every job of the caller, oldest first, as JSON-ready values."""
         ...

@@ -146,7 +146,8 @@ class ConversationSettings(BaseModel):
     sweep_interval_s: float = Field(
         default=60.0,
         ge=1.0,
-        description="How often abandoned turns are marked and expired messages purged",
+        description="How often abandoned turns are marked, and messages and finished jobs "
+        "past retention purged",
     )
 
     def retention(self) -> RetentionPolicy:

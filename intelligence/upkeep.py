@@ -1,5 +1,6 @@
-"""Conversation upkeep: turns whose process died are marked interrupted, and messages
-past their tenant's retention are deleted, at start-up and then periodically."""
+"""Upkeep of the stores of user data: turns whose process died are marked interrupted,
+and messages and finished jobs past their tenant's retention are deleted, at start-up
+and then periodically."""
 
 from __future__ import annotations
 
@@ -7,33 +8,39 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from intelligence.contracts import ConversationStore
+from intelligence.contracts import ConversationStore, JobStore
 
 log = logging.getLogger(__name__)
 
 
-class ConversationUpkeep:
-    def __init__(self, store: ConversationStore, *, interval_s: float) -> None:
-        self._store = store
+class Upkeep:
+    def __init__(
+        self, conversations: ConversationStore, jobs: JobStore | None, *, interval_s: float
+    ) -> None:
+        self._conversations = conversations
+        self._jobs = jobs
         self._interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> tuple[int, int]:
-        """Mark abandoned turns and purge expired messages; returns both counts."""
+        """Mark abandoned turns and purge what is past retention; returns how many turns
+        were marked and how many messages and jobs were deleted."""
         now = datetime.now(UTC)
-        interrupted = await self._store.interrupt_abandoned(now)
-        purged = await self._store.purge_expired(now)
+        interrupted = await self._conversations.interrupt_abandoned(now)
+        purged = await self._conversations.purge_expired(now)
+        if self._jobs is not None:
+            purged += await self._jobs.purge_expired(now)
         if interrupted:
             log.info("marked %d abandoned turn(s) interrupted", interrupted)
         if purged:
-            log.info("deleted %d message(s) past their retention", purged)
+            log.info("deleted %d message(s) and job(s) past their retention", purged)
         return interrupted, purged
 
     async def start(self) -> None:
         """One pass now (a restarted server shows its predecessor's turns as
         interrupted at once), then one every interval in the background."""
         await self.run_once()
-        self._task = asyncio.create_task(self._loop(), name="conversation-upkeep")
+        self._task = asyncio.create_task(self._loop(), name="upkeep")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -48,4 +55,4 @@ class ConversationUpkeep:
                 await self.run_once()
             except Exception:
                 # A store that is briefly down must not end the upkeep for good.
-                log.warning("conversation upkeep failed; trying again later", exc_info=True)
+                log.warning("upkeep failed; trying again later", exc_info=True)

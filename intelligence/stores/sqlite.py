@@ -26,7 +26,7 @@ from intelligence.contracts import (
     RetentionPolicy,
     TurnRecord,
 )
-from intelligence.stores.sqlite_common import SerialisedSqliteStore
+from intelligence.stores.sqlite_common import SerialisedSqliteStore, retention_scopes
 from intelligence.stores.stamps import now_stamp, stamp
 
 _CITATIONS = TypeAdapter(tuple[Citation, ...])
@@ -432,24 +432,9 @@ class SqliteConversationStore(_Database):
     # --- retention and data-subject rights ---------------------------------------------
 
     async def purge_expired(self, now: datetime) -> int:
-        policy = self._retention
-        scopes: list[tuple[str, list[object], float]] = [
-            ("tenant_id = ?", [tenant], seconds)
-            for tenant, seconds in policy.tenants.items()
-            if seconds is not None
-        ]
-        if policy.default_s is not None:
-            listed = list(policy.tenants)
-            scopes.append(
-                (
-                    f"tenant_id NOT IN ({', '.join('?' * len(listed))})" if listed else "1",
-                    list(listed),
-                    policy.default_s,
-                )
-            )
         purged = 0
         async with self._writing() as db:
-            for where, params, seconds in scopes:
+            for where, params, seconds in retention_scopes(self._retention):
                 cutoff = stamp(now - timedelta(seconds=seconds))
                 cursor = await db.execute(
                     "DELETE FROM messages WHERE created_at < ? AND conversation_id IN"

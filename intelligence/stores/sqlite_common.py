@@ -11,7 +11,7 @@ from datetime import datetime
 
 import aiosqlite
 
-from intelligence.contracts import Principal
+from intelligence.contracts import Principal, RetentionPolicy
 
 
 class SerialisedSqliteStore:
@@ -101,3 +101,18 @@ def _decode_cursor(cursor: str | None) -> tuple[str, str] | None:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError("invalid cursor") from exc
     return sort_key, row_id
+
+
+def retention_scopes(policy: RetentionPolicy) -> list[tuple[str, list[object], float]]:
+    """The policy as SQL: a ``WHERE`` condition on ``tenant_id``, its parameters, and the
+    retention period in seconds, one per period that deletes anything."""
+    scopes: list[tuple[str, list[object], float]] = [
+        ("tenant_id = ?", [tenant], seconds)
+        for tenant, seconds in policy.tenants.items()
+        if seconds is not None
+    ]
+    if policy.default_s is not None:
+        listed = list(policy.tenants)
+        others = f"tenant_id NOT IN ({', '.join('?' * len(listed))})" if listed else "1"
+        scopes.append((others, list(listed), policy.default_s))
+    return scopes

@@ -6,15 +6,24 @@ import asyncio
 import json
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from intelligence.contracts import Job, JobFailure, JobPage, JobStatus, Principal
-from intelligence.stores.sqlite_common import SerialisedSqliteStore
+from intelligence.contracts import (
+    Job,
+    JobFailure,
+    JobPage,
+    JobStatus,
+    Principal,
+    RetentionPolicy,
+)
+from intelligence.stores.sqlite_common import SerialisedSqliteStore, retention_scopes
 from intelligence.stores.stamps import now_stamp, stamp
+
+_KEEP_FOREVER = RetentionPolicy()
 
 _SCHEMA = """
 PRAGMA journal_mode = WAL;
@@ -140,9 +149,10 @@ class SqliteJobStore(SerialisedSqliteStore):
 
     _kind = "job store"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, retention: RetentionPolicy = _KEEP_FOREVER) -> None:
         super().__init__()
         self._path = path
+        self._retention = retention
 
     @property
     def name(self) -> str:
@@ -368,6 +378,19 @@ class SqliteJobStore(SerialisedSqliteStore):
         ):
             found = await rows.fetchall()
         return [export_view(_job(row)) for row in found]
+
+    async def purge_expired(self, now: datetime) -> int:
+        finished = [status.value for status in JobStatus if status.finished]
+        purged = 0
+        async with self._writing() as db:
+            for where, params, seconds in retention_scopes(self._retention):
+                cursor = await db.execute(
+                    f"DELETE FROM jobs WHERE {where} AND updated_at < ?"
+                    f" AND status IN ({', '.join('?' * len(finished))})",
+                    [*params, stamp(now - timedelta(seconds=seconds)), *finished],
+                )
+                purged += cursor.rowcount
+        return purged
 
     async def erase_user(self, principal: Principal) -> int:
         return await _shielded(self._delete_user(principal))

@@ -24,7 +24,7 @@ from intelligence.contracts import (
 )
 from intelligence.orchestrator import Orchestrator
 from intelligence.stores.sqlite import SqliteConversationStore
-from intelligence.upkeep import ConversationUpkeep
+from intelligence.upkeep import Upkeep
 from tests.fakes import ScriptedChatModel, chunk, text_reply
 from tests.intelligence.assembly import orchestrator_over_fakes
 
@@ -171,7 +171,7 @@ async def test_a_turn_running_in_another_process_is_409_until_its_lease_ends(
             await other.start_turn(ask(), ALICE)
 
         await asyncio.sleep(1.2)  # the lease runs out
-        assert await ConversationUpkeep(second_store, interval_s=60).run_once() == (1, 0)
+        assert await Upkeep(second_store, None, interval_s=60).run_once() == (1, 0)
         reply = (await second_store.messages(ALICE, started.conversation_id))[-1]
         assert reply.status is MessageStatus.INTERRUPTED
 

@@ -1,8 +1,9 @@
 """The contract every JobStore adapter passes.
 
 Mix :class:`JobStoreContract` into a test class that provides a ``store`` fixture: a
-**fresh, empty**, opened store per test (``requeue_abandoned`` acts on all tenants, and
-what it returns is asserted). The suite speaks to the store through the ``JobStore``
+**fresh, empty**, opened store per test, built with :data:`RETENTION`
+(``requeue_abandoned`` and ``purge_expired`` act on all tenants, and what they return is
+asserted). The suite speaks to the store through the ``JobStore``
 protocol only, so it runs unchanged against every backend.
 
 Clock assumptions: leases are judged against the ``now`` the caller passes (the suite
@@ -25,11 +26,16 @@ from intelligence.contracts import (
     JobStatus,
     JobStore,
     Principal,
+    RetentionPolicy,
 )
 
 ALICE = Principal("contoso", "alice", groups=frozenset({"hr"}), roles=frozenset({"Lamina.User"}))
 BOB = Principal("contoso", "bob")
 ALICE_ELSEWHERE = Principal("fabrikam", "alice")
+
+RETENTION = RetentionPolicy(tenants={"fabrikam": 3600.0})
+"""The retention policy every adapter's ``store`` fixture is built with: finished jobs of
+tenant ``fabrikam`` are kept an hour; the others forever."""
 
 KINDS = (INGEST_JOB, AGENT_TASK_JOB)
 LATER = timedelta(minutes=5)
@@ -282,3 +288,24 @@ class JobStoreContract:
 
     async def test_the_store_names_itself(self, store: JobStore) -> None:
         assert store.name == "jobs"
+
+    # --- retention ------------------------------------------------------------------
+
+    async def test_purge_deletes_only_finished_jobs_past_their_tenants_retention(
+        self, store: JobStore
+    ) -> None:
+        done = await store.create(ALICE_ELSEWHERE, AGENT_TASK_JOB, {"message": "old question"})
+        claimed = await store.claim("w1", _soon(), kinds=KINDS)
+        assert claimed is not None and claimed.id == done.id
+        await store.finish(done.id, "w1", JobStatus.SUCCEEDED, result={"answer": "old"})
+        waiting = await store.create(ALICE_ELSEWHERE, AGENT_TASK_JOB, {})
+        forever = await store.create(ALICE, AGENT_TASK_JOB, {})
+        await store.request_cancel(ALICE, forever.id)  # finished: cancelled while queued
+
+        # Within the hour: nothing goes.
+        assert await store.purge_expired(datetime.now(UTC) + timedelta(minutes=30)) == 0
+        # Past it: fabrikam's finished job goes; a queued job never goes, nor contoso's.
+        assert await store.purge_expired(_long_after()) == 1
+        assert await store.get(ALICE_ELSEWHERE, done.id) is None
+        assert await store.get(ALICE_ELSEWHERE, waiting.id) is not None
+        assert await store.get(ALICE, forever.id) is not None

@@ -10,14 +10,14 @@ import pytest
 
 from intelligence.contracts import AGENT_TASK_JOB, JobStatus
 from intelligence.stores.sqlite_jobs import SqliteJobStore
-from tests.intelligence.stores.job_contract import ALICE, KINDS, JobStoreContract
+from tests.intelligence.stores.job_contract import ALICE, KINDS, RETENTION, JobStoreContract
 from tests.support.lifecycle import opened
 
 
 class TestSqliteJobStore(JobStoreContract):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[SqliteJobStore]:
-        async with opened(SqliteJobStore(tmp_path / "jobs.db")) as store:
+        async with opened(SqliteJobStore(tmp_path / "jobs.db", retention=RETENTION)) as store:
             yield store
 
 
