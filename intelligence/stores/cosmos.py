@@ -50,7 +50,10 @@ whose old messages expired may still be continued until the sweep) and carries
 ``expiresAt``, the moment its newest message expires: :meth:`purge_expired` deletes the
 sessions left without messages, and returns 0 (Cosmos DB deleted the messages itself).
 Sessions also get a TTL one day longer than the period, so even without the sweep an
-emptied conversation's title goes.
+emptied conversation's title goes. A running summary would keep what retention deleted, so
+:meth:`save_summary` stores ``summaryExpiresAt``, the moment the message it runs through
+expires (that message's ``_ts`` plus its ``ttl``; none when it is kept forever): reads show
+an expired summary as none, and :meth:`purge_expired` clears it from the session.
 
 Authentication: the account key when ``settings.key`` is set, else an Entra ID token (a
 credential passed in, or ``DefaultAzureCredential``; the identity needs the "Cosmos DB
@@ -70,7 +73,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import TypeAdapter
@@ -143,6 +146,7 @@ _Q_MESSAGES = "SELECT * FROM c WHERE c.type = @type ORDER BY c.seq"
 _Q_LAST_MESSAGES = "SELECT TOP @last * FROM c WHERE c.type = @type ORDER BY c.seq DESC"
 _Q_ABANDONED = "SELECT * FROM c WHERE c.type = @type AND c.status = @status AND c.leaseUntil < @now"
 _Q_EMPTIED = "SELECT * FROM c WHERE c.type = @type AND c.expiresAt < @now"
+_Q_SUMMARY_EXPIRED = "SELECT * FROM c WHERE c.type = @type AND c.summaryExpiresAt <= @now"
 _Q_IDS = "SELECT c.id, c.sessionId, c.type FROM c"
 _Q_CLAIMS_OF = "SELECT c.id, c.sessionId, c.type FROM c WHERE c.conversationId = @conversation"
 
@@ -629,13 +633,24 @@ class CosmosConversationStore:
     ) -> None:
         if not _CONVERSATION_ID.fullmatch(conversation_id):
             return
+        partition = _partition(principal, conversation_id)
+        # The summary lives as long as the newest message it covers: read in the
+        # conversation's own partition, so a message of another conversation is not found.
+        covered = await self._read(partition, through_message_id)
+        if covered is not None:
+            expires_at = _expiry_of(covered)
+        else:
+            # Gone already (or never there): under a retention period, so is the summary.
+            keeps = self._retention.seconds_for(principal.tenant_id) is None
+            expires_at = None if keeps else now_stamp()
         # updatedAt stays: a summary is housekeeping, not activity that reorders the list.
         await self._patch(
-            _partition(principal, conversation_id),
+            partition,
             conversation_id,
             [
                 {"op": "set", "path": "/summary", "value": summary},
                 {"op": "set", "path": "/summaryThrough", "value": through_message_id},
+                {"op": "set", "path": "/summaryExpiresAt", "value": expires_at},
             ],
         )
 
@@ -651,7 +666,29 @@ class CosmosConversationStore:
             if not left:
                 # Conditional: a turn that continued the conversation meanwhile keeps it.
                 await self._delete(partition, session["id"], etag=session["_etag"])
+        await self._clear_expired_summaries(stamp(now))
         return 0
+
+    async def _clear_expired_summaries(self, moment: str) -> None:
+        """Clear every summary whose newest covered message has expired by ``moment``."""
+        found = await self._query(_Q_SUMMARY_EXPIRED, {"@type": _SESSION, "@now": moment}, None)
+        for session in found:
+            partition = [session["tenantId"], session["userId"], session["sessionId"]]
+            for _ in range(_ATTEMPTS):
+                cleared = {
+                    **session,
+                    "summary": "",
+                    "summaryThrough": None,
+                    "summaryExpiresAt": None,
+                }
+                # Conditional: a summary saved since the query is a newer one, and stays.
+                written = await self._replace(self._expiring(cleared, _SESSION), session["_etag"])
+                if written is not None:
+                    break
+                current = await self._read(partition, session["id"])
+                if current is None or not _summary_expired(current, moment):
+                    break
+                session = current
 
     async def export_user(self, principal: Principal) -> list[ConversationExport]:
         owner = [principal.tenant_id, principal.user_id]
@@ -1082,7 +1119,23 @@ def _dump_citations(citations: Sequence[Citation]) -> list[Any]:
     return cast(list[Any], _CITATIONS.dump_python(tuple(citations), mode="json"))
 
 
+def _expiry_of(message: Item) -> str | None:
+    """When the service deletes ``message``: its TTL counts from its last write (``_ts``,
+    whole seconds). None when it is kept forever."""
+    ttl = message.get("ttl")
+    if not isinstance(ttl, int) or ttl < 0 or not isinstance(message.get("_ts"), int):
+        return None
+    return stamp(datetime.fromtimestamp(message["_ts"] + ttl, UTC))
+
+
+def _summary_expired(session: Item, moment: str) -> bool:
+    expires_at = session.get("summaryExpiresAt")
+    return isinstance(expires_at, str) and expires_at <= moment
+
+
 def _conversation(item: Item) -> Conversation:
+    # A summary past its covered messages' retention is shown as none, even before the sweep.
+    expired = _summary_expired(item, now_stamp())
     return Conversation(
         id=item["id"],
         tenant_id=item["tenantId"],
@@ -1090,8 +1143,8 @@ def _conversation(item: Item) -> Conversation:
         title=item["title"],
         created_at=datetime.fromisoformat(item["createdAt"]),
         updated_at=datetime.fromisoformat(item["updatedAt"]),
-        summary=item.get("summary") or "",
-        summary_through=item.get("summaryThrough"),
+        summary="" if expired else item.get("summary") or "",
+        summary_through=None if expired else item.get("summaryThrough"),
     )
 
 

@@ -522,7 +522,11 @@ class ConversationStoreContract:
     ) -> None:
         gone = await finished_turn(store, EVE, "Old question", "old answer")
         mixed = await finished_turn(store, EVE, "Old too", "old answer")
+        await store.save_summary(EVE, mixed.conversation.id, "Eve asked about X", mixed.reply.id)
         kept_elsewhere = await finished_turn(store, ALICE, "Leave?", "27 days")
+        await store.save_summary(
+            ALICE, kept_elsewhere.conversation.id, "kept", kept_elsewhere.reply.id
+        )
         await asyncio.sleep(1.2)  # past tenant "ephemeral"'s one second
         await finished_turn(
             store, EVE, "New question", "new answer", conversation_id=mixed.conversation.id
@@ -542,6 +546,12 @@ class ConversationStoreContract:
         assert len(await store.messages(ALICE, kept_elsewhere.conversation.id)) == 2
         remaining = {c.id for c in (await store.list_conversations(EVE)).items}
         assert remaining == {mixed.conversation.id, fresh.conversation.id}
+        # A summary of purged messages would keep what retention deleted: it goes too.
+        assert await summary_of(store, EVE, mixed.conversation.id) == ("", None)
+        assert await summary_of(store, ALICE, kept_elsewhere.conversation.id) == (
+            "kept",
+            kept_elsewhere.reply.id,
+        )
 
     async def test_export_user_gives_all_of_the_callers_data_and_nothing_else(
         self, store: ConversationStore

@@ -20,6 +20,7 @@ from tests.intelligence.stores.conversation_contract import (
     BOB,
     RETENTION,
     ConversationStoreContract,
+    finished_turn,
     new_turn,
 )
 from tests.support.cosmos_fake import FakeCosmos, serve_cosmos
@@ -232,6 +233,49 @@ async def test_retention_is_a_per_item_ttl_the_service_applies(cosmos: FakeCosmo
         assert (await store.begin_turn(ALICE, new_turn(key="k1"))).created  # the key is free
         bobs = Principal("fabrikam", "bob")
         assert len(await store.messages(bobs, kept.conversation.id)) == 2
+    finally:
+        await store.close()
+
+
+async def test_a_summary_expires_with_the_newest_message_it_covers(cosmos: FakeCosmos) -> None:
+    cosmos.reset()
+    thirty_days = 30 * 86_400
+    store = CosmosConversationStore(
+        settings_for(cosmos),
+        retention=RetentionPolicy(default_s=thirty_days, tenants={"fabrikam": None}),
+    )
+    await store.open()
+    try:
+        written = time.time()
+        first = await finished_turn(store, ALICE, "Leave?", "27 days")
+        done = time.time()
+        cid = first.conversation.id
+        await store.save_summary(ALICE, cid, "Alice asked about leave.", first.reply.id)
+        bobs = Principal("fabrikam", "bob")
+        kept = await finished_turn(store, bobs, "Leave?", "27 days")
+        await store.save_summary(bobs, kept.conversation.id, "kept", kept.reply.id)
+
+        def session_of(tenant: str, user: str, conversation_id: str) -> dict[str, Any]:
+            return next(
+                doc
+                for _, doc in items_of(cosmos, tenant, user)
+                if doc["type"] == "session" and doc["id"] == conversation_id
+            )
+
+        # The reply's time to live counts from its last write, which the finish made.
+        expires = datetime.fromisoformat(session_of("contoso", "alice", cid)["summaryExpiresAt"])
+        assert written - 1 <= expires.timestamp() - thirty_days <= done
+        assert session_of("fabrikam", "bob", kept.conversation.id)["summaryExpiresAt"] is None
+
+        cosmos.advance(thirty_days + 1)
+        await finished_turn(store, ALICE, "Sick days?", "10", conversation_id=cid)
+        later = datetime.now(UTC) + timedelta(seconds=thirty_days + 1)
+        assert await store.purge_expired(later) == 0
+
+        session = session_of("contoso", "alice", cid)
+        assert (session["summary"], session["summaryThrough"]) == ("", None)
+        assert len(await store.messages(ALICE, cid)) == 2  # the conversation goes on
+        assert session_of("fabrikam", "bob", kept.conversation.id)["summary"] == "kept"
     finally:
         await store.close()
 
