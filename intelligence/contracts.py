@@ -242,7 +242,9 @@ class ConversationExport:
 
 class ConversationStore(Protocol):
     """Conversations scoped to (tenant, user). A caller never reads, lists or deletes
-    another user's conversation: such a lookup behaves as if it did not exist.
+    another user's conversation: such a lookup behaves as if it did not exist. A
+    conversation and its messages are written a turn at a time: :meth:`begin_turn` starts
+    the conversation with its first question.
 
     Every adapter passes ``tests/intelligence/stores/conversation_contract.py``. An adapter
     is built with a :class:`RetentionPolicy`: messages older than their tenant's period
@@ -252,8 +254,6 @@ class ConversationStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def create(self, principal: Principal, title: str) -> Conversation: ...
-
     async def get(self, principal: Principal, conversation_id: str) -> Conversation | None: ...
 
     async def list_conversations(
@@ -261,16 +261,6 @@ class ConversationStore(Protocol):
     ) -> ConversationPage: ...
 
     async def delete(self, principal: Principal, conversation_id: str) -> bool: ...
-
-    async def add_message(
-        self,
-        principal: Principal,
-        conversation_id: str,
-        role: Literal["user", "assistant"],
-        content: str,
-        *,
-        status: MessageStatus = MessageStatus.COMPLETE,
-    ) -> ConversationMessage: ...
 
     async def finish_message(
         self,

@@ -311,14 +311,6 @@ class CosmosConversationStore:
 
     # --- conversations and messages ------------------------------------------------------------
 
-    async def create(self, principal: Principal, title: str) -> Conversation:
-        now = now_stamp()
-        session = self._session_item(principal, uuid.uuid4().hex, title, now)
-        written = await self._create(session)
-        if written is None:  # pragma: no cover - a fresh random id
-            raise ConversationStoreUnavailable("a new conversation id was already taken")
-        return _conversation(written)
-
     async def get(self, principal: Principal, conversation_id: str) -> Conversation | None:
         session = await self._session(principal, conversation_id)
         return _conversation(session) if session else None
@@ -363,50 +355,6 @@ class CosmosConversationStore:
             return False
         await self._delete_all(principal, await self._query(_Q_IDS, {}, partition))
         return True
-
-    async def add_message(
-        self,
-        principal: Principal,
-        conversation_id: str,
-        role: Literal["user", "assistant"],
-        content: str,
-        *,
-        status: MessageStatus = MessageStatus.COMPLETE,
-    ) -> ConversationMessage:
-        for _ in range(_ATTEMPTS):
-            session = await self._session(principal, conversation_id)
-            if session is None:
-                raise LookupError("no such conversation for this caller")
-            now = now_stamp()
-            seq = session["seq"] + 1
-            message = self._message_item(
-                principal,
-                conversation_id,
-                seq,
-                role,
-                content,
-                status,
-                now,
-                question_id=session.get("lastQuestionId") if role == "assistant" else None,
-            )
-            updated = self._touched(session, seq, now)
-            if role == "user":
-                updated["lastQuestionId"] = message["id"]
-            result = await self._batch(
-                _partition(principal, conversation_id),
-                [
-                    ("replace", (conversation_id, updated), {"if_match_etag": session["_etag"]}),
-                    ("create", (message,), {}),
-                ],
-            )
-            if isinstance(result, _Failed):
-                if result.status == 412:
-                    continue  # another write to the conversation came first: take its seq
-                if result.status == 404:
-                    raise LookupError("no such conversation for this caller")
-                raise ConversationStoreUnavailable(f"adding a message failed with {result.status}")
-            return _message(result[1])
-        raise ConversationStoreUnavailable("the conversation is too busy to add a message")
 
     async def finish_message(
         self,
@@ -761,7 +709,6 @@ class CosmosConversationStore:
                         {"if_match_etag": current["_etag"]},
                     )
                 ]
-            session["lastQuestionId"] = plan.user_message_id
             seq = session["seq"]
             question = self._message_item(
                 principal,
@@ -833,7 +780,7 @@ class CosmosConversationStore:
         return item
 
     def _session_item(
-        self, principal: Principal, conversation_id: str, title: str, now: str, *, seq: int = 0
+        self, principal: Principal, conversation_id: str, title: str, now: str, *, seq: int
     ) -> Item:
         return self._expiring(
             {
@@ -866,7 +813,7 @@ class CosmosConversationStore:
         status: MessageStatus,
         now: str,
         *,
-        message_id: str | None = None,
+        message_id: str,
         question_id: str | None = None,
         lease_until: str | None = None,
         idempotency_key: str | None = None,
@@ -874,7 +821,7 @@ class CosmosConversationStore:
         attempt: str | None = None,
     ) -> Item:
         item: Item = {
-            "id": message_id or _new_message_id(conversation_id),
+            "id": message_id,
             "tenantId": principal.tenant_id,
             "userId": principal.user_id,
             "sessionId": conversation_id,

@@ -151,14 +151,6 @@ class SqliteConversationStore(_Database):
 
     # --- conversations and messages -------------------------------------------------
 
-    async def create(self, principal: Principal, title: str) -> Conversation:
-        now = now_stamp()
-        conversation_id = uuid.uuid4().hex
-        async with self._writing() as db:
-            await _insert_conversation(db, conversation_id, principal, title, now)
-        at = datetime.fromisoformat(now)
-        return Conversation(conversation_id, principal.tenant_id, principal.user_id, title, at, at)
-
     async def get(self, principal: Principal, conversation_id: str) -> Conversation | None:
         async with self._reading() as db:
             row = await _owned_conversation(db, principal, conversation_id)
@@ -179,26 +171,6 @@ class SqliteConversationStore(_Database):
                 (conversation_id, principal.tenant_id, principal.user_id),
             )
         return cursor.rowcount > 0
-
-    async def add_message(
-        self,
-        principal: Principal,
-        conversation_id: str,
-        role: Literal["user", "assistant"],
-        content: str,
-        *,
-        status: MessageStatus = MessageStatus.COMPLETE,
-    ) -> ConversationMessage:
-        now = now_stamp()
-        message_id = uuid.uuid4().hex
-        async with self._writing() as db:
-            if await _owned_conversation(db, principal, conversation_id) is None:
-                raise LookupError("no such conversation for this caller")
-            await _insert_message(db, message_id, conversation_id, role, content, status, now)
-            await _touch(db, conversation_id, now)
-        return ConversationMessage(
-            message_id, conversation_id, role, content, datetime.fromisoformat(now), status
-        )
 
     async def finish_message(
         self,
@@ -589,8 +561,8 @@ async def _turn_record(
     if reply["user_message_id"] is not None:
         query, params = "SELECT * FROM messages WHERE id = ?", [reply["user_message_id"]]
     else:
-        # A reply written by add_message has no turn row: its question is the user
-        # message just before it.
+        # A reply written before turns were recorded (a database of an earlier version)
+        # has no turn row: its question is the user message just before it.
         query = (
             "SELECT * FROM messages WHERE conversation_id = ? AND role = 'user' AND seq < ?"
             " ORDER BY seq DESC LIMIT 1"

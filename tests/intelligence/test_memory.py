@@ -24,6 +24,7 @@ from intelligence.contracts import (
     MessageStatus,
     Principal,
     StepResult,
+    TurnRecord,
     TurnRequest,
 )
 from intelligence.memory import ConversationMemory, TurnContext, is_followup, widen_followup
@@ -34,6 +35,7 @@ from intelligence.stores.sqlite import SqliteConversationStore
 from knowledge.contracts import RetrievedPassage
 from tests.fakes import InMemoryRetriever, chunk
 from tests.intelligence.assembly import orchestrator_over_fakes
+from tests.intelligence.stores.conversation_contract import new_turn
 from tests.support.simulator import simulated_inferencing
 
 ALICE = Principal(tenant_id="contoso", user_id="alice")
@@ -94,24 +96,30 @@ def prompt_of(body: dict[str, Any]) -> str:
 
 @dataclass
 class Chat:
-    """A stored conversation, as a turn starts on it."""
+    """A stored conversation of Alice's, as a turn starts on it (its first turn starts it)."""
 
     store: SqliteConversationStore
-    id: str
+    id: str | None = None
+
+    async def ask(self, question: str) -> TurnRecord:
+        """Start a turn: the question stored and its reply running, as the orchestrator
+        has them when it prepares the turn's context."""
+        record = await self.store.begin_turn(ALICE, new_turn(question, conversation_id=self.id))
+        self.id = record.conversation.id
+        return record
 
     async def say(
         self, question: str, answer: str, citations: tuple[Citation, ...] = ()
     ) -> ConversationMessage:
-        await self.store.add_message(ALICE, self.id, "user", question)
-        reply = await self.store.add_message(
-            ALICE, self.id, "assistant", "", status=MessageStatus.STREAMING
-        )
+        """A whole turn: asked, and answered with ``answer``; returns its reply."""
+        reply = (await self.ask(question)).reply
         await self.store.finish_message(
             ALICE, reply.id, answer, MessageStatus.COMPLETE, citations=citations
         )
         return reply
 
     async def now(self, last: int) -> tuple[Conversation, list[ConversationMessage]]:
+        assert self.id is not None, "no turn was started yet"
         conversation = await self.store.get(ALICE, self.id)
         assert conversation is not None
         return conversation, await self.store.messages(ALICE, self.id, last=last)
@@ -123,8 +131,9 @@ class Chat:
 
 
 async def chat(store: SqliteConversationStore, *, turns: int = 0) -> Chat:
-    """A new conversation of Alice's, with the first ``turns`` of ``turn_text`` said in it."""
-    conversation = Chat(store, (await store.create(ALICE, "Leave")).id)
+    """A conversation of Alice's, with the first ``turns`` of ``turn_text`` said in it (with
+    none, it is stored once a turn is asked in it)."""
+    conversation = Chat(store)
     for n in range(turns):
         await conversation.say(*turn_text(n))
     return conversation
@@ -167,6 +176,7 @@ async def test_a_first_question_needs_no_rewrite(
     store: SqliteConversationStore, model: Gateway, simulator: SimulatorServer
 ) -> None:
     conversation = await chat(store)
+    await conversation.ask(LEAVE_QUESTION)
     state, history = await conversation.now(last=6)
 
     context = await memory(store, model).prepare(state, history, LEAVE_QUESTION, ALICE)
@@ -372,8 +382,7 @@ async def test_the_turns_own_stored_messages_are_not_history(
 ) -> None:
     conversation = await chat(store)
     await conversation.say(LEAVE_QUESTION, LEAVE_ANSWER, (LEAVE_CITATION,))
-    await store.add_message(ALICE, conversation.id, "user", FOLLOW_UP)
-    await store.add_message(ALICE, conversation.id, "assistant", "", status=MessageStatus.STREAMING)
+    await conversation.ask(FOLLOW_UP)
     state, history = await conversation.now(last=6)
 
     context = await memory(store, extractive).prepare(state, history, FOLLOW_UP, ALICE)

@@ -21,6 +21,7 @@ from intelligence.personal_data import (
 )
 from intelligence.stores.sqlite import SqliteConversationStore
 from tests.fakes import InMemoryAuditLog
+from tests.intelligence.stores.conversation_contract import finished_turn
 
 ANN = Principal(tenant_id="contoso", user_id="ann")
 BOB = Principal(tenant_id="contoso", user_id="bob")
@@ -169,14 +170,13 @@ async def test_the_conversation_holder_exports_and_erases_the_callers_conversati
     store = SqliteConversationStore(tmp_path / "c.db")
     await store.open()
     try:
-        mine = await store.create(ANN, "Salary")
-        await store.add_message(ANN, mine.id, "user", SECRET)
-        theirs = await store.create(BOB, "Leave")
+        mine = (await finished_turn(store, ANN, SECRET, "Noted.")).conversation
+        theirs = (await finished_turn(store, BOB, "Leave?", "27 days")).conversation
         holder = ConversationData(store)
 
         [exported] = await holder.export_user(ANN)
         assert exported["conversation"]["id"] == mine.id
-        assert [m["content"] for m in exported["messages"]] == [SECRET]
+        assert [m["content"] for m in exported["messages"]] == [SECRET, "Noted."]
 
         assert await holder.erase_user(ANN) == 1
         assert await holder.export_user(ANN) == []

@@ -110,10 +110,10 @@ def _attempt(record: TurnRecord) -> str:
 class ConversationStoreContract:
     # --- conversations and messages --------------------------------------------------
 
-    async def test_create_get_and_list_are_scoped_to_the_owner(
+    async def test_a_conversation_is_got_and_listed_by_its_owner_only(
         self, store: ConversationStore
     ) -> None:
-        mine = await store.create(ALICE, "Leave question")
+        mine = (await store.begin_turn(ALICE, new_turn(title="Leave question"))).conversation
         assert (await store.get(ALICE, mine.id)) == mine
         assert await store.get(BOB, mine.id) is None
         assert await store.get(ALICE_ELSEWHERE, mine.id) is None
@@ -121,8 +121,7 @@ class ConversationStoreContract:
         assert (await store.list_conversations(BOB)).items == ()
 
     async def test_only_the_owner_can_delete(self, store: ConversationStore) -> None:
-        mine = await store.create(ALICE, "t")
-        await store.add_message(ALICE, mine.id, "user", "hello")
+        mine = (await store.begin_turn(ALICE, new_turn("hello"))).conversation
         assert not await store.delete(BOB, mine.id)
         assert await store.get(ALICE, mine.id) is not None
         assert await store.delete(ALICE, mine.id)
@@ -131,47 +130,51 @@ class ConversationStoreContract:
         assert not await store.delete(ALICE, mine.id)
 
     async def test_messages_in_order_with_a_window(self, store: ConversationStore) -> None:
-        c = await store.create(ALICE, "t")
-        for i in range(5):
-            await store.add_message(ALICE, c.id, "user" if i % 2 == 0 else "assistant", f"m{i}")
-        assert [m.content for m in await store.messages(ALICE, c.id)] == [
-            "m0",
-            "m1",
-            "m2",
+        first = await finished_turn(store, ALICE, "m0", "m1")
+        cid = first.conversation.id
+        for i in (2, 4):
+            await finished_turn(store, ALICE, f"m{i}", f"m{i + 1}", conversation_id=cid)
+        stored = await store.messages(ALICE, cid)
+        assert [(m.role, m.content) for m in stored] == [
+            ("user", "m0"),
+            ("assistant", "m1"),
+            ("user", "m2"),
+            ("assistant", "m3"),
+            ("user", "m4"),
+            ("assistant", "m5"),
+        ]
+        assert [m.content for m in await store.messages(ALICE, cid, last=2)] == ["m4", "m5"]
+        # A window may begin with an answer whose question it leaves out.
+        assert [m.content for m in await store.messages(ALICE, cid, last=3)] == [
             "m3",
             "m4",
+            "m5",
         ]
-        assert [m.content for m in await store.messages(ALICE, c.id, last=2)] == ["m3", "m4"]
-        assert await store.messages(BOB, c.id) == []
-
-    async def test_cannot_add_to_someone_elses_conversation(self, store: ConversationStore) -> None:
-        c = await store.create(ALICE, "t")
-        with pytest.raises(LookupError):
-            await store.add_message(BOB, c.id, "user", "intrusion")
-        assert await store.messages(ALICE, c.id) == []
+        assert await store.messages(BOB, cid) == []
 
     async def test_finish_message_stores_answer_citations_and_plan(
         self, store: ConversationStore
     ) -> None:
-        c = await store.create(ALICE, "t")
-        reply = await store.add_message(
-            ALICE, c.id, "assistant", "", status=MessageStatus.STREAMING
-        )
+        started = await store.begin_turn(ALICE, new_turn())
+        reply = started.reply
         citation = Citation(1, "ch1", "d1", "hr/leave.md", "Leave", "27 days", page=2)
         plan = Plan((PlanStep("s1", StepKind.RETRIEVE, "search", query="leave"),), "deterministic")
-        await store.finish_message(BOB, reply.id, "hijack", MessageStatus.COMPLETE)
-        await store.finish_message(
+        assert not await store.finish_message(BOB, reply.id, "hijack", MessageStatus.COMPLETE)
+        assert await store.finish_message(
             ALICE, reply.id, "27 days [1]", MessageStatus.COMPLETE, citations=[citation], plan=plan
         )
-        [stored] = await store.messages(ALICE, c.id)
+        [_, stored] = await store.messages(ALICE, started.conversation.id)
+        assert stored.id == reply.id
         assert stored.content == "27 days [1]"
         assert stored.status is MessageStatus.COMPLETE
         assert stored.citations == (citation,)
         assert stored.plan == plan
 
     async def test_listing_pages_newest_first(self, store: ConversationStore) -> None:
-        created = [await store.create(ALICE, f"c{i}") for i in range(5)]
-        await store.add_message(ALICE, created[0].id, "user", "bump")  # now the newest
+        started = [await store.begin_turn(ALICE, new_turn(f"q{i}")) for i in range(5)]
+        created = [t.conversation for t in started]
+        # Continued: now the newest.
+        await store.begin_turn(ALICE, new_turn("bump", conversation_id=created[0].id))
         first = await store.list_conversations(ALICE, limit=2)
         assert len(first.items) == 2
         assert first.items[0].id == created[0].id

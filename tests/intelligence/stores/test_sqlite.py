@@ -36,8 +36,7 @@ class TestSqliteConversationStore(ConversationStoreContract):
 
 async def test_conversations_survive_a_restart(tmp_path: Path) -> None:
     async with opened(SqliteConversationStore(tmp_path / "c.db")) as first:
-        c = await first.create(ALICE, "durable")
-        await first.add_message(ALICE, c.id, "user", "remember me")
+        c = (await first.begin_turn(ALICE, new_turn("remember me"))).conversation
         await first.begin_turn(ALICE, new_turn(conversation_id=c.id, key="k1"))
     async with opened(SqliteConversationStore(tmp_path / "c.db")) as second:
         assert (await second.messages(ALICE, c.id))[0].content == "remember me"
