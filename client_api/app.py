@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 from asgi_correlation_id import CorrelationIdMiddleware
@@ -13,7 +13,12 @@ from fastapi import FastAPI
 
 from client_api.auth.api_keys import ApiKeyAuthenticator
 from client_api.auth.dependencies import Authenticator
-from client_api.auth.groups import AzureCredentialGraphToken, GraphGroupResolver
+from client_api.auth.groups import (
+    AzureCredentialGraphToken,
+    GraphGroupResolver,
+    GraphTokenProvider,
+    GroupResolver,
+)
 from client_api.auth.jwt import JwtValidator
 from client_api.composition import build_services
 from client_api.edge.admission import RateLimitHeaders
@@ -33,8 +38,13 @@ from client_api.routes import (
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
 
 
-def create_app(settings: LaminaSettings | None = None) -> FastAPI:
-    """Build the app; invalid settings fail here, before the server listens."""
+def create_app(
+    settings: LaminaSettings | None = None, *, graph_token: GraphTokenProvider | None = None
+) -> FastAPI:
+    """Build the app; invalid settings fail here, before the server listens.
+
+    ``graph_token``: where Microsoft Graph tokens come from (for group memberships);
+    default ``DefaultAzureCredential``."""
     settings = settings or load_settings()
     require_serving_settings(settings)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -44,7 +54,8 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with httpx.AsyncClient(timeout=10.0) as http:
             services = await build_services(settings)
-            validator = _validator(settings, http)
+            groups = _group_resolver(settings, http, graph_token)
+            validator = _validator(settings, http, groups)
             app.state.authenticator = Authenticator(
                 settings.auth, validator, api_keys=ApiKeyAuthenticator(services.api_keys)
             )
@@ -56,9 +67,19 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
             gc.freeze()
             try:
                 await services.job_runner.start()
-                async with mcp.running(services) if mcp is not None else nullcontext():
+                async with AsyncExitStack() as running:
+                    if mcp is not None:
+                        await running.enter_async_context(mcp.running(services))
+                    if settings.teams.enabled:
+                        # Imported here: the Agents SDK is an optional extra, slow to import.
+                        from client_api.teams.adapter import running_bot
+
+                        app.state.teams_bot = await running.enter_async_context(
+                            running_bot(settings, services, http, groups=groups)
+                        )
                     yield
             finally:
+                app.state.teams_bot = None
                 if validator is not None:
                     await validator.aclose()
                 await services.aclose()
@@ -102,12 +123,29 @@ def create_app(settings: LaminaSettings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(jobs.router)
     mcp = mount_mcp_server(app) if settings.api.mcp_server else None
+    app.state.teams_bot = None
+    if settings.teams.enabled:
+        from client_api.teams.adapter import mount_teams
+
+        mount_teams(app, settings.teams, lambda: app.state.teams_bot)
     return app
 
 
-def _validator(settings: LaminaSettings, http: httpx.AsyncClient) -> JwtValidator | None:
+def _group_resolver(
+    settings: LaminaSettings, http: httpx.AsyncClient, graph_token: GraphTokenProvider | None
+) -> GroupResolver | None:
+    """Group memberships from Microsoft Graph: for tokens whose groups overflowed, and
+    for Teams users (a Teams activity carries no groups). Only with real sign-in."""
     if settings.auth.mode != "jwt":
         return None
-    # Group memberships too many for the token come from Microsoft Graph.
-    groups = GraphGroupResolver.from_settings(settings.auth, http, AzureCredentialGraphToken())
+    return GraphGroupResolver.from_settings(
+        settings.auth, http, graph_token or AzureCredentialGraphToken()
+    )
+
+
+def _validator(
+    settings: LaminaSettings, http: httpx.AsyncClient, groups: GroupResolver | None
+) -> JwtValidator | None:
+    if settings.auth.mode != "jwt":
+        return None
     return JwtValidator(settings.auth, http, groups=groups)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from client_api.auth.permissions import ROLE_PERMISSIONS, USER_ROLE, Permission
@@ -135,6 +142,59 @@ class ApiSettings(BaseModel):
     )
 
 
+class TeamsSettings(BaseModel):
+    """Microsoft Teams through the Microsoft 365 Agents SDK (``LAMINA_TEAMS__*``): the bot
+    endpoint ``POST /api/messages`` (install ``lamina[teams]``)."""
+
+    enabled: bool = Field(default=False, description="Serve the Teams bot at /api/messages")
+    app_id: str | None = Field(
+        default=None, description="The bot's Microsoft App ID (the 'aud' of inbound tokens)"
+    )
+    app_secret: SecretStr | None = Field(
+        default=None, description="The bot's client secret, for replies (client credentials)"
+    )
+    app_tenant_id: str | None = Field(
+        default=None,
+        description="Tenant of a single-tenant bot registration; empty: multi-tenant "
+        "(tokens from the botframework.com tenant)",
+    )
+    openid_config_url: str = Field(
+        default="https://login.botframework.com/v1/.well-known/openidconfiguration",
+        description="OpenID metadata of the Bot Framework channel, which signs inbound requests",
+    )
+    issuers: list[str] = Field(
+        default_factory=lambda: ["https://api.botframework.com"],
+        description="Accepted 'iss' of inbound tokens",
+    )
+    leeway_s: int = Field(
+        default=300, ge=0, le=600, description="Clock skew allowed on exp/nbf of inbound tokens"
+    )
+    token_url: str | None = Field(
+        default=None,
+        description="OAuth token endpoint for replies; default the Entra endpoint of "
+        "app_tenant_id (or botframework.com)",
+    )
+    scope: str = Field(
+        default="https://api.botframework.com/.default",
+        description="Scope of the token replies carry to the Bot Connector",
+    )
+    anonymous_dev: bool = Field(
+        default=False,
+        description="Accept unauthenticated requests (the Bot Framework Emulator, on one "
+        "machine only); refused when app_secret is set",
+    )
+    stream_interval_s: float = Field(
+        default=1.5, ge=0.5, le=10, description="Least time between two streamed updates"
+    )
+    stream_limit_s: float = Field(
+        default=110.0,
+        gt=0,
+        le=115,
+        description="A streamed answer stops before Teams' 2-minute cap; the rest is sent as "
+        "a normal message",
+    )
+
+
 class RedisSettings(BaseModel):
     url: str | None = Field(
         default=None,
@@ -162,6 +222,7 @@ class LaminaSettings(BaseSettings):
     )
     auth: AuthSettings = AuthSettings()
     api: ApiSettings = ApiSettings()
+    teams: TeamsSettings = TeamsSettings()
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
     caps: CapsSettings = CapsSettings()

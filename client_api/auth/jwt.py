@@ -26,7 +26,6 @@ check that failed goes to the log.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -38,6 +37,8 @@ import httpx
 import jwt
 
 from client_api.auth.groups import AzureCredentialGraphToken, GraphGroupResolver, GroupResolver
+from client_api.auth.openid_keys import IdentityProviderUnavailable as IdentityProviderUnavailable
+from client_api.auth.openid_keys import OpenIdKeys, OpenIdKeySet
 from client_api.settings import AuthSettings
 from intelligence.contracts import Principal
 
@@ -53,10 +54,6 @@ _NOT_VALID = "The token is not valid."
 
 class AuthenticationError(Exception):
     """The request carries no valid credentials; the message is safe to return."""
-
-
-class IdentityProviderUnavailable(Exception):
-    """OpenID metadata or keys could not be fetched: fail closed (503, not 401)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +107,9 @@ def issuer_tenant(issuer: str) -> str | None:
     return segments[0].lower()
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class _Keys:
-    issuer: str
-    keys: dict[str, jwt.PyJWK]
-    fetched_at: float
+    openid: OpenIdKeys
     tenants: TenantPolicy
 
 
@@ -144,13 +139,15 @@ class JwtValidator:
         if not settings.openid_config_url or not audiences:
             raise ValueError("openid_config_url and audience (or audiences) are required")
         self._settings = settings
-        self._config_url = settings.openid_config_url
+        self._openid = OpenIdKeySet(
+            settings.openid_config_url,
+            http,
+            ttl_s=settings.metadata_ttl_s,
+            refresh_floor_s=_REFRESH_FLOOR_S,
+        )
         self._audiences = audiences
         self._leeway = settings.leeway_s
-        self._ttl = settings.metadata_ttl_s
-        self._http = http
         self._keys: _Keys | None = None
-        self._lock = asyncio.Lock()
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
         self._graph_token: AzureCredentialGraphToken | None = None
         if groups is None:
@@ -219,7 +216,7 @@ class JwtValidator:
         if not isinstance(kid, str):
             raise AuthenticationError("The token names no signing key.")
         keys = await self._key_set(kid)
-        key = keys.keys.get(kid)
+        key = keys.openid.keys.get(kid)
         if key is None:
             raise AuthenticationError("The token was signed by an unknown key.")
         try:
@@ -250,45 +247,12 @@ class JwtValidator:
         return claims, keys
 
     async def _key_set(self, kid: str) -> _Keys:
-        async with self._lock:
-            now = time.monotonic()
-            cached = self._keys
-            stale = cached is None or now - cached.fetched_at > self._ttl
-            unknown_kid = cached is not None and kid not in cached.keys
-            if (
-                cached is None
-                or stale
-                or (unknown_kid and now - cached.fetched_at > _REFRESH_FLOOR_S)
-            ):
-                try:
-                    self._keys = await self._fetch()
-                except IdentityProviderUnavailable:
-                    if cached is None:
-                        raise
-                    # Keep accepting tokens signed with keys we already trust while the
-                    # provider is down, and try again after the refresh floor, not per request.
-                    log.warning("OpenID metadata refresh failed; using cached keys")
-                    self._keys = replace(cached, fetched_at=now - self._ttl + _REFRESH_FLOOR_S)
-            assert self._keys is not None
-            return self._keys
-
-    async def _fetch(self) -> _Keys:
-        try:
-            meta = (await self._http.get(self._config_url)).raise_for_status().json()
-            issuer, jwks_uri = meta["issuer"], meta["jwks_uri"]
-            if not isinstance(issuer, str) or not isinstance(jwks_uri, str):
-                raise ValueError("issuer and jwks_uri must be strings")
-            jwks = (await self._http.get(jwks_uri)).raise_for_status().json()
-            key_set = jwt.PyJWKSet.from_dict(jwks)
-        except (httpx.HTTPError, KeyError, TypeError, ValueError, jwt.PyJWTError) as exc:
-            raise IdentityProviderUnavailable(str(exc)) from exc
-        keys = {k.key_id: k for k in key_set.keys if k.key_id}
-        return _Keys(
-            issuer=issuer,
-            keys=keys,
-            fetched_at=time.monotonic(),
-            tenants=TenantPolicy.build(self._settings, issuer),
-        )
+        openid = await self._openid.for_kid(kid)
+        keys = self._keys
+        if keys is None or keys.openid is not openid:
+            # A new key set (or issuer) ends what was remembered under the old one.
+            keys = self._keys = _Keys(openid, TenantPolicy.build(self._settings, openid.issuer))
+        return keys
 
 
 def has_group_overage(claims: dict[str, Any]) -> bool:

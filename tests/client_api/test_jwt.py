@@ -367,7 +367,7 @@ async def test_rotated_key_is_fetched_on_unknown_kid(
         await validator.validate(idp.token("alice", key=new_key))
     assert idp.jwks_requests == 1
     # ...after it, the new key is fetched once and accepted.
-    monkeypatch.setattr("client_api.auth.jwt._REFRESH_FLOOR_S", 0.0)
+    monkeypatch.setattr(validator._openid, "_floor", 0.0)
     assert (await validator.validate(idp.token("alice", key=new_key)))["sub"] == "alice"
     assert idp.jwks_requests == 2
 
@@ -380,7 +380,7 @@ async def test_a_verified_token_is_remembered_until_the_keys_change(
     assert await validator.validate(token) is first  # the fast path: no second decode
     # Another token finds the key set stale and has it fetched again: what the old set
     # verified is checked afresh.
-    monkeypatch.setattr(validator, "_ttl", -1)
+    monkeypatch.setattr(validator._openid, "_ttl", -1)
     await validator.validate(idp.token("bob"))
     again = await validator.validate(token)
     assert again == first and again is not first
@@ -401,7 +401,7 @@ async def test_cached_keys_keep_working_while_the_provider_is_down(
     validator = validator_for(idp, http, metadata_ttl_s=10)
     await validator.validate(idp.token("alice"))
     # The cache goes stale and the provider stops answering.
-    monkeypatch.setattr(validator, "_ttl", -1)
+    monkeypatch.setattr(validator._openid, "_ttl", -1)
     validator._config_url = "http://127.0.0.1:9/.well-known/openid-configuration"
     assert (await validator.validate(idp.token("alice")))["sub"] == "alice"
     # The tenant rules survive the failed refresh: another tenant is still refused.

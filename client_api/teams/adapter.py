@@ -1,0 +1,308 @@
+"""``POST /api/messages``: the Teams bot, on the Microsoft 365 Agents SDK.
+
+The channel's request is authenticated (:class:`BotFrameworkTokenValidator`), answered
+at once with 202, and the turn runs in the background: Teams retries a request that is
+not answered within a few seconds, and a grounded answer takes longer. The reply goes
+back proactively through the SDK (``continue_conversation_with_claims`` with the identity
+the channel proved, a connector client holding the bot's own token), streamed in a 1:1
+chat and as one message elsewhere.
+
+Who asks: the activity's ``from.aadObjectId`` in ``conversation.tenantId``, the default
+signed-in roles, and the groups the edge's :class:`GroupResolver` reads from Microsoft
+Graph (a Teams activity carries none). Without a resolver (dev identity mode) the user
+has no groups and sees only what is public or granted to them by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request, Response
+from microsoft_agents.activity import Activity, ConversationReference
+from microsoft_agents.hosting.core import ClaimsIdentity, TurnContext
+from microsoft_agents.hosting.fastapi import CloudAdapter
+from pydantic import ValidationError
+
+from client_api.auth.groups import GroupResolver, GroupsUnavailable
+from client_api.auth.permissions import Permission, PermissionDenied, PermissionPolicy
+from client_api.composition import Services
+from client_api.problems import Problem
+from client_api.settings import LaminaSettings, TeamsSettings
+from client_api.teams.auth import (
+    BotFrameworkTokenValidator,
+    TeamsAuthError,
+    check_teams_settings,
+    claims_identity,
+)
+from client_api.teams.conversations import ConversationLink, TeamsConversationMap
+from client_api.teams.messages import question_text
+from client_api.teams.replies import TeamsReply
+from client_api.teams.tokens import connection_manager
+from intelligence.contracts import (
+    AnswerDelta,
+    ApprovalRequiredEvent,
+    CitationsEvent,
+    DoneEvent,
+    ErrorEvent,
+    IntelligenceError,
+    Principal,
+    StartedTurn,
+    TurnRequest,
+)
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/api/messages"
+_SORRY = "Sorry, I could not answer that. Please try again in a moment."
+_NO_GROUPS = "I cannot check what you may read right now. Please try again in a moment."
+
+
+class TeamsBot:
+    """The bot: authenticates the channel's requests, runs each turn in the background
+    (tracked, and cancelled at shutdown) and replies through the SDK."""
+
+    def __init__(
+        self,
+        settings: LaminaSettings,
+        services: Services,
+        http: httpx.AsyncClient,
+        *,
+        groups: GroupResolver | None,
+    ) -> None:
+        self._settings = settings
+        self._teams = settings.teams
+        self._services = services
+        self._groups = groups
+        self._policy = PermissionPolicy.from_settings(settings.auth)
+        self._validator = BotFrameworkTokenValidator(settings.teams, http)
+        self._conversations = TeamsConversationMap(settings.data_dir / "teams.db")
+        self._adapter = CloudAdapter(connection_manager=connection_manager(settings.teams))
+        # The SDK's default handler sends the raw exception text to the user.
+        self._adapter.on_turn_error = self._on_turn_error
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: set[tuple[str, str]] = set()
+        if groups is None:
+            log.warning(
+                "Teams users get no groups: no group resolver (LAMINA_AUTH__MODE is not jwt); "
+                "they see only public documents and those granted to them by name"
+            )
+
+    async def open(self) -> None:
+        await self._conversations.open()
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._conversations.close()
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            activity = Activity.model_validate(await request.json())
+        except (ValueError, ValidationError):
+            raise Problem(
+                400, "Invalid activity", "The body is not a Bot Framework activity."
+            ) from None
+        try:
+            claims = await self._validator.validate(
+                request.headers.get("Authorization"), activity.service_url
+            )
+        except TeamsAuthError as exc:
+            raise Problem(
+                401, "Unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}
+            ) from None
+        if activity.type != "message" or not _addressable(activity):
+            # Conversation updates, reactions, …: nothing to answer.
+            return Response(status_code=202)
+        key = (activity.conversation.id, activity.id or "")
+        if key in self._in_flight:  # the channel retried while the turn still runs
+            return Response(status_code=202)
+        self._in_flight.add(key)
+        self._spawn(self._reply(claims_identity(claims), activity), key)
+        return Response(status_code=202)
+
+    def _spawn(self, work: Awaitable[None], key: tuple[str, str]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Teams turn failed (conversation %s)", key[0])
+            finally:
+                self._in_flight.discard(key)
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reply(self, identity: ClaimsIdentity, activity: Activity) -> None:
+        reference: ConversationReference = activity.get_conversation_reference()
+        continuation = reference.get_continuation_activity()
+        # Replies thread under the user's message (replyToId), as a reply would.
+        continuation.id = activity.id
+
+        async def answer(context: TurnContext) -> None:
+            await self._answer(context, activity)
+
+        await self._adapter.continue_conversation_with_claims(identity, continuation, answer)
+
+    async def _answer(self, context: TurnContext, activity: Activity) -> None:
+        personal = activity.conversation.conversation_type in (None, "personal")
+        reply = TeamsReply(
+            context,
+            streaming=personal,
+            interval_s=self._teams.stream_interval_s,
+            limit_s=self._teams.stream_limit_s,
+        )
+        question = question_text(activity)
+        if not question:
+            await context.send_activity("Ask me a question about your documents.")
+            return
+        try:
+            principal = await self._principal(activity)
+        except GroupsUnavailable as exc:
+            log.error("Teams: group memberships unavailable: %s", exc)
+            await context.send_activity(_NO_GROUPS)
+            return
+        except PermissionDenied as exc:
+            await context.send_activity(str(exc))
+            return
+        try:
+            started = await self._start(principal, activity, question)
+        except IntelligenceError as exc:
+            await context.send_activity(exc.message)
+            return
+        if started.idempotency in ("replayed", "joined"):
+            # The first delivery of this activity answered (or is answering) already.
+            await started.events.aclose()
+            return
+        await reply.start()
+        await _relay(started, reply)
+
+    async def _principal(self, activity: Activity) -> Principal:
+        tenant = activity.conversation.tenant_id or ""
+        user = activity.from_property.aad_object_id if activity.from_property else None
+        if not tenant or not user:
+            raise PermissionDenied("Only members of a Microsoft Entra tenant can ask me.")
+        allowed = self._settings.auth.allowed_tenants
+        if allowed and tenant not in allowed:
+            raise PermissionDenied("Your organisation is not served by this assistant.")
+        groups = await self._groups.groups(tenant, user) if self._groups else frozenset()
+        principal = Principal(
+            tenant_id=tenant,
+            user_id=user,
+            groups=groups,
+            roles=frozenset(self._settings.auth.default_roles),
+            name=activity.from_property.name if activity.from_property else None,
+            auth_method="teams",
+        )
+        self._policy.check(principal, Permission.CHAT)
+        return principal
+
+    async def _start(self, principal: Principal, activity: Activity, question: str) -> StartedTurn:
+        teams_id, activity_id = activity.conversation.id, activity.id or ""
+        link = await self._conversations.find(principal.tenant_id, teams_id, principal.user_id)
+        # The activity that created the Lamina conversation is asked, every time it is
+        # delivered, exactly as it was the first time: its idempotency key must match.
+        first = link is None or link.first_activity_id == activity_id
+        request = TurnRequest(
+            message=question,
+            conversation_id=None if first or link is None else link.conversation_id,
+            idempotency_key=_idempotency_key(teams_id, activity_id),
+        )
+        started = await self._services.assistant.start_turn(request, principal)
+        if link is None:
+            await self._conversations.link(
+                principal.tenant_id,
+                teams_id,
+                principal.user_id,
+                ConversationLink(started.conversation_id, activity_id),
+            )
+        return started
+
+    async def _on_turn_error(self, context: TurnContext, error: Exception) -> None:
+        log.error("Teams turn failed: %r", error)
+        await context.send_activity(_SORRY)
+
+
+async def _relay(started: StartedTurn, reply: TeamsReply) -> None:
+    parts: list[str] = []
+    citations: tuple[Any, ...] = ()
+    async with aclosing(started.events) as events:
+        async for event in events:
+            match event:
+                case AnswerDelta():
+                    parts.append(event.text)
+                    await reply.add(event.text)
+                case CitationsEvent():
+                    citations = event.citations
+                case ErrorEvent():
+                    await reply.fail(event.message)
+                    return
+                case ApprovalRequiredEvent():
+                    await reply.fail(
+                        f"Before I {event.summary}, someone has to approve it "
+                        f"(approval {event.approval_id})."
+                    )
+                    return
+                case DoneEvent():
+                    await reply.finish("".join(parts), citations)
+                    return
+    await reply.fail(_SORRY)
+
+
+def _addressable(activity: Activity) -> bool:
+    return bool(activity.conversation and activity.conversation.id and activity.service_url)
+
+
+def _idempotency_key(teams_conversation_id: str, activity_id: str) -> str:
+    # Activity ids are unique within a conversation only; the key's length is bounded.
+    digest = hashlib.sha256(f"{teams_conversation_id}\n{activity_id}".encode()).hexdigest()
+    return f"teams-{digest[:48]}"
+
+
+def mount_teams(app: FastAPI, settings: TeamsSettings, bot: Callable[[], TeamsBot | None]) -> None:
+    """Serve ``POST /api/messages``; ``bot`` gives the running bot (built at start-up).
+    Settings that cannot work stop the app here, before it listens."""
+    check_teams_settings(settings)
+    router = APIRouter(tags=["teams"])
+
+    @router.post(
+        MESSAGES_PATH,
+        status_code=202,
+        summary="Bot Framework activities from Microsoft Teams",
+        description="Authenticated with the Bot Framework channel's token; answered with 202 "
+        "at once, the reply following through the Bot Connector.",
+    )
+    async def messages(request: Request) -> Response:
+        running = bot()
+        if running is None:
+            raise Problem(503, "Teams bot not running", "The bot is starting or stopping.")
+        return await running.handle(request)
+
+    app.include_router(router)
+
+
+@asynccontextmanager
+async def running_bot(
+    settings: LaminaSettings,
+    services: Services,
+    http: httpx.AsyncClient,
+    *,
+    groups: GroupResolver | None,
+) -> AsyncIterator[TeamsBot]:
+    """The bot for the app's lifetime; its background turns are cancelled at shutdown."""
+    bot = TeamsBot(settings, services, http, groups=groups)
+    await bot.open()
+    try:
+        yield bot
+    finally:
+        await bot.aclose()

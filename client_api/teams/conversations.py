@@ -1,0 +1,96 @@
+"""Which Lamina conversation a Teams conversation continues.
+
+A Lamina conversation belongs to one (tenant, user); a Teams group chat or channel has
+many users. So the mapping is per (tenant, Teams conversation, user): in a group chat
+each member gets a Lamina conversation of their own, with only their own questions in
+its history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS teams_conversations (
+    tenant_id TEXT NOT NULL,
+    teams_conversation_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    first_activity_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, teams_conversation_id, user_id)
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationLink:
+    """The Lamina conversation of one user in one Teams conversation."""
+
+    conversation_id: str
+    first_activity_id: str
+    """The activity whose turn created the conversation: delivered again, it must be
+    asked as it was the first time (without a conversation id), or its idempotency key
+    would no longer match its request."""
+
+
+class TeamsConversationMap:
+    """The mapping in SQLite (``teams.db`` in the data directory)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self._path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute(_SCHEMA)
+        await self._db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def find(
+        self, tenant_id: str, teams_conversation_id: str, user_id: str
+    ) -> ConversationLink | None:
+        async with self._conn.execute(
+            "SELECT conversation_id, first_activity_id FROM teams_conversations "
+            "WHERE tenant_id = ? AND teams_conversation_id = ? AND user_id = ?",
+            (tenant_id, teams_conversation_id, user_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else ConversationLink(row[0], row[1])
+
+    async def link(
+        self,
+        tenant_id: str,
+        teams_conversation_id: str,
+        user_id: str,
+        link: ConversationLink,
+    ) -> ConversationLink:
+        """Record ``link`` unless one exists already; returns the one that holds."""
+        await self._conn.execute(
+            "INSERT OR IGNORE INTO teams_conversations VALUES (?, ?, ?, ?, ?)",
+            (
+                tenant_id,
+                teams_conversation_id,
+                user_id,
+                link.conversation_id,
+                link.first_activity_id,
+            ),
+        )
+        await self._conn.commit()
+        held = await self.find(tenant_id, teams_conversation_id, user_id)
+        assert held is not None
+        return held
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("TeamsConversationMap is not open")
+        return self._db
