@@ -193,6 +193,11 @@ class TeamsSettings(BaseModel):
         description="A streamed answer stops before Teams' 2-minute cap; the rest is sent as "
         "a normal message",
     )
+    feedback: bool = Field(
+        default=True,
+        description="Show like/dislike buttons on every answer; the feedback is audited "
+        "(teams.feedback)",
+    )
 
 
 class RedisSettings(BaseModel):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from client_api.edge.caps import RequestCaps
 from client_api.edge.limits import RateLimited, RateLimiter
 from client_api.problems import Problem
 from intelligence.contracts import Principal
@@ -44,6 +45,20 @@ async def check_tokens(request: Request, principal: Principal) -> None:
     states = await limiter.check_tokens(principal)
     if states:
         _remember(request, RateLimiter.headers(states))
+
+
+async def admit_turn(
+    limiter: RateLimiter, caps: RequestCaps, principal: Principal, message: str
+) -> None:
+    """The edge's policies for a chat turn that arrives without a request of its own to
+    answer (a Teams message, acknowledged before it runs), in the order the chat routes
+    apply them: requests per minute, caps, then the token budget.
+
+    Raises :class:`RateLimited`, :class:`~client_api.edge.caps.CapExceeded`, or the
+    inferencing layer's ``TokenRateLimited`` / ``TokenQuotaExceeded``."""
+    await limiter.admit(principal)
+    await caps.check_message(message)
+    await limiter.check_tokens(principal)
 
 
 def _remember(request: Request, headers: Mapping[str, str]) -> None:

@@ -41,11 +41,21 @@ class CapsSettings(BaseModel):
 
 
 class CapExceeded(Exception):
-    """A request is over one of the caps; ``message`` is safe to return."""
+    """A request is over one of the caps; ``message`` is safe to return. ``measured`` and
+    ``limit`` are the request's figure and the cap, for callers that word it themselves."""
 
-    def __init__(self, status: int, cap: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        cap: str,
+        message: str,
+        *,
+        measured: int | None = None,
+        limit: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.cap, self.message = status, cap, message
+        self.measured, self.limit = measured, limit
 
 
 class RequestCaps:
@@ -100,6 +110,8 @@ class RequestCaps:
                 "max_prompt_tokens",
                 f"The prompt is {tokens} tokens; at most {limit} are allowed per request "
                 "(LAMINA_CAPS__MAX_PROMPT_TOKENS).",
+                measured=tokens,
+                limit=limit,
             )
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
-from typing import Any
 
+import aiohttp
 import httpx
+from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, FastAPI, Request, Response
 from microsoft_agents.activity import Activity, ConversationReference
 from microsoft_agents.hosting.core import ClaimsIdentity, TurnContext
@@ -32,6 +34,7 @@ from pydantic import ValidationError
 from client_api.auth.groups import GroupResolver, GroupsUnavailable
 from client_api.auth.permissions import Permission, PermissionDenied, PermissionPolicy
 from client_api.composition import Services
+from client_api.edge.admission import admit_turn
 from client_api.problems import Problem
 from client_api.settings import LaminaSettings, TeamsSettings
 from client_api.teams.auth import (
@@ -41,18 +44,18 @@ from client_api.teams.auth import (
     claims_identity,
 )
 from client_api.teams.conversations import ConversationLink, TeamsConversationMap
+from client_api.teams.invokes import TeamsInvokes
 from client_api.teams.messages import question_text
+from client_api.teams.refusals import EDGE_REFUSALS, refusal_text
+from client_api.teams.relay import relay_turn
 from client_api.teams.replies import TeamsReply
-from client_api.teams.tokens import connection_manager
+from client_api.teams.tokens import BotTokenError, connection_manager
 from intelligence.contracts import (
-    AnswerDelta,
-    ApprovalRequiredEvent,
-    CitationsEvent,
-    DoneEvent,
-    ErrorEvent,
     IntelligenceError,
     Principal,
+    ResumedTurn,
     StartedTurn,
+    TurnEvent,
     TurnRequest,
 )
 
@@ -82,6 +85,13 @@ class TeamsBot:
         self._policy = PermissionPolicy.from_settings(settings.auth)
         self._validator = BotFrameworkTokenValidator(settings.teams, http)
         self._conversations = TeamsConversationMap(settings.data_dir / "teams.db")
+        self._invokes = TeamsInvokes(
+            services.assistant,
+            services.audit,
+            self._conversations,
+            principal=self._principal,
+            resume=self._resume,
+        )
         self._adapter = CloudAdapter(connection_manager=connection_manager(settings.teams))
         # The SDK's default handler sends the raw exception text to the user.
         self._adapter.on_turn_error = self._on_turn_error
@@ -118,6 +128,9 @@ class TeamsBot:
             raise Problem(
                 401, "Unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}
             ) from None
+        if activity.type == "invoke" and _addressable(activity):
+            # Feedback, card clicks: answered in this response, which Teams waits for.
+            return await self._invokes.handle(claims_identity(claims), activity)
         if activity.type != "message" or not _addressable(activity):
             # Conversation updates, reactions, …: nothing to answer.
             return Response(status_code=202)
@@ -129,13 +142,23 @@ class TeamsBot:
         return Response(status_code=202)
 
     def _spawn(self, work: Awaitable[None], key: tuple[str, str]) -> None:
+        # Each background turn has its own correlation id (the task's context is a copy,
+        # so the request's is untouched): in the turn's logs, audit and TurnRequest.
+        cid = uuid.uuid4().hex
+        log.info("Teams turn %s: activity %s in conversation %s", cid, key[1], key[0])
+
         async def run() -> None:
+            correlation_id.set(cid)
             try:
                 await work
             except asyncio.CancelledError:
                 raise
+            except BotTokenError as exc:
+                log.error("Teams turn %s: no token to reply with: %s", cid, exc)
+            except aiohttp.ClientError as exc:
+                log.error("Teams turn %s: the Bot Connector failed: %r", cid, exc)
             except Exception:
-                log.exception("Teams turn failed (conversation %s)", key[0])
+                log.exception("Teams turn %s failed (conversation %s)", cid, key[0])
             finally:
                 self._in_flight.discard(key)
 
@@ -161,6 +184,7 @@ class TeamsBot:
             streaming=personal,
             interval_s=self._teams.stream_interval_s,
             limit_s=self._teams.stream_limit_s,
+            feedback=self._teams.feedback,
         )
         question = question_text(activity)
         if not question:
@@ -176,6 +200,13 @@ class TeamsBot:
             await context.send_activity(str(exc))
             return
         try:
+            # Requests per minute, caps and token budget, as for a web request.
+            await admit_turn(self._services.limiter, self._services.caps, principal, question)
+        except EDGE_REFUSALS as refusal:
+            log.info("Teams turn %s refused at the edge: %s", correlation_id.get(), refusal)
+            await context.send_activity(refusal_text(refusal))
+            return
+        try:
             started = await self._start(principal, activity, question)
         except IntelligenceError as exc:
             await context.send_activity(exc.message)
@@ -185,7 +216,7 @@ class TeamsBot:
             await started.events.aclose()
             return
         await reply.start()
-        await _relay(started, reply)
+        await self._relay(started.events, reply, activity)
 
     async def _principal(self, activity: Activity) -> Principal:
         tenant = activity.conversation.tenant_id or ""
@@ -217,6 +248,7 @@ class TeamsBot:
             message=question,
             conversation_id=None if first or link is None else link.conversation_id,
             idempotency_key=_idempotency_key(teams_id, activity_id),
+            correlation_id=correlation_id.get(),
         )
         started = await self._services.assistant.start_turn(request, principal)
         if link is None:
@@ -228,35 +260,68 @@ class TeamsBot:
             )
         return started
 
+    async def _relay(
+        self, events: AsyncGenerator[TurnEvent, None], reply: TeamsReply, activity: Activity
+    ) -> None:
+        posted = await relay_turn(events, reply)
+        tenant = activity.conversation.tenant_id
+        if posted is not None and posted.teams_message_ids and tenant:
+            # Feedback on these Teams messages rates this reply.
+            await self._conversations.remember_reply(
+                tenant, activity.conversation.id, posted.teams_message_ids, posted.reply
+            )
+
+    def _resume(self, identity: ClaimsIdentity, activity: Activity, resumed: ResumedTurn) -> None:
+        """Carry a turn resumed from an approval card on in the background. An approver
+        deciding for someone else sees none of its answer (it is stored in the
+        requester's conversation)."""
+        key = (activity.conversation.id, activity.id or "")
+        if resumed.for_requester:
+            self._spawn(self._reply_resumed(identity, activity, resumed), key)
+        else:
+            self._spawn(_drain(resumed.events), key)
+
+    async def _reply_resumed(
+        self, identity: ClaimsIdentity, activity: Activity, resumed: ResumedTurn
+    ) -> None:
+        continuation = activity.get_conversation_reference().get_continuation_activity()
+        # The answer threads under the card that was clicked.
+        continuation.id = activity.reply_to_id or activity.id
+
+        async def answer(context: TurnContext) -> None:
+            reply = TeamsReply(
+                context,
+                streaming=activity.conversation.conversation_type in (None, "personal"),
+                interval_s=self._teams.stream_interval_s,
+                limit_s=self._teams.stream_limit_s,
+                feedback=self._teams.feedback,
+            )
+            await reply.start()
+            await self._relay(resumed.events, reply, activity)
+
+        try:
+            await self._adapter.continue_conversation_with_claims(identity, continuation, answer)
+        finally:
+            await resumed.events.aclose()  # never started if the reply could not begin
+
     async def _on_turn_error(self, context: TurnContext, error: Exception) -> None:
-        log.error("Teams turn failed: %r", error)
-        await context.send_activity(_SORRY)
+        cid = correlation_id.get()
+        if isinstance(error, BotTokenError | aiohttp.ClientError):
+            log.error("Teams turn %s: replying failed: %r", cid, error)
+        else:
+            log.error("Teams turn %s failed: %r", cid, error, exc_info=error)
+        try:
+            await context.send_activity(_SORRY)
+        except (BotTokenError, aiohttp.ClientError) as exc:
+            # The reply path itself is down: the user cannot be told; the log says why.
+            log.error("Teams turn %s: could not tell the user: %r", cid, exc)
 
 
-async def _relay(started: StartedTurn, reply: TeamsReply) -> None:
-    parts: list[str] = []
-    citations: tuple[Any, ...] = ()
-    async with aclosing(started.events) as events:
-        async for event in events:
-            match event:
-                case AnswerDelta():
-                    parts.append(event.text)
-                    await reply.add(event.text)
-                case CitationsEvent():
-                    citations = event.citations
-                case ErrorEvent():
-                    await reply.fail(event.message)
-                    return
-                case ApprovalRequiredEvent():
-                    await reply.fail(
-                        f"Before I {event.summary}, someone has to approve it "
-                        f"(approval {event.approval_id})."
-                    )
-                    return
-                case DoneEvent():
-                    await reply.finish("".join(parts), citations)
-                    return
-    await reply.fail(_SORRY)
+async def _drain(events: AsyncGenerator[TurnEvent, None]) -> None:
+    """Run a resumed turn to its end unseen (it stores its own answer)."""
+    async with aclosing(events) as stream:
+        async for _ in stream:
+            pass
 
 
 def _addressable(activity: Activity) -> bool:
@@ -279,8 +344,9 @@ def mount_teams(app: FastAPI, settings: TeamsSettings, bot: Callable[[], TeamsBo
         MESSAGES_PATH,
         status_code=202,
         summary="Bot Framework activities from Microsoft Teams",
-        description="Authenticated with the Bot Framework channel's token; answered with 202 "
-        "at once, the reply following through the Bot Connector.",
+        description="Authenticated with the Bot Framework channel's token; a message is "
+        "answered with 202 at once, the reply following through the Bot Connector; an invoke "
+        "(feedback, an approval card's button) is answered in the response.",
     )
     async def messages(request: Request) -> Response:
         running = bot()

@@ -4,10 +4,14 @@ A Lamina conversation belongs to one (tenant, user); a Teams group chat or chann
 many users. So the mapping is per (tenant, Teams conversation, user): in a group chat
 each member gets a Lamina conversation of their own, with only their own questions in
 its history.
+
+The answers posted are remembered too (Teams message id → Lamina conversation and reply),
+so that feedback given on a Teams message lands on the reply it rates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,14 @@ CREATE TABLE IF NOT EXISTS teams_conversations (
     conversation_id TEXT NOT NULL,
     first_activity_id TEXT NOT NULL,
     PRIMARY KEY (tenant_id, teams_conversation_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS teams_replies (
+    tenant_id TEXT NOT NULL,
+    teams_conversation_id TEXT NOT NULL,
+    teams_message_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, teams_conversation_id, teams_message_id)
 )
 """
 
@@ -36,6 +48,14 @@ class ConversationLink:
     would no longer match its request."""
 
 
+@dataclass(frozen=True, slots=True)
+class PostedReply:
+    """The Lamina reply that a Teams message of the bot carries."""
+
+    conversation_id: str
+    message_id: str
+
+
 class TeamsConversationMap:
     """The mapping in SQLite (``teams.db`` in the data directory)."""
 
@@ -47,7 +67,7 @@ class TeamsConversationMap:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self._path)
         await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute(_SCHEMA)
+        await self._db.executescript(_SCHEMA)
         await self._db.commit()
 
     async def close(self) -> None:
@@ -88,6 +108,35 @@ class TeamsConversationMap:
         held = await self.find(tenant_id, teams_conversation_id, user_id)
         assert held is not None
         return held
+
+    async def remember_reply(
+        self,
+        tenant_id: str,
+        teams_conversation_id: str,
+        teams_message_ids: Iterable[str],
+        reply: PostedReply,
+    ) -> None:
+        """Record which Lamina reply the Teams messages ``teams_message_ids`` carry."""
+        await self._conn.executemany(
+            "INSERT OR REPLACE INTO teams_replies VALUES (?, ?, ?, ?, ?)",
+            [
+                (tenant_id, teams_conversation_id, m, reply.conversation_id, reply.message_id)
+                for m in teams_message_ids
+            ],
+        )
+        await self._conn.commit()
+
+    async def reply_of(
+        self, tenant_id: str, teams_conversation_id: str, teams_message_id: str
+    ) -> PostedReply | None:
+        """The Lamina reply a Teams message of ours carries; ``None`` for any other."""
+        async with self._conn.execute(
+            "SELECT conversation_id, message_id FROM teams_replies "
+            "WHERE tenant_id = ? AND teams_conversation_id = ? AND teams_message_id = ?",
+            (tenant_id, teams_conversation_id, teams_message_id),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else PostedReply(row[0], row[1])
 
     @property
     def _conn(self) -> aiosqlite.Connection:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from microsoft_agents.activity import Activity, Entity, StreamInfo
+from microsoft_agents.activity import Activity, Attachment, Entity, StreamInfo
 from microsoft_agents.hosting.core import TurnContext
 
 from client_api.teams.messages import ai_label_entity, citation_entity
@@ -71,17 +71,31 @@ class TeamsReply:
             self._streamed = len(self._text)
             await self._post_stream_update("streaming", self._text)
 
-    async def finish(self, answer: str, citations: Sequence[Citation]) -> None:
+    async def finish(self, answer: str, citations: Sequence[Citation]) -> tuple[str, ...]:
         """Send the answer (as the final message of the stream, or as one message) with
-        its citations."""
+        its citations. Returns the ids of the Teams messages that carry it (the stream's
+        and the final message's), which feedback on it names."""
+        response = None
         if self._stream_open():
-            await self._send(self._final(answer, citations, stream_end=True))
+            response = await self._send(self._final(answer, citations, stream_end=True))
         elif self._stream_ended_at is not None:
             rest = answer[self._stream_ended_at :].strip()
             if rest:
-                await self._send(self._final(rest, citations, stream_end=False))
+                response = await self._send(self._final(rest, citations, stream_end=False))
         else:
-            await self._send(self._final(answer, citations, stream_end=False))
+            response = await self._send(self._final(answer, citations, stream_end=False))
+        ids = [self._stream_id, getattr(response, "id", None)]
+        return tuple(dict.fromkeys(i for i in ids if i))
+
+    async def ask_approval(self, text: str, card: Attachment) -> None:
+        """End the reply with an approval card (a stream is ended with ``text`` first:
+        the card goes out as a message of its own)."""
+        if self._stream_open():
+            await self._send(
+                Activity(type="message", text=text, entities=[self._stream_info("final")])
+            )
+            text = ""
+        await self._send(Activity(type="message", text=text or None, attachments=[card]))
 
     async def fail(self, message: str) -> None:
         """End the reply with a message the user may read (a stream is ended with it)."""
