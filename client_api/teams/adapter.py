@@ -2,10 +2,12 @@
 
 The channel's request is authenticated (:class:`BotFrameworkTokenValidator`), answered
 at once with 202, and the turn runs in the background: Teams retries a request that is
-not answered within a few seconds, and a grounded answer takes longer. The reply goes
-back proactively through the SDK (``continue_conversation_with_claims`` with the identity
-the channel proved, a connector client holding the bot's own token), streamed in a 1:1
-chat and as one message elsewhere.
+not answered within a few seconds, and a grounded answer takes longer. The background
+task runs the activity through the SDK's ``CloudAdapter`` (``process_activity`` with the
+identity the channel proved, a connector client holding the bot's own token) into an
+``AgentApplication`` whose message route answers it; the reply goes back through the turn
+context, threaded under the user's message, streamed in a 1:1 chat and as one message
+elsewhere.
 
 Who asks: the activity's ``from.aadObjectId`` in ``conversation.tenantId``, the default
 signed-in roles, and the groups the edge's :class:`GroupResolver` reads from Microsoft
@@ -26,8 +28,17 @@ import aiohttp
 import httpx
 from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, FastAPI, Request, Response
-from microsoft_agents.activity import Activity, ConversationReference
-from microsoft_agents.hosting.core import ClaimsIdentity, TurnContext
+from microsoft_agents.activity import Activity, DeliveryModes
+from microsoft_agents.hosting.core import (
+    AgentApplication,
+    ApplicationOptions,
+    ClaimsIdentity,
+    MemoryStorage,
+    Storage,
+    TurnContext,
+    TurnState,
+)
+from microsoft_agents.hosting.core.authorization import Connections
 from microsoft_agents.hosting.fastapi import CloudAdapter
 from pydantic import ValidationError
 
@@ -66,9 +77,32 @@ _SORRY = "Sorry, I could not answer that. Please try again in a moment."
 _NO_GROUPS = "I cannot check what you may read right now. Please try again in a moment."
 
 
+class _NoTurnState(TurnState):
+    """Turn state that loads nothing: what the bot remembers (the conversation map, the
+    replies to rate) it keeps itself, so a turn has only the SDK's in-memory temp scope,
+    and the SDK's storage is never read or written for conversation or user state."""
+
+    async def load(self, context: TurnContext, storage: Storage) -> TurnState:
+        return self
+
+
+def _agent_application(connections: Connections) -> AgentApplication[TurnState]:
+    """The SDK's application the message turns run through: no sign-in, no typing timer
+    (a 1:1 answer streams its own updates), the activity's text left as it came
+    (:func:`question_text` removes the bot's mention itself)."""
+    options = ApplicationOptions(
+        storage=MemoryStorage(),  # required by the SDK; holds nothing (see _NoTurnState)
+        start_typing_timer=False,
+        remove_recipient_mention=False,
+        turn_state_factory=_NoTurnState,
+    )
+    return AgentApplication[TurnState](options, connection_manager=connections)
+
+
 class TeamsBot:
     """The bot: authenticates the channel's requests, runs each turn in the background
-    (tracked, and cancelled at shutdown) and replies through the SDK."""
+    (tracked, and cancelled at shutdown) through the SDK's application and replies
+    through the turn's context."""
 
     def __init__(
         self,
@@ -92,9 +126,13 @@ class TeamsBot:
             principal=self._principal,
             resume=self._resume,
         )
-        self._adapter = CloudAdapter(connection_manager=connection_manager(settings.teams))
-        # The SDK's default handler sends the raw exception text to the user.
+        connections = connection_manager(settings.teams)
+        self._adapter = CloudAdapter(connection_manager=connections)
+        # The SDK's default handler sends the raw exception text to the user. The
+        # application has no error handler of its own, so a failing turn ends up here.
         self._adapter.on_turn_error = self._on_turn_error
+        self._app = _agent_application(connections)
+        self._app.message()(self._on_message)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: set[tuple[str, str]] = set()
         if groups is None:
@@ -167,15 +205,15 @@ class TeamsBot:
         task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, identity: ClaimsIdentity, activity: Activity) -> None:
-        reference: ConversationReference = activity.get_conversation_reference()
-        continuation = reference.get_continuation_activity()
-        # Replies thread under the user's message (replyToId), as a reply would.
-        continuation.id = activity.id
+        # The channel has had its 202: replies can only go through the Bot Connector,
+        # never back in the response (expectReplies would buffer them to no one).
+        activity.delivery_mode = DeliveryModes.normal
+        # A reactive turn: each reply threads under the user's message (replyToId).
+        await self._adapter.process_activity(identity, activity, self._app.on_turn)
 
-        async def answer(context: TurnContext) -> None:
-            await self._answer(context, activity)
-
-        await self._adapter.continue_conversation_with_claims(identity, continuation, answer)
+    async def _on_message(self, context: TurnContext, state: TurnState) -> None:
+        """The application's message route."""
+        await self._answer(context, context.activity)
 
     async def _answer(self, context: TurnContext, activity: Activity) -> None:
         personal = activity.conversation.conversation_type in (None, "personal")
