@@ -6,8 +6,6 @@ real validator, which fetches metadata and keys over HTTP.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +14,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from client_api.auth.jwt import (
     AuthenticationError,
@@ -40,6 +37,7 @@ from tests.support.identity import (
     SigningKey,
     b64url,
     b64url_decode,
+    forge,
     running_identity_provider,
 )
 
@@ -78,15 +76,6 @@ async def refused(validator: JwtValidator, token: str) -> str:
     with pytest.raises(AuthenticationError) as caught:
         await validator.validate(token)
     return str(caught.value)
-
-
-def forge(header: dict[str, Any], claims: dict[str, Any], sign: bytes | None = None) -> str:
-    """A JWT assembled by hand: ``sign`` is the HMAC-SHA256 secret, ``None`` no signature."""
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
-    if sign is None:
-        return f"{signing_input}."
-    mac = hmac.new(sign, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(mac)}"
 
 
 # --- the accepted token ----------------------------------------------------------------
@@ -152,11 +141,7 @@ async def test_hs256_keyed_with_the_rsa_public_key_is_refused(
 ) -> None:
     # Key confusion: the public key is public, so an attacker can HMAC with its PEM
     # bytes; a verifier that let the token pick the algorithm would accept this.
-    pem = (
-        idp.keys[0]
-        .private.public_key()
-        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    )
+    pem = idp.keys[0].public_pem()
     forged = forge({"alg": "HS256", "typ": "JWT", "kid": "key-1"}, idp.claims("mallory"), pem)
     assert "algorithm" in await refused(validator, forged)
 

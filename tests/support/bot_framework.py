@@ -12,6 +12,10 @@
 - :class:`BotConnector` (http): records every call to ``/v3/conversations/...`` and
   answers ``{"id": ...}``; use its :attr:`~BotConnector.service_url` as the activity's
   ``serviceUrl``.
+
+And the Lamina side of it: :func:`teams_settings` registers the bot with these fakes,
+:func:`teams_activity` builds what the channel posts, and :class:`ServedBot` posts it
+signed to a Lamina app and reads the replies the connector recorded.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import sqlite3
 import ssl
 import tempfile
 import threading
@@ -29,9 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import parse_qs, unquote
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -44,6 +50,8 @@ APP_SECRET = "bot-secret-for-tests"
 BOT_TENANT = "7d1c6a3e-0000-4000-8000-00000000e17a"
 CHANNEL_ISSUER = "https://api.botframework.com"
 CONNECTOR_SCOPE = "https://api.botframework.com/.default"
+TEAMS_TENANT = "contoso"
+"""The tenant the Teams activities come from (the users' tenant, not the bot's)."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -427,8 +435,120 @@ class BotConnector(_Fake):
         return 200, {"id": new_id}
 
 
+AnyConnector = TypeVar("AnyConnector", bound=BotConnector)
+
+
 @contextmanager
-def running_bot_connector() -> Iterator[BotConnector]:
-    connector = BotConnector()
+def running_bot_connector(connector: AnyConnector) -> Iterator[AnyConnector]:
+    """Serves ``connector`` (a :class:`BotConnector`, or one that fails or waits on cue)."""
     with _serving(connector):
         yield connector
+
+
+# --- Lamina as the channel sees it ---------------------------------------------------------
+
+
+def teams_settings(
+    channel: BotFrameworkChannel | None = None,
+    tenant: EntraTenant | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Lamina's ``teams`` settings for the bot registered with these fakes: inbound tokens
+    from ``channel``, and (a single-tenant bot) replies with tokens from ``tenant``."""
+    values: dict[str, Any] = {"enabled": True, "app_id": APP_ID, "app_secret": APP_SECRET}
+    if channel is not None:
+        values["openid_config_url"] = channel.config_url
+    if tenant is not None:
+        values |= {"app_tenant_id": BOT_TENANT, "token_url": tenant.token_url}
+    return values | overrides
+
+
+def teams_activity(
+    service_url: str,
+    text: str | None = None,
+    *,
+    user: str = "ana",
+    conversation: str | None = None,
+    kind: str = "personal",
+    tenant: str = TEAMS_TENANT,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A Teams activity from ``user`` (a new conversation unless named); ``fields`` set
+    type, value, entities, … ."""
+    activity: dict[str, Any] = {
+        "type": "message",
+        "id": f"1{uuid.uuid4().int % 10**12}",
+        "timestamp": "2025-01-01T10:00:00.000Z",
+        "channelId": "msteams",
+        "serviceUrl": service_url,
+        "from": {"id": f"29:{user}", "name": user.title(), "aadObjectId": user},
+        "recipient": {"id": f"28:{APP_ID}", "name": "Lamina"},
+        "conversation": {
+            "id": conversation or f"a:{uuid.uuid4().hex}",
+            "conversationType": kind,
+            "tenantId": tenant,
+        },
+    }
+    if text is not None:
+        activity["text"] = text
+    return activity | fields
+
+
+def stream_info(call: ConnectorCall) -> dict[str, Any] | None:
+    """The ``streaminfo`` entity of a streamed reply; ``None`` on a plain message."""
+    entities = call.body.get("entities") or []
+    return next((e for e in entities if e.get("type") == "streaminfo"), None)
+
+
+def citations(call: ConnectorCall) -> list[dict[str, Any]]:
+    """The ``Claim`` citations of a reply's ``Message`` entity."""
+    entities = call.body.get("entities") or []
+    message = next((e for e in entities if e.get("@type") == "Message"), {})
+    return list(message.get("citation") or [])
+
+
+@dataclass
+class ServedBot(Generic[AnyConnector]):
+    """A Lamina app serving the Teams bot at ``base_url``, with the Bot Framework fakes
+    around it and its data directory."""
+
+    base_url: str
+    channel: BotFrameworkChannel
+    tenant: EntraTenant
+    connector: AnyConnector
+    data: Path
+    reply_timeout_s: ClassVar[float] = 30.0
+
+    def activity(self, text: str | None = None, **options: Any) -> dict[str, Any]:
+        """:func:`teams_activity` with replies going to this bot's connector."""
+        return teams_activity(self.connector.service_url, text, **options)
+
+    def post(self, activity: dict[str, Any]) -> httpx.Response:
+        """Posts ``activity`` signed like the channel's, for its ``serviceUrl``."""
+        return self.post_as(activity, self.channel.authorization(activity["serviceUrl"]))
+
+    def post_as(self, activity: dict[str, Any], authorization: str | None) -> httpx.Response:
+        """Posts ``activity`` with this ``Authorization`` header (none when ``None``)."""
+        headers = {"Authorization": authorization} if authorization is not None else {}
+        return httpx.post(
+            f"{self.base_url}/api/messages", json=activity, headers=headers, timeout=30
+        )
+
+    def calls_of(self, conversation: str) -> list[ConnectorCall]:
+        with self.connector._lock:
+            return [c for c in self.connector.calls if c.conversation_id == conversation]
+
+    def final_reply(self, conversation: str) -> list[ConnectorCall]:
+        """The conversation's calls, once its answer (a ``message``) has arrived."""
+        deadline = time.monotonic() + self.reply_timeout_s
+        while time.monotonic() < deadline:
+            calls = self.calls_of(conversation)
+            if any(c.body["type"] == "message" for c in calls):
+                return calls
+            time.sleep(0.05)
+        raise AssertionError(f"no reply in {conversation}: {self.calls_of(conversation)}")
+
+    def questions(self) -> list[str]:
+        """Every user message Lamina stored."""
+        with sqlite3.connect(self.data / "conversations.db") as db:
+            return [r[0] for r in db.execute("SELECT content FROM messages WHERE role = 'user'")]

@@ -8,6 +8,8 @@ and ``scp`` for delegated (user) tokens or ``idtyp: app`` for app-only ones.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Any, Literal
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import RSAAlgorithm
 
 AUDIENCE = "api://lamina-test"
@@ -40,6 +43,12 @@ class SigningKey:
     def jwk(self) -> dict[str, Any]:
         public: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(self.private.public_key()))
         return {**public, "kid": self.kid, "use": "sig", "alg": "RS256"}
+
+    def public_pem(self) -> bytes:
+        """The public key as PEM: what a key-confusion attack keys HMAC with."""
+        return self.private.public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 @dataclass
@@ -151,6 +160,18 @@ class IdentityProvider:
 
 def sign(claims: Mapping[str, Any], key: SigningKey) -> str:
     return jwt.encode(dict(claims), key.private, algorithm="RS256", headers={"kid": key.kid})
+
+
+def forge(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None = None) -> str:
+    """A JWT assembled by hand: signed with HMAC-SHA256 keyed by ``secret``, or unsigned
+    when ``None`` — the forgeries a validator must refuse."""
+    signing_input = ".".join(
+        b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+    )
+    if secret is None:
+        return f"{signing_input}."
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(mac)}"
 
 
 def b64url(data: bytes) -> str:

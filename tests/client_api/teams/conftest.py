@@ -1,40 +1,37 @@
 """A real Lamina app serving the Teams bot, its model the scripted simulator (so a turn
 can be made to call a tool), a high-risk plugin installed through its entry point, and
-the Bot Framework around it as fakes on loopback (tests/support/bot_framework.py)."""
+the Bot Framework around it as fakes on loopback (tests/support/bot_framework.py); and
+the channel and the bot's tenant alone, for the tests of the parts."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from client_api.app import create_app
 from client_api.settings import LaminaSettings
 from inferencing.simulator import SimulatorServer
 from tests.support.bot_framework import (
-    APP_ID,
-    APP_SECRET,
-    BOT_TENANT,
     BotConnector,
     BotFrameworkChannel,
     ConnectorCall,
+    EntraTenant,
+    ServedBot,
     running_bot_connector,
     running_channel,
     running_entra_tenant,
+    teams_settings,
 )
 from tests.support.processes import app_in_thread
 from tests.support.simulator import simulated_inferencing
 from tools.contracts import RiskLevel
 from tools.plugins import tool
 
-TEAMS_TENANT = "contoso"
 CLOSED: list[str] = []
 """Every run of :func:`close_ticket`, in this process."""
 
@@ -55,20 +52,10 @@ def _install_plugin(root: Path) -> None:
 
 
 @dataclass
-class TeamsApp:
-    base_url: str
-    channel: BotFrameworkChannel
-    connector: BotConnector
+class TeamsApp(ServedBot[BotConnector]):
     simulator: SimulatorServer
-    data: Path
 
-    def post(self, activity: dict[str, Any]) -> httpx.Response:
-        headers = {"Authorization": self.channel.authorization(self.connector.service_url)}
-        return httpx.post(
-            f"{self.base_url}/api/messages", json=activity, headers=headers, timeout=30
-        )
-
-    def calls_of(self, conversation: str) -> list[tuple[str, ConnectorCall]]:
+    def numbered_calls_of(self, conversation: str) -> list[tuple[str, ConnectorCall]]:
         """The conversation's connector calls, each with the id the connector answered."""
         with self.connector._lock:
             return [
@@ -82,12 +69,12 @@ class TeamsApp:
     ) -> tuple[str, ConnectorCall]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            hit = next(((i, c) for i, c in self.calls_of(conversation) if found(c)), None)
+            hit = next(((i, c) for i, c in self.numbered_calls_of(conversation) if found(c)), None)
             if hit is not None:
                 return hit
             time.sleep(0.05)
         raise AssertionError(
-            f"nothing of the kind in {conversation}: {self.calls_of(conversation)}"
+            f"nothing of the kind in {conversation}: {self.numbered_calls_of(conversation)}"
         )
 
     def conversation_messages(self, conversation_id: str) -> list[tuple[str, str, str]]:
@@ -110,30 +97,16 @@ class TeamsApp:
             )
 
 
-def activity(
-    app: TeamsApp,
-    *,
-    user: str = "ana",
-    conversation: str | None = None,
-    kind: str = "personal",
-    **fields: Any,
-) -> dict[str, Any]:
-    """A Teams activity from ``user``; ``fields`` set type, text, value, … ."""
-    return {
-        "type": "message",
-        "id": f"1{uuid.uuid4().int % 10**12}",
-        "timestamp": "2025-01-01T10:00:00.000Z",
-        "channelId": "msteams",
-        "serviceUrl": app.connector.service_url,
-        "from": {"id": f"29:{user}", "name": user.title(), "aadObjectId": user},
-        "recipient": {"id": f"28:{APP_ID}", "name": "Lamina"},
-        "conversation": {
-            "id": conversation or f"a:{uuid.uuid4().hex}",
-            "conversationType": kind,
-            "tenantId": TEAMS_TENANT,
-        },
-        **fields,
-    }
+@pytest.fixture
+def channel() -> Iterator[BotFrameworkChannel]:
+    with running_channel() as running:
+        yield running
+
+
+@pytest.fixture
+def tenant() -> Iterator[EntraTenant]:
+    with running_entra_tenant() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +117,7 @@ def teams_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamsApp]:
     with (
         running_channel() as channel,
         running_entra_tenant() as tenant,
-        running_bot_connector() as connector,
+        running_bot_connector(BotConnector()) as connector,
         SimulatorServer() as simulator,
         pytest.MonkeyPatch.context() as env,
     ):
@@ -157,16 +130,8 @@ def teams_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamsApp]:
             inferencing=simulated_inferencing(simulator),
             intelligence={"planner": "model"},
             tools={"approvals": {"approver_roles": ["ops.lead"]}},
-            teams={
-                "enabled": True,
-                "app_id": APP_ID,
-                "app_secret": APP_SECRET,
-                "app_tenant_id": BOT_TENANT,
-                "openid_config_url": channel.config_url,
-                "token_url": tenant.token_url,
-                "stream_interval_s": 0.5,
-            },
+            teams=teams_settings(channel, tenant, stream_interval_s=0.5),
         )
         app = create_app(settings)
         with app_in_thread(app) as base:
-            yield TeamsApp(base, channel, connector, simulator, data)
+            yield TeamsApp(base, channel, tenant, connector, data, simulator)

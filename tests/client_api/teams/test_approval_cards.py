@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from inferencing.simulator import ScriptedReply, ScriptedToolCall
-from tests.client_api.teams.conftest import CLOSED, TeamsApp, activity
+from tests.client_api.teams.conftest import CLOSED, TeamsApp
 from tests.support.bot_framework import ConnectorCall
 
 CARD = "application/vnd.microsoft.card.adaptive"
@@ -28,8 +28,7 @@ def _click(
     app: TeamsApp, question: dict[str, Any], card_id: str, button: dict[str, Any], user: str
 ) -> httpx.Response:
     return app.post(
-        activity(
-            app,
+        app.activity(
             user=user,
             conversation=question["conversation"]["id"],
             kind=question["conversation"]["conversationType"],
@@ -64,7 +63,7 @@ def test_approve_on_the_card_runs_the_tool_once_and_posts_the_answer(
             tool_calls=[ScriptedToolCall(name="close_ticket", arguments={"ticket": "T-17"})]
         )
     )
-    question = activity(teams_app, text="Please close ticket T-17.")
+    question = teams_app.activity(text="Please close ticket T-17.")
     conversation = question["conversation"]["id"]
     assert teams_app.post(question).status_code == 202
 
@@ -114,7 +113,7 @@ def test_reject_on_the_card_runs_nothing(teams_app: TeamsApp) -> None:
             tool_calls=[ScriptedToolCall(name="close_ticket", arguments={"ticket": "T-99"})]
         )
     )
-    question = activity(teams_app, kind="groupChat", text="Close ticket T-99.")
+    question = teams_app.activity(kind="groupChat", text="Close ticket T-99.")
     conversation = question["conversation"]["id"]
     assert teams_app.post(question).status_code == 202
     card_id, posted = teams_app.wait_for(conversation, lambda c: _card(c) is not None)

@@ -6,16 +6,12 @@ validator, which fetches the channel's (and the bot tenant's) metadata and keys 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import SecretStr
 
 from client_api.settings import TeamsSettings
@@ -27,28 +23,14 @@ from client_api.teams.auth import (
 )
 from tests.support.bot_framework import (
     APP_ID,
-    APP_SECRET,
     BOT_TENANT,
     BotFrameworkChannel,
     EntraTenant,
-    running_channel,
-    running_entra_tenant,
+    teams_settings,
 )
-from tests.support.identity import SigningKey, b64url
+from tests.support.identity import SigningKey, forge
 
 SERVICE_URL = "https://smba.trafficmanager.net/amer/"
-
-
-@pytest.fixture
-def channel() -> Iterator[BotFrameworkChannel]:
-    with running_channel() as running:
-        yield running
-
-
-@pytest.fixture
-def tenant() -> Iterator[EntraTenant]:
-    with running_entra_tenant() as running:
-        yield running
 
 
 @pytest.fixture
@@ -60,14 +42,7 @@ async def http(tenant: EntraTenant) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def settings_for(channel: BotFrameworkChannel, **overrides: Any) -> TeamsSettings:
-    values: dict[str, Any] = {
-        "enabled": True,
-        "app_id": APP_ID,
-        "app_secret": SecretStr(APP_SECRET),
-        "openid_config_url": channel.config_url,
-        **overrides,
-    }
-    return TeamsSettings(**values)
+    return TeamsSettings(**teams_settings(channel, **overrides))
 
 
 @pytest.fixture
@@ -83,17 +58,6 @@ async def refused(
     with pytest.raises(TeamsAuthError) as caught:
         await validator.validate(authorization, service_url)
     return caught.value
-
-
-def forge(header: dict[str, Any], claims: dict[str, Any], sign: bytes | None) -> str:
-    """A token signed with HMAC-SHA256 keyed by ``sign`` (or unsigned when ``None``)."""
-    signing_input = ".".join(
-        b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
-    )
-    if sign is None:
-        return f"{signing_input}."
-    mac = hmac.new(sign, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(mac)}"
 
 
 # --- accepted ------------------------------------------------------------------------------
@@ -234,11 +198,7 @@ async def test_unsigned_token_is_refused(
 async def test_hs256_keyed_with_the_public_key_is_refused(
     channel: BotFrameworkChannel, validator: BotFrameworkTokenValidator
 ) -> None:
-    pem = (
-        channel.keys[0]
-        .private.public_key()
-        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-    )
+    pem = channel.keys[0].public_pem()
     forged = forge({"alg": "HS256", "kid": "bf-key-1"}, channel.claims(SERVICE_URL), pem)
     assert "algorithm" in str(await refused(validator, f"Bearer {forged}"))
 

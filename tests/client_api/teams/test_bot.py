@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from client_api.app import create_app
@@ -24,25 +21,24 @@ from client_api.composition import build_knowledge
 from client_api.settings import LaminaSettings
 from tests.support.bot_framework import (
     APP_ID,
-    APP_SECRET,
-    BOT_TENANT,
+    TEAMS_TENANT,
     BotConnector,
-    BotFrameworkChannel,
-    ConnectorCall,
-    EntraTenant,
-    _serving,
+    ServedBot,
+    citations,
+    running_bot_connector,
     running_channel,
     running_entra_tenant,
+    stream_info,
+    teams_settings,
 )
 from tests.support.graph import FakeGraph, StaticGraphToken, running_graph
 from tests.support.processes import app_in_thread
 
-TENANT = "contoso"
 ALPHA_FACT = "The Aurora launch passphrase is violet-harbor-42."
 BETA_FACT = "The Project Falcon budget is 4.2 million euros, approved by the board in March."
 PUBLIC_FACT = "The cafeteria on floor three opens at 7:30 every weekday."
 ACL = f"""
-tenant: {TENANT}
+tenant: {TEAMS_TENANT}
 rules:
   - match: "alpha/**"
     groups: [alpha]
@@ -68,39 +64,8 @@ class GatedConnector(BotConnector):
 
 
 @dataclass
-class Bot:
-    base_url: str
-    channel: BotFrameworkChannel
-    tenant: EntraTenant
-    connector: GatedConnector
+class Bot(ServedBot[GatedConnector]):
     graph: FakeGraph
-    data: Path
-
-    def post(self, activity: dict[str, Any], *, signed: bool = True) -> httpx.Response:
-        headers = (
-            {"Authorization": self.channel.authorization(self.connector.service_url)}
-            if signed
-            else {}
-        )
-        return httpx.post(f"{self.base_url}/api/messages", json=activity, headers=headers)
-
-    def calls_of(self, conversation: str) -> list[ConnectorCall]:
-        with self.connector._lock:
-            return [c for c in self.connector.calls if c.conversation_id == conversation]
-
-    def final_reply(self, conversation: str) -> list[ConnectorCall]:
-        """The conversation's calls, once its answer (a ``message``) has arrived."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            calls = self.calls_of(conversation)
-            if any(c.body["type"] == "message" for c in calls):
-                return calls
-            time.sleep(0.05)
-        raise AssertionError(f"no reply in {conversation}: {self.calls_of(conversation)}")
-
-    def questions(self) -> list[str]:
-        with sqlite3.connect(self.data / "conversations.db") as db:
-            return [r[0] for r in db.execute("SELECT content FROM messages WHERE role = 'user'")]
 
 
 def _ingest(data: Path, root: Path) -> None:
@@ -129,11 +94,10 @@ def _ingest(data: Path, root: Path) -> None:
 def bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bot]:
     data = tmp_path_factory.mktemp("data")
     _ingest(data, tmp_path_factory.mktemp("corpus"))
-    connector = GatedConnector()
     with (
         running_channel() as channel,
         running_entra_tenant() as tenant,
-        _serving(connector),
+        running_bot_connector(GatedConnector()) as connector,
         running_graph(ana=["alpha"], ben=["beta"]) as graph,
         pytest.MonkeyPatch.context() as env,
     ):
@@ -148,19 +112,11 @@ def bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bot]:
                 "audience": "api://lamina",
                 "graph_base_url": graph.base_url,
             },
-            teams={
-                "enabled": True,
-                "app_id": APP_ID,
-                "app_secret": APP_SECRET,
-                "app_tenant_id": BOT_TENANT,
-                "openid_config_url": channel.config_url,
-                "token_url": tenant.token_url,
-                "stream_interval_s": 0.5,
-            },
+            teams=teams_settings(channel, tenant, stream_interval_s=0.5),
         )
         app = create_app(settings, graph_token=StaticGraphToken())
         with app_in_thread(app) as base:
-            yield Bot(base, channel, tenant, connector, graph, data)
+            yield Bot(base, channel, tenant, connector, data, graph)
 
 
 @pytest.fixture(autouse=True)
@@ -168,47 +124,9 @@ def _open_connector(bot: Bot) -> None:
     bot.connector.gate.set()
 
 
-def _activity(
-    bot: Bot,
-    text: str,
-    *,
-    user: str = "ana",
-    kind: str = "personal",
-    conversation: str | None = None,
-    entities: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "id": f"1{uuid.uuid4().int % 10**12}",
-        "timestamp": "2025-01-01T10:00:00.000Z",
-        "channelId": "msteams",
-        "serviceUrl": bot.connector.service_url,
-        "from": {"id": f"29:{user}", "name": user.title(), "aadObjectId": user},
-        "recipient": {"id": f"28:{APP_ID}", "name": "Lamina"},
-        "conversation": {
-            "id": conversation or f"a:{uuid.uuid4().hex}",
-            "conversationType": kind,
-            "tenantId": TENANT,
-        },
-        "text": text,
-        "entities": entities or [],
-    }
-
-
-def _stream_info(call: ConnectorCall) -> dict[str, Any] | None:
-    entities = call.body.get("entities") or []
-    return next((e for e in entities if e.get("type") == "streaminfo"), None)
-
-
-def _citations(call: ConnectorCall) -> list[dict[str, Any]]:
-    entities = call.body.get("entities") or []
-    message = next((e for e in entities if e.get("@type") == "Message"), {})
-    return list(message.get("citation") or [])
-
-
 def test_the_channel_gets_its_answer_before_the_reply_is_posted(bot: Bot) -> None:
     bot.connector.gate.clear()
-    activity = _activity(bot, "When does the cafeteria open?")
+    activity = bot.activity("When does the cafeteria open?")
     started = time.perf_counter()
     response = bot.post(activity)
     ack_ms = (time.perf_counter() - started) * 1000
@@ -223,7 +141,7 @@ def test_the_channel_gets_its_answer_before_the_reply_is_posted(bot: Bot) -> Non
 
 
 def test_a_personal_chat_streams_with_citations_and_the_bots_token(bot: Bot) -> None:
-    activity = _activity(bot, "When does the cafeteria open?")
+    activity = bot.activity("When does the cafeteria open?")
     assert bot.post(activity).status_code == 202
     calls = bot.final_reply(activity["conversation"]["id"])
 
@@ -233,24 +151,24 @@ def test_a_personal_chat_streams_with_citations_and_the_bots_token(bot: Bot) -> 
 
     first, final = calls[0], calls[-1]
     assert first.body["type"] == "typing"
-    assert _stream_info(first) == {
+    assert stream_info(first) == {
         "type": "streaminfo",
         "streamType": "informative",
         "streamSequence": 1,
     }
     updates = calls[1:-1]
     assert all(c.body["type"] == "typing" for c in updates)
-    sequences = [_stream_info(c)["streamSequence"] for c in calls[:-1]]  # type: ignore[index]
+    sequences = [stream_info(c)["streamSequence"] for c in calls[:-1]]  # type: ignore[index]
     assert sequences == list(range(1, len(calls)))
-    stream_ids = {(_stream_info(c) or {}).get("streamId") for c in calls[1:]}
+    stream_ids = {(stream_info(c) or {}).get("streamId") for c in calls[1:]}
     assert len(stream_ids) == 1 and None not in stream_ids
-    info = _stream_info(final)
+    info = stream_info(final)
     assert final.body["type"] == "message"
     assert info is not None and info["streamType"] == "final" and "streamSequence" not in info
     assert "7:30" in final.body["text"]
-    citations = _citations(final)
-    assert 1 <= len(citations) <= 20
-    for claim in citations:
+    claims = citations(final)
+    assert 1 <= len(claims) <= 20
+    for claim in claims:
         assert claim["@type"] == "Claim"
         assert f"[{claim['position']}]" in final.body["text"]
         appearance = claim["appearance"]
@@ -258,8 +176,7 @@ def test_a_personal_chat_streams_with_citations_and_the_bots_token(bot: Bot) -> 
 
 
 def test_a_group_chat_gets_one_message_without_the_mentions(bot: Bot) -> None:
-    activity = _activity(
-        bot,
+    activity = bot.activity(
         "<at>Lamina</at> when does the <at>Ben</at> cafeteria open?",
         kind="groupChat",
         conversation="19:group-chat@thread.v2",
@@ -279,16 +196,16 @@ def test_a_group_chat_gets_one_message_without_the_mentions(bot: Bot) -> None:
     assert bot.post(activity).status_code == 202
     calls = bot.final_reply(activity["conversation"]["id"])
     assert [c.body["type"] for c in calls] == ["message"]
-    assert _stream_info(calls[0]) is None
+    assert stream_info(calls[0]) is None
     assert "7:30" in calls[0].body["text"]
-    assert _citations(calls[0])
+    assert citations(calls[0])
     assert "when does the cafeteria open?" in bot.questions()
     assert not any("<at>" in q for q in bot.questions())
 
 
 def test_a_user_sees_only_what_their_groups_may_read(bot: Bot) -> None:
-    ana = _activity(bot, "What is the Project Falcon budget?", user="ana")
-    ben = _activity(bot, "What is the Project Falcon budget?", user="ben")
+    ana = bot.activity("What is the Project Falcon budget?", user="ana")
+    ben = bot.activity("What is the Project Falcon budget?", user="ben")
     assert bot.post(ana).status_code == 202
     assert bot.post(ben).status_code == 202
     ana_calls = bot.final_reply(ana["conversation"]["id"])
@@ -298,7 +215,7 @@ def test_a_user_sees_only_what_their_groups_may_read(bot: Bot) -> None:
 
 
 def test_an_activity_delivered_twice_is_answered_once(bot: Bot) -> None:
-    activity = _activity(bot, "What is the Aurora launch passphrase?", kind="groupChat")
+    activity = bot.activity("What is the Aurora launch passphrase?", kind="groupChat")
     conversation = activity["conversation"]["id"]
     assert bot.post(activity).status_code == 202
     first = bot.final_reply(conversation)
@@ -316,7 +233,7 @@ def test_an_activity_delivered_twice_is_answered_once(bot: Bot) -> None:
 
 
 def test_a_request_without_the_channels_token_is_refused(bot: Bot) -> None:
-    activity = _activity(bot, "When does the cafeteria open?")
-    response = bot.post(activity, signed=False)
+    activity = bot.activity("When does the cafeteria open?")
+    response = bot.post_as(activity, None)
     assert response.status_code == 401
     assert response.headers["content-type"].startswith("application/problem+json")

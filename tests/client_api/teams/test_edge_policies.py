@@ -16,26 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from client_api.app import create_app
 from client_api.settings import LaminaSettings
 from tests.support.bot_framework import (
-    APP_ID,
     APP_SECRET,
-    BOT_TENANT,
+    TEAMS_TENANT,
     BotConnector,
-    BotFrameworkChannel,
-    ConnectorCall,
-    EntraTenant,
-    _serving,
+    ServedBot,
+    running_bot_connector,
     running_channel,
     running_entra_tenant,
+    teams_settings,
 )
 from tests.support.processes import app_in_thread
 
-TENANT = "contoso"
 FRUGAL = "frugal"
 """A tenant whose users have a daily token quota of nothing."""
 MAX_PROMPT_TOKENS = 40
@@ -57,34 +53,11 @@ class SwitchableConnector(BotConnector):
 
 
 @dataclass
-class Bot:
-    base_url: str
-    channel: BotFrameworkChannel
-    tenant: EntraTenant
-    connector: SwitchableConnector
-    data: Path
-
-    def post(self, activity: dict[str, Any]) -> httpx.Response:
-        headers = {"Authorization": self.channel.authorization(self.connector.service_url)}
-        return httpx.post(f"{self.base_url}/api/messages", json=activity, headers=headers)
-
-    def calls_of(self, conversation: str) -> list[ConnectorCall]:
-        with self.connector._lock:
-            return [c for c in self.connector.calls if c.conversation_id == conversation]
-
+class Bot(ServedBot[SwitchableConnector]):
     def reply(self, conversation: str) -> str:
         """The text of the conversation's (first) message, once it has arrived."""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            for call in self.calls_of(conversation):
-                if call.body["type"] == "message":
-                    return str(call.body["text"])
-            time.sleep(0.05)
-        raise AssertionError(f"no reply in {conversation}: {self.calls_of(conversation)}")
-
-    def questions(self) -> list[str]:
-        with sqlite3.connect(self.data / "conversations.db") as db:
-            return [r[0] for r in db.execute("SELECT content FROM messages WHERE role = 'user'")]
+        calls = self.final_reply(conversation)
+        return str(next(c for c in calls if c.body["type"] == "message").body["text"])
 
     def audited_correlation_ids(self) -> list[str]:
         with sqlite3.connect(self.data / "audit.db") as db:
@@ -95,13 +68,12 @@ class Bot:
 @pytest.fixture(scope="module")
 def bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bot]:
     data = tmp_path_factory.mktemp("data")
-    connector = SwitchableConnector()
     # Tokens that live no time: every turn asks the token endpoint again, so that a
     # credential the endpoint stops accepting fails the next reply.
     with (
         running_channel() as channel,
         running_entra_tenant(expires_in=0) as tenant,
-        _serving(connector),
+        running_bot_connector(SwitchableConnector()) as connector,
         pytest.MonkeyPatch.context() as env,
     ):
         env.setenv("REQUESTS_CA_BUNDLE", tenant.ca_file)
@@ -114,14 +86,7 @@ def bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bot]:
                 "user_requests_per_minute": REQUESTS_PER_MINUTE,
                 "tenants": {FRUGAL: {"user_tokens_per_day": 0}},
             },
-            teams={
-                "enabled": True,
-                "app_id": APP_ID,
-                "app_secret": APP_SECRET,
-                "app_tenant_id": BOT_TENANT,
-                "openid_config_url": channel.config_url,
-                "token_url": tenant.token_url,
-            },
+            teams=teams_settings(channel, tenant),
         )
         with app_in_thread(create_app(settings)) as base:
             yield Bot(base, channel, tenant, connector, data)
@@ -135,23 +100,10 @@ def _healthy(bot: Bot) -> Iterator[None]:
 
 
 def _activity(
-    bot: Bot, text: str, *, user: str | None = None, tenant: str = TENANT
+    bot: Bot, text: str, *, user: str | None = None, tenant: str = TEAMS_TENANT
 ) -> dict[str, Any]:
     user = user or f"user-{uuid.uuid4().hex[:8]}"  # a fresh requests-per-minute window
-    return {
-        "type": "message",
-        "id": f"1{uuid.uuid4().int % 10**12}",
-        "channelId": "msteams",
-        "serviceUrl": bot.connector.service_url,
-        "from": {"id": f"29:{user}", "name": user, "aadObjectId": user},
-        "recipient": {"id": f"28:{APP_ID}", "name": "Lamina"},
-        "conversation": {
-            "id": f"a:{uuid.uuid4().hex}",
-            "conversationType": "groupChat",
-            "tenantId": tenant,
-        },
-        "text": text,
-    }
+    return bot.activity(text, user=user, kind="groupChat", tenant=tenant)
 
 
 def _ask(bot: Bot, activity: dict[str, Any]) -> str:
@@ -253,21 +205,15 @@ def test_channel_metadata_that_cannot_be_fetched_is_a_503(tmp_path: Path, bot: B
         data_dir=tmp_path,
         log_level="WARNING",
         auth={"mode": "dev"},
-        teams={
-            "enabled": True,
-            "app_id": APP_ID,
-            "app_secret": APP_SECRET,
-            "app_tenant_id": BOT_TENANT,
-            "openid_config_url": "http://127.0.0.1:9/v1/.well-known/openidconfiguration",
-            "token_url": bot.tenant.token_url,
-        },
+        teams=teams_settings(
+            bot.channel,
+            bot.tenant,
+            openid_config_url="http://127.0.0.1:9/v1/.well-known/openidconfiguration",
+        ),
     )
     with app_in_thread(create_app(settings)) as base:
-        response = httpx.post(
-            f"{base}/api/messages",
-            json=_activity(bot, "When does it open?"),
-            headers={"Authorization": bot.channel.authorization(bot.connector.service_url)},
-        )
+        another = ServedBot(base, bot.channel, bot.tenant, bot.connector, tmp_path)
+        response = another.post(_activity(bot, "When does it open?"))
     assert response.status_code == 503
     assert response.headers["content-type"].startswith("application/problem+json")
     assert response.headers["Retry-After"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.client_api.teams.conftest import TEAMS_TENANT, TeamsApp, activity
+from tests.client_api.teams.conftest import TeamsApp
+from tests.support.bot_framework import TEAMS_TENANT
 
 
 def _stream_id(body: dict[str, Any]) -> str | None:
@@ -17,8 +18,7 @@ def _stream_id(body: dict[str, Any]) -> str | None:
 def _feedback(
     app: TeamsApp, question: dict[str, Any], reply_to: str, **value: Any
 ) -> dict[str, Any]:
-    return activity(
-        app,
+    return app.activity(
         user="ana",
         conversation=question["conversation"]["id"],
         kind=question["conversation"]["conversationType"],
@@ -31,7 +31,7 @@ def _feedback(
 
 def test_a_dislike_on_a_group_chat_answer_is_stored_against_its_reply(teams_app: TeamsApp) -> None:
     teams_app.simulator.reset()
-    question = activity(teams_app, kind="groupChat", text="How do I reset my password?")
+    question = teams_app.activity(kind="groupChat", text="How do I reset my password?")
     conversation = question["conversation"]["id"]
     assert teams_app.post(question).status_code == 202
     answer_id, answer = teams_app.wait_for(conversation, lambda c: c.body["type"] == "message")
@@ -61,7 +61,7 @@ def test_a_dislike_on_a_group_chat_answer_is_stored_against_its_reply(teams_app:
 
 def test_a_like_on_a_streamed_answer_names_the_stream(teams_app: TeamsApp) -> None:
     teams_app.simulator.reset()
-    question = activity(teams_app, text="Where is the VPN guide?")
+    question = teams_app.activity(text="Where is the VPN guide?")
     conversation = question["conversation"]["id"]
     assert teams_app.post(question).status_code == 202
     _, final = teams_app.wait_for(conversation, lambda c: c.body["type"] == "message")
@@ -83,7 +83,7 @@ def test_a_like_on_a_streamed_answer_names_the_stream(teams_app: TeamsApp) -> No
 
 def test_feedback_on_a_message_that_is_not_an_answer_is_not_stored(teams_app: TeamsApp) -> None:
     before = len(teams_app.audit("teams.feedback"))
-    question = activity(teams_app)
+    question = teams_app.activity()
     response = teams_app.post(
         _feedback(teams_app, question, "someone-elses-message", reaction="like", feedback="")
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +22,7 @@ from tests.support.bot_framework import (
     BOT_TENANT,
     CONNECTOR_SCOPE,
     EntraTenant,
-    running_entra_tenant,
+    teams_settings,
 )
 
 SERVICE_URL = "https://smba.trafficmanager.net/amer/"
@@ -37,22 +36,8 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def tenant() -> Iterator[EntraTenant]:
-    with running_entra_tenant() as running:
-        yield running
-
-
 def settings_for(tenant: EntraTenant, **overrides: Any) -> TeamsSettings:
-    values: dict[str, Any] = {
-        "enabled": True,
-        "app_id": APP_ID,
-        "app_secret": SecretStr(APP_SECRET),
-        "app_tenant_id": BOT_TENANT,
-        "token_url": tenant.token_url,
-        **overrides,
-    }
-    return TeamsSettings(**values)
+    return TeamsSettings(**teams_settings(tenant=tenant, **overrides))
 
 
 def provider_for(tenant: EntraTenant, clock: Clock, **overrides: Any) -> BotTokenProvider:
