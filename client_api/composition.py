@@ -76,6 +76,7 @@ from tools.settings import McpServerSettings
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from client_api.teams.conversations import TeamsConversationMap
     from intelligence.stores.cosmos import CosmosConversationStore
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class Services:
     """Runs queued jobs in the background; the app starts it (and stops it at shutdown)."""
     ingest_jobs: IngestJobs
     agent_tasks: AgentTasks
+    teams_conversations: TeamsConversationMap | None = None
+    """The Teams bot's conversation map, when Teams is enabled."""
 
     def describe(self) -> dict[str, str]:
         """Where shared state lives and whether it is degraded, for /readyz."""
@@ -311,6 +314,22 @@ async def build_jobs(
         lambda text: AccessRules.parse(text, source="ACL file").tenants,
     )
     return store, runner, ingest, AgentTasks(runner, assistant)
+
+
+async def open_teams_conversations(
+    settings: LaminaSettings, stack: AsyncExitStack
+) -> TeamsConversationMap | None:
+    """Which Lamina conversation each Teams conversation continues, when Teams is on.
+    Plain SQLite (no Agents SDK import), and built here because it names users: it is
+    one of the personal-data holders."""
+    if not settings.teams.enabled:
+        return None
+    from client_api.teams.conversations import TeamsConversationMap
+
+    conversations = TeamsConversationMap(settings.data_dir / "teams.db")
+    await conversations.open()
+    stack.push_async_callback(conversations.close)
+    return conversations
 
 
 def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
@@ -523,6 +542,9 @@ async def build_services(settings: LaminaSettings) -> Services:
             holders.append(AnswerCacheData(answer_cache))
         if approvals is not None:
             holders.append(ApprovalData(approvals))
+        teams_conversations = await open_teams_conversations(settings, stack)
+        if teams_conversations is not None:
+            holders.append(teams_conversations)
         personal_data = PersonalData(holders, audit)
     except BaseException:
         await stack.aclose()
@@ -549,4 +571,5 @@ async def build_services(settings: LaminaSettings) -> Services:
         job_runner=job_runner,
         ingest_jobs=ingest_jobs,
         agent_tasks=agent_tasks,
+        teams_conversations=teams_conversations,
     )

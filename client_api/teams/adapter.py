@@ -54,7 +54,7 @@ from client_api.teams.auth import (
     check_teams_settings,
     claims_identity,
 )
-from client_api.teams.conversations import ConversationLink, TeamsConversationMap
+from client_api.teams.conversations import ConversationLink
 from client_api.teams.invokes import TeamsInvokes
 from client_api.teams.messages import question_text
 from client_api.teams.refusals import EDGE_REFUSALS, refusal_text
@@ -118,7 +118,8 @@ class TeamsBot:
         self._groups = groups
         self._policy = PermissionPolicy.from_settings(settings.auth)
         self._validator = BotFrameworkTokenValidator(settings.teams, http)
-        self._conversations = TeamsConversationMap(settings.data_dir / "teams.db")
+        assert services.teams_conversations is not None, "built when Teams is enabled"
+        self._conversations = services.teams_conversations
         self._invokes = TeamsInvokes(
             services.assistant,
             services.audit,
@@ -141,15 +142,11 @@ class TeamsBot:
                 "they see only public documents and those granted to them by name"
             )
 
-    async def open(self) -> None:
-        await self._conversations.open()
-
     async def aclose(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._conversations.close()
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -405,7 +402,6 @@ async def running_bot(
 ) -> AsyncIterator[TeamsBot]:
     """The bot for the app's lifetime; its background turns are cancelled at shutdown."""
     bot = TeamsBot(settings, services, http, groups=groups)
-    await bot.open()
     try:
         yield bot
     finally:

@@ -14,8 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
+
+from intelligence.contracts import Principal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS teams_conversations (
@@ -57,7 +60,10 @@ class PostedReply:
 
 
 class TeamsConversationMap:
-    """The mapping in SQLite (``teams.db`` in the data directory)."""
+    """The mapping in SQLite (``teams.db`` in the data directory). It names users and
+    their conversations, so it is one of the stores ``/v1/me/data`` goes through."""
+
+    name = "teams"
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -137,6 +143,30 @@ class TeamsConversationMap:
         ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else PostedReply(row[0], row[1])
+
+    async def export_user(self, principal: Principal) -> Any:
+        async with self._conn.execute(
+            "SELECT teams_conversation_id, conversation_id FROM teams_conversations"
+            " WHERE tenant_id = ? AND user_id = ? ORDER BY teams_conversation_id",
+            (principal.tenant_id, principal.user_id),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [{"teams_conversation_id": t, "conversation_id": c} for t, c in rows]
+
+    async def erase_user(self, principal: Principal) -> int:
+        # The answers posted into the user's conversations first: they are found through
+        # the user's links, which go next.
+        mine = "SELECT conversation_id FROM teams_conversations WHERE tenant_id = ? AND user_id = ?"
+        owner = (principal.tenant_id, principal.user_id)
+        replies = await self._conn.execute(
+            f"DELETE FROM teams_replies WHERE tenant_id = ? AND conversation_id IN ({mine})",
+            (principal.tenant_id, *owner),
+        )
+        links = await self._conn.execute(
+            "DELETE FROM teams_conversations WHERE tenant_id = ? AND user_id = ?", owner
+        )
+        await self._conn.commit()
+        return int(links.rowcount) + int(replies.rowcount)
 
     @property
     def _conn(self) -> aiosqlite.Connection:
