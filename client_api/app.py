@@ -127,7 +127,7 @@ def create_app(
     if settings.teams.enabled:
         from client_api.teams.adapter import mount_teams
 
-        mount_teams(app, settings.teams, lambda: app.state.teams_bot)
+        mount_teams(app, settings, lambda: app.state.teams_bot)
     return app
 
 

@@ -142,6 +142,15 @@ class ApiSettings(BaseModel):
     )
 
 
+TEAMS_SERVICE_URL_HOSTS = (
+    "smba.trafficmanager.net",
+    "smba.infra.gcc.teams.microsoft.com",
+    "smba.infra.gov.teams.microsoft.us",
+    "smba.infra.dod.teams.microsoft.us",
+)
+"""The Bot Connector hosts of Teams: the public cloud, GCC, GCC High and DoD."""
+
+
 class TeamsSettings(BaseModel):
     """Microsoft Teams through the Microsoft 365 Agents SDK (``LAMINA_TEAMS__*``): the bot
     endpoint ``POST /api/messages`` (install ``lamina[teams]``)."""
@@ -178,10 +187,20 @@ class TeamsSettings(BaseModel):
         default="https://api.botframework.com/.default",
         description="Scope of the token replies carry to the Bot Connector",
     )
+    channel_app_ids: list[str] = Field(
+        default_factory=list,
+        description="Callers ('azp' of v2, 'appid' of v1 tokens) whose Entra-issued tokens a "
+        "single-tenant bot accepts; empty: Entra-issued tokens are refused",
+    )
+    service_url_hosts: list[str] = Field(
+        default_factory=lambda: list(TEAMS_SERVICE_URL_HOSTS),
+        description="Hosts an activity's https serviceUrl may name ('*.' for subdomains; "
+        "'http://host' also allows plain http to that host); replies go there",
+    )
     anonymous_dev: bool = Field(
         default=False,
         description="Accept unauthenticated requests (the Bot Framework Emulator, on one "
-        "machine only); refused when app_secret is set",
+        "machine only); refused when app_secret is set or LAMINA_AUTH__MODE is not dev",
     )
     stream_interval_s: float = Field(
         default=1.5, ge=0.5, le=10, description="Least time between two streamed updates"

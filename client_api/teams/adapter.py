@@ -47,12 +47,13 @@ from client_api.auth.permissions import Permission, PermissionDenied, Permission
 from client_api.composition import Services
 from client_api.edge.admission import admit_turn
 from client_api.problems import Problem
-from client_api.settings import LaminaSettings, TeamsSettings
+from client_api.settings import LaminaSettings
 from client_api.teams.auth import (
     BotFrameworkTokenValidator,
     TeamsAuthError,
     check_teams_settings,
     claims_identity,
+    served_tenants,
 )
 from client_api.teams.conversations import ConversationLink
 from client_api.teams.invokes import TeamsInvokes
@@ -157,7 +158,7 @@ class TeamsBot:
             ) from None
         try:
             claims = await self._validator.validate(
-                request.headers.get("Authorization"), activity.service_url
+                request.headers.get("Authorization"), activity.service_url, activity.channel_id
             )
         except TeamsAuthError as exc:
             raise Problem(
@@ -191,7 +192,7 @@ class TeamsBot:
             except BotTokenError as exc:
                 log.error("Teams turn %s: no token to reply with: %s", cid, exc)
             except aiohttp.ClientError as exc:
-                log.error("Teams turn %s: the Bot Connector failed: %r", cid, exc)
+                log.error("Teams turn %s: the Bot Connector failed: %s", cid, _described(exc))
             except Exception:
                 log.exception("Teams turn %s failed (conversation %s)", cid, key[0])
             finally:
@@ -258,8 +259,9 @@ class TeamsBot:
         user = activity.from_property.aad_object_id if activity.from_property else None
         if not tenant or not user:
             raise PermissionDenied("Only members of a Microsoft Entra tenant can ask me.")
-        allowed = self._settings.auth.allowed_tenants
-        if allowed and tenant not in allowed:
+        # An allow-list, or else the bot's own tenant only (check_teams_settings refuses
+        # a multi-tenant bot without one).
+        if tenant not in served_tenants(self._teams, self._settings.auth):
             raise PermissionDenied("Your organisation is not served by this assistant.")
         groups = await self._groups.groups(tenant, user) if self._groups else frozenset()
         principal = Principal(
@@ -342,14 +344,22 @@ class TeamsBot:
     async def _on_turn_error(self, context: TurnContext, error: Exception) -> None:
         cid = correlation_id.get()
         if isinstance(error, BotTokenError | aiohttp.ClientError):
-            log.error("Teams turn %s: replying failed: %r", cid, error)
+            log.error("Teams turn %s: replying failed: %s", cid, _described(error))
         else:
-            log.error("Teams turn %s failed: %r", cid, error, exc_info=error)
+            log.error("Teams turn %s failed: %s", cid, _described(error), exc_info=error)
         try:
             await context.send_activity(_SORRY)
         except (BotTokenError, aiohttp.ClientError) as exc:
             # The reply path itself is down: the user cannot be told; the log says why.
-            log.error("Teams turn %s: could not tell the user: %r", cid, exc)
+            log.error("Teams turn %s: could not tell the user: %s", cid, _described(exc))
+
+
+def _described(error: BaseException) -> str:
+    """An error as the log may show it. Never ``repr`` a connector error: aiohttp's shows
+    the request's headers, and they carry the bot's bearer token."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return f"{type(error).__name__}: HTTP {error.status} from {error.request_info.real_url}"
+    return f"{type(error).__name__}: {error}"
 
 
 async def _drain(events: AsyncGenerator[TurnEvent, None]) -> None:
@@ -369,10 +379,10 @@ def _idempotency_key(teams_conversation_id: str, activity_id: str) -> str:
     return f"teams-{digest[:48]}"
 
 
-def mount_teams(app: FastAPI, settings: TeamsSettings, bot: Callable[[], TeamsBot | None]) -> None:
+def mount_teams(app: FastAPI, settings: LaminaSettings, bot: Callable[[], TeamsBot | None]) -> None:
     """Serve ``POST /api/messages``; ``bot`` gives the running bot (built at start-up).
     Settings that cannot work stop the app here, before it listens."""
-    check_teams_settings(settings)
+    check_teams_settings(settings.teams, settings.auth)
     router = APIRouter(tags=["teams"])
 
     @router.post(

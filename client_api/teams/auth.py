@@ -7,26 +7,35 @@ issuer, addressed to this bot (``aud`` = the App ID), within its lifetime (with
 ``LAMINA_TEAMS__LEEWAY_S`` of clock skew), and names the activity's ``serviceUrl``, so
 a token captured for one service endpoint cannot send the bot's replies elsewhere.
 
+The bot sends its own connector token to the activity's ``serviceUrl``, so that URL
+must also be an https URL on one of ``LAMINA_TEAMS__SERVICE_URL_HOSTS`` (Teams' Bot
+Connector hosts by default), and the activity must come from the ``msteams`` channel.
+
 A single-tenant bot (``LAMINA_TEAMS__APP_TENANT_ID``) also receives tokens issued by
 Entra ID for its tenant (``https://sts.windows.net/<tid>/`` and
 ``https://login.microsoftonline.com/<tid>/v2.0``); those are signed with Entra's keys,
 fetched from the tenant's metadata at the bot's authority (see
-:func:`client_api.teams.tokens.entra_authority`).
+:func:`client_api.teams.tokens.entra_authority`). Any application of the tenant can get
+such a token for the bot's App ID, so one is accepted only from a caller (``azp``, v1
+``appid``) listed in ``LAMINA_TEAMS__CHANNEL_APP_IDS``.
 
 ``anonymous_dev`` (the Bot Framework Emulator on one machine) lets a request without a
-token through as anonymous; :func:`check_teams_settings` refuses it next to a secret.
+token through as anonymous, from any channel and to any service URL (its replies carry
+no token); :func:`check_teams_settings` refuses it next to a secret and outside
+``LAMINA_AUTH__MODE=dev``.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
 
 from client_api.auth.openid_keys import OpenIdKeySet
-from client_api.settings import TeamsSettings
+from client_api.settings import AuthSettings, TeamsSettings
 from client_api.teams.tokens import entra_authority, token_endpoint
 
 if TYPE_CHECKING:
@@ -39,6 +48,7 @@ _METADATA_TTL_S = 3600.0
 _REFRESH_FLOOR_S = 30.0
 _NOT_VALID = "The token is not valid."
 SERVICE_URL_CLAIM = "serviceurl"
+TEAMS_CHANNEL_ID = "msteams"
 
 
 class TeamsAuthError(Exception):
@@ -76,6 +86,8 @@ class BotFrameworkTokenValidator:
         self._app_id = settings.app_id
         self._anonymous = settings.anonymous_dev
         self._leeway = settings.leeway_s
+        self._callers = frozenset(settings.channel_app_ids)
+        self._service_hosts = tuple(h.strip().lower() for h in settings.service_url_hosts)
         self._channel_issuers = frozenset(i.lower() for i in settings.issuers)
         self._channel_keys = OpenIdKeySet(
             settings.openid_config_url,
@@ -96,11 +108,17 @@ class BotFrameworkTokenValidator:
                 refresh_floor_s=_REFRESH_FLOOR_S,
             )
 
-    async def validate(self, authorization: str | None, service_url: str | None) -> dict[str, Any]:
+    async def validate(
+        self,
+        authorization: str | None,
+        service_url: str | None,
+        channel_id: str | None,
+    ) -> dict[str, Any]:
         """The verified claims of the request's token; raises :class:`TeamsAuthError`.
 
-        ``service_url`` is the activity's ``serviceUrl``. With ``anonymous_dev`` a
-        request without a token yields empty claims (see :func:`claims_identity`).
+        ``service_url`` and ``channel_id`` are the activity's ``serviceUrl`` and
+        ``channelId``. With ``anonymous_dev`` a request without a token yields empty
+        claims (see :func:`claims_identity`).
         """
         if not authorization or not authorization.strip():
             if self._anonymous:
@@ -113,7 +131,14 @@ class BotFrameworkTokenValidator:
         if self._app_id is None:
             raise TeamsAuthError(_NOT_VALID, reason="a token arrived but no app id is configured")
         claims = await self._verify(token, self._app_id)
+        self._check_caller(claims)
         self._check_service_url(claims, service_url)
+        self._check_service_host(service_url or "")
+        # A sub-channel ("msteams:<product>") is still Teams.
+        if (channel_id or "").split(":", 1)[0] != TEAMS_CHANNEL_ID and not self._anonymous:
+            raise TeamsAuthError(
+                "This bot serves Microsoft Teams only.", reason=f"channelId {channel_id!r}"
+            )
         return claims
 
     async def _verify(self, token: str, app_id: str) -> dict[str, Any]:
@@ -167,9 +192,29 @@ class BotFrameworkTokenValidator:
             return self._entra_keys
         raise TeamsAuthError(_NOT_VALID, reason=f"issuer {issuer!r} is not accepted")
 
+    def _entra_issued(self, claims: dict[str, Any]) -> bool:
+        return str(claims.get("iss", "")).lower() in self._entra_issuers
+
+    def _check_caller(self, claims: dict[str, Any]) -> None:
+        if not self._entra_issued(claims):
+            return
+        # v2 tokens name the calling application in azp, v1 tokens in appid.
+        caller = claims.get("azp") if claims.get("ver") == "2.0" else claims.get("appid")
+        if not isinstance(caller, str) or caller not in self._callers:
+            raise TeamsAuthError(
+                _NOT_VALID, reason=f"Entra-issued token from caller {caller!r}, not a channel"
+            )
+
+    def _check_service_host(self, service_url: str) -> None:
+        if not service_url_allowed(service_url, self._service_hosts):
+            raise TeamsAuthError(
+                "The activity's service URL is not one this bot replies to.",
+                reason=f"serviceUrl {service_url!r} is not on LAMINA_TEAMS__SERVICE_URL_HOSTS",
+            )
+
     def _check_service_url(self, claims: dict[str, Any], service_url: str | None) -> None:
         claimed = claims.get(SERVICE_URL_CLAIM)
-        if claimed is None and str(claims.get("iss", "")).lower() in self._entra_issuers:
+        if claimed is None and self._entra_issued(claims):
             # Entra-issued tokens of a single-tenant bot carry no serviceurl claim.
             return
         if not isinstance(claimed, str) or _url_key(claimed) != _url_key(service_url or ""):
@@ -181,6 +226,32 @@ class BotFrameworkTokenValidator:
 
 def _url_key(url: str) -> str:
     return url.strip().rstrip("/").lower()
+
+
+def service_url_allowed(url: str, hosts: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``url`` is an https URL on one of ``hosts`` (``*.example.com`` matching its
+    subdomains); an entry ``http://host`` also allows plain http to that host."""
+    try:
+        parts = urlsplit(url.strip())
+        host = (parts.hostname or "").lower()
+        _ = parts.port  # a malformed port raises
+    except ValueError:
+        return False
+    if not host:
+        return False
+    for entry in hosts:
+        entry = entry.strip().lower()
+        schemes = {"https"}
+        if entry.startswith("http://"):
+            schemes, entry = {"http", "https"}, entry.removeprefix("http://").rstrip("/")
+        if parts.scheme not in schemes:
+            continue
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]):
+                return True
+        elif host == entry:
+            return True
+    return False
 
 
 def claims_identity(claims: dict[str, Any]) -> ClaimsIdentity:
@@ -200,12 +271,31 @@ def anonymous_identity() -> ClaimsIdentity:
     return ClaimsIdentity(claims={}, authentication_type="anonymous")
 
 
-def check_teams_settings(settings: TeamsSettings) -> None:
+def served_tenants(settings: TeamsSettings, auth: AuthSettings) -> frozenset[str]:
+    """The tenants whose users the bot answers: ``LAMINA_AUTH__ALLOWED_TENANTS``, or else
+    the bot's own tenant (empty for a multi-tenant bot, which
+    :func:`check_teams_settings` refuses without an allow-list)."""
+    if auth.allowed_tenants:
+        return frozenset(auth.allowed_tenants)
+    return frozenset({settings.app_tenant_id}) if settings.app_tenant_id else frozenset()
+
+
+def check_teams_settings(settings: TeamsSettings, auth: AuthSettings) -> None:
     """Refuse, at start-up, a Teams configuration that cannot work or is unsafe."""
     if settings.anonymous_dev and settings.app_secret is not None:
         raise ValueError(
             "LAMINA_TEAMS__ANONYMOUS_DEV accepts unauthenticated requests and must not be "
             "combined with LAMINA_TEAMS__APP_SECRET (a registered bot): unset one of them"
+        )
+    if settings.anonymous_dev and auth.mode != "dev":
+        raise ValueError(
+            "LAMINA_TEAMS__ANONYMOUS_DEV accepts unauthenticated requests and is allowed only "
+            "with LAMINA_AUTH__MODE=dev"
+        )
+    if not served_tenants(settings, auth):
+        raise ValueError(
+            "A multi-tenant bot (no LAMINA_TEAMS__APP_TENANT_ID) would answer users of any "
+            "Entra tenant: list the tenants it serves in LAMINA_AUTH__ALLOWED_TENANTS"
         )
     if settings.anonymous_dev:
         return

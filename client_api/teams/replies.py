@@ -76,6 +76,7 @@ class TeamsReply:
         its citations. Returns the ids of the Teams messages that carry it (the stream's
         and the final message's), which feedback on it names."""
         response = None
+        self._give_up_stream_past_limit()
         if self._stream_open():
             response = await self._send(self._final(answer, citations, stream_end=True))
         elif self._stream_ended_at is not None:
@@ -90,6 +91,7 @@ class TeamsReply:
     async def ask_approval(self, text: str, card: Attachment) -> None:
         """End the reply with an approval card (a stream is ended with ``text`` first:
         the card goes out as a message of its own)."""
+        self._give_up_stream_past_limit()
         if self._stream_open():
             await self._send(
                 Activity(type="message", text=text, entities=[self._stream_info("final")])
@@ -100,9 +102,16 @@ class TeamsReply:
     async def fail(self, message: str) -> None:
         """End the reply with a message the user may read (a stream is ended with it)."""
         activity = Activity(type="message", text=message)
+        self._give_up_stream_past_limit()
         if self._stream_open():
             activity.entities = [self._stream_info("final")]
         await self._send(activity)
+
+    def _give_up_stream_past_limit(self) -> None:
+        """A stream that went quiet past the limit (searches and tools, no text) may be
+        closed by Teams already: the whole answer then goes as a normal message."""
+        if self._stream_open() and self._clock() - self._started_at >= self._limit_s:
+            self._stream_ended_at = 0
 
     def _stream_open(self) -> bool:
         return self._streaming and self._stream_id is not None and self._stream_ended_at is None

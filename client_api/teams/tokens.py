@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_TOKEN_TIMEOUT_S = 10.0
+"""How long one call to the token endpoint may take."""
+
 _TOKEN_PATH = "/oauth2/v2.0/token"
 _REFRESH_MARGIN_S = 300.0
 """A token is replaced this long before it expires (or at half its life, if sooner)."""
@@ -135,7 +138,14 @@ class BotTokenProvider:
             # Another caller may have refreshed it while this one waited for the lock.
             if not force_refresh and cached is not None and self._clock() < cached.refresh_at:
                 return cached.value
-            self._token = await asyncio.to_thread(self._acquire, force_refresh)
+            try:
+                # MSAL blocks in a worker thread; a token endpoint that never answers must
+                # not hold the lock (and every reply behind it) for good.
+                self._token = await asyncio.wait_for(
+                    asyncio.to_thread(self._acquire, force_refresh), _TOKEN_TIMEOUT_S + 5
+                )
+            except TimeoutError:
+                raise BotTokenError("The bot's token endpoint did not answer in time.") from None
             return self._token.value
 
     def _acquire(self, force_refresh: bool) -> _Token:
@@ -155,6 +165,7 @@ class BotTokenProvider:
                     authority=self._authority,
                     instance_discovery=False,
                     http_client=_Session(self._ca_bundle) if self._ca_bundle else None,
+                    timeout=_TOKEN_TIMEOUT_S,
                 )
             if force_refresh:
                 self._app.remove_tokens_for_client()

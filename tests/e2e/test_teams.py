@@ -101,10 +101,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 def teams_env(settings: dict[str, Any]) -> dict[str, str]:
     """``teams`` settings as the environment of a ``lamina`` process."""
-    return {
-        f"LAMINA_TEAMS__{name.upper()}": "true" if value is True else str(value)
-        for name, value in settings.items()
-    }
+    return {f"LAMINA_TEAMS__{name.upper()}": _env_value(v) for name, v in settings.items()}
+
+
+def _env_value(value: Any) -> str:
+    if value is True:
+        return "true"
+    return json.dumps(value) if isinstance(value, list) else str(value)
 
 
 def _activity(served: Served, text: str, *, kind: str = "personal") -> dict[str, Any]:

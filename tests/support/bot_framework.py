@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from client_api.settings import TEAMS_SERVICE_URL_HOSTS
 from tests.support.identity import SigningKey, sign
 
 APP_ID = "5e2a7c1d-0000-4000-8000-0000000b0a11"
@@ -50,8 +51,14 @@ APP_SECRET = "bot-secret-for-tests"
 BOT_TENANT = "7d1c6a3e-0000-4000-8000-00000000e17a"
 CHANNEL_ISSUER = "https://api.botframework.com"
 CONNECTOR_SCOPE = "https://api.botframework.com/.default"
-TEAMS_TENANT = "contoso"
-"""The tenant the Teams activities come from (the users' tenant, not the bot's)."""
+TEAMS_TENANT = BOT_TENANT
+"""The tenant the Teams activities come from: the bot's own, the only one a bot serves
+without ``LAMINA_AUTH__ALLOWED_TENANTS``."""
+CHANNEL_APP_ID = "0c4a9e52-0000-4000-8000-0000000c4a11"
+"""The caller (``azp``/``appid``) of the Entra-issued inbound tokens :class:`EntraTenant`
+mints, listed in ``LAMINA_TEAMS__CHANNEL_APP_IDS`` by :func:`teams_settings`."""
+LOOPBACK_SERVICE_HOST = "http://127.0.0.1"
+"""The fake connector's host, allowed as a ``serviceUrl`` by :func:`teams_settings`."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -224,10 +231,12 @@ class EntraTenant(_Fake):
         *,
         version: int = 2,
         app_id: str = APP_ID,
+        caller: str = CHANNEL_APP_ID,
         expires_in: int = 600,
         key: SigningKey | None = None,
     ) -> str:
-        """An inbound token issued by Entra for this tenant (single-tenant bots)."""
+        """An inbound token issued by Entra for this tenant (single-tenant bots), requested
+        by the application ``caller`` (``azp`` in v2, ``appid`` in v1)."""
         now = int(time.time())
         issuer = (
             f"https://login.microsoftonline.com/{self.tenant}/v2.0"
@@ -241,6 +250,7 @@ class EntraTenant(_Fake):
             "nbf": now - 5,
             "exp": now + expires_in,
             "ver": f"{version}.0",
+            ("azp" if version == 2 else "appid"): caller,
         }
         if service_url is not None:
             claims["serviceurl"] = service_url
@@ -454,8 +464,15 @@ def teams_settings(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Lamina's ``teams`` settings for the bot registered with these fakes: inbound tokens
-    from ``channel``, and (a single-tenant bot) replies with tokens from ``tenant``."""
-    values: dict[str, Any] = {"enabled": True, "app_id": APP_ID, "app_secret": APP_SECRET}
+    from ``channel``, and (a single-tenant bot) replies with tokens from ``tenant``; the
+    fake connector on loopback is an allowed ``serviceUrl``."""
+    values: dict[str, Any] = {
+        "enabled": True,
+        "app_id": APP_ID,
+        "app_secret": APP_SECRET,
+        "channel_app_ids": [CHANNEL_APP_ID],
+        "service_url_hosts": [*TEAMS_SERVICE_URL_HOSTS, LOOPBACK_SERVICE_HOST],
+    }
     if channel is not None:
         values["openid_config_url"] = channel.config_url
     if tenant is not None:

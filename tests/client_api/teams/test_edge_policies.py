@@ -80,7 +80,7 @@ def bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bot]:
         settings = LaminaSettings(
             data_dir=data,
             log_level="WARNING",
-            auth={"mode": "dev"},
+            auth={"mode": "dev", "allowed_tenants": [TEAMS_TENANT, FRUGAL]},
             caps={"max_prompt_tokens": MAX_PROMPT_TOKENS},
             limits={
                 "user_requests_per_minute": REQUESTS_PER_MINUTE,

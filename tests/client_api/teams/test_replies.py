@@ -163,3 +163,33 @@ async def test_a_group_chat_gets_one_message() -> None:
     assert len(context.sent) == 1
     assert context.sent[0]["type"] == "message"
     assert _stream_info(context.sent[0]) is None
+
+
+async def test_a_stream_quiet_past_the_limit_gives_the_whole_answer_as_a_normal_message() -> None:
+    context, clock = RecordingContext(), Clock()
+    reply = TeamsReply(context, streaming=True, interval_s=1.5, limit_s=110, clock=clock)  # type: ignore[arg-type]
+    await reply.start()
+    clock.now += 130  # searches and tools ran past Teams' cap with no text streamed
+    await reply.finish("The answer [1].", [_citation(1)])
+    informative, answer = context.sent
+    assert _stream_info(informative) is not None
+    # Teams may have closed the stream: the answer is not sent as its final message.
+    assert answer["type"] == "message" and answer["text"] == "The answer [1]."
+    assert _stream_info(answer) is None
+
+
+def test_a_connector_error_is_logged_without_the_bots_token() -> None:
+    import aiohttp
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    from client_api.teams.adapter import _described
+
+    url = URL("https://smba.trafficmanager.net/teams/v3/conversations/c/activities/a")
+    info = aiohttp.RequestInfo(
+        url, "POST", CIMultiDictProxy(CIMultiDict({"Authorization": "Bearer eyJsecret"})), url
+    )
+    error = aiohttp.ClientResponseError(info, (), status=403, message="Forbidden")
+    assert "eyJsecret" in repr(error)  # why the log must never repr it
+    described = _described(error)
+    assert "eyJsecret" not in described and "403" in described
