@@ -18,6 +18,7 @@ has no groups and sees only what is public or granted to them by name.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import uuid
@@ -63,6 +64,7 @@ from client_api.teams.relay import relay_turn
 from client_api.teams.replies import TeamsReply
 from client_api.teams.tokens import BotTokenError, connection_manager
 from intelligence.contracts import (
+    ConversationNotFound,
     IntelligenceError,
     Principal,
     ResumedTurn,
@@ -170,7 +172,11 @@ class TeamsBot:
         if activity.type != "message" or not _addressable(activity):
             # Conversation updates, reactions, …: nothing to answer.
             return Response(status_code=202)
-        key = (activity.conversation.id, activity.id or "")
+        if not activity.id:
+            # Its id is the turn's idempotency key: without one, redeliveries could not be
+            # told apart from new questions.
+            raise Problem(400, "Invalid activity", "A message activity needs an id.")
+        key = (activity.conversation.id, activity.id)
         if key in self._in_flight:  # the channel retried while the turn still runs
             return Response(status_code=202)
         self._in_flight.add(key)
@@ -236,8 +242,11 @@ class TeamsBot:
             await context.send_activity(str(exc))
             return
         try:
-            # Requests per minute, caps and token budget, as for a web request.
-            await admit_turn(self._services.limiter, self._services.caps, principal, question)
+            # Requests per minute, caps and token budget, as for a web request; not for a
+            # redelivery of a message already admitted (its turn is replayed or joined).
+            key = _idempotency_key(activity.conversation.id, activity.id or "")
+            if await self._services.conversations.find_turn(principal, key) is None:
+                await admit_turn(self._services.limiter, self._services.caps, principal, question)
         except EDGE_REFUSALS as refusal:
             log.info("Teams turn %s refused at the edge: %s", correlation_id.get(), refusal)
             await context.send_activity(refusal_text(refusal))
@@ -287,7 +296,17 @@ class TeamsBot:
             idempotency_key=_idempotency_key(teams_id, activity_id),
             correlation_id=correlation_id.get(),
         )
-        started = await self._services.assistant.start_turn(request, principal)
+        try:
+            started = await self._services.assistant.start_turn(request, principal)
+        except ConversationNotFound:
+            if link is None or first:
+                raise
+            # The Lamina conversation was deleted (by its owner, or by retention): this
+            # Teams chat starts a new one with this message.
+            await self._conversations.unlink(principal.tenant_id, teams_id, principal.user_id)
+            link = None
+            request = dataclasses.replace(request, conversation_id=None)
+            started = await self._services.assistant.start_turn(request, principal)
         if link is None:
             await self._conversations.link(
                 principal.tenant_id,

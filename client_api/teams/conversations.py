@@ -115,6 +115,15 @@ class TeamsConversationMap:
         assert held is not None
         return held
 
+    async def unlink(self, tenant_id: str, teams_conversation_id: str, user_id: str) -> None:
+        """Forget the user's Lamina conversation for this Teams conversation (it is gone)."""
+        await self._conn.execute(
+            "DELETE FROM teams_conversations"
+            " WHERE tenant_id = ? AND teams_conversation_id = ? AND user_id = ?",
+            (tenant_id, teams_conversation_id, user_id),
+        )
+        await self._conn.commit()
+
     async def remember_reply(
         self,
         tenant_id: str,

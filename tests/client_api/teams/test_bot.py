@@ -237,3 +237,31 @@ def test_a_request_without_the_channels_token_is_refused(bot: Bot) -> None:
     response = bot.post_as(activity, None)
     assert response.status_code == 401
     assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_message_without_an_id_is_refused(bot: Bot) -> None:
+    activity = bot.activity("When does the cafeteria open?")
+    del activity["id"]
+    response = bot.post(activity)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+def test_a_chat_whose_lamina_conversation_was_deleted_starts_a_new_one(bot: Bot) -> None:
+    import sqlite3
+
+    first = bot.activity("When does the cafeteria open?", kind="groupChat")
+    conversation = first["conversation"]["id"]
+    assert bot.post(first).status_code == 202
+    bot.final_reply(conversation)
+    # The user deletes the conversation (or retention purges it).
+    with sqlite3.connect(bot.data / "conversations.db") as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("DELETE FROM conversations")
+    follow_up = {**first, "id": f"{first['id']}7", "text": "What is the Aurora passphrase?"}
+    assert bot.post(follow_up).status_code == 202
+    deadline = time.monotonic() + 30
+    while len(bot.calls_of(conversation)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    answer = bot.calls_of(conversation)[-1].body["text"]
+    assert "No such conversation" not in answer and "violet-harbor-42" in answer
