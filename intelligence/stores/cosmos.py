@@ -498,25 +498,9 @@ class CosmosConversationStore:
             or (status == MessageStatus.STREAMING.value and lease_ended)
         ):
             return None
-        claimed = {
-            **reply,
-            "status": MessageStatus.STREAMING.value,
-            "content": "",
-            "citations": [],
-            "plan": None,
-            "leaseUntil": stamp(lease_until),
-            "attempt": _new_attempt(),
-        }
-        # Conditional on what was read: of racing retries one replaces it, the others get 412.
-        written = await self._replace(self._expiring(claimed, _MESSAGE), reply["_etag"])
-        if written is None:
-            return None
-        session, question = await asyncio.gather(
-            self._read(located, located[2]), self._read(located, reply["questionId"])
-        )
-        if session is None or question is None:
-            return None
-        return _turn_record(session, question, written, created=True)
+        # Emptied: the turn runs again from the start.
+        changes: Item = {"content": "", "citations": [], "plan": None}
+        return await self._claim(located, reply, lease_until, changes)
 
     async def resume_turn(
         self, principal: Principal, reply_id: str, lease_until: datetime
@@ -533,13 +517,24 @@ class CosmosConversationStore:
         ):
             return None
         # Text and plan stay: the resumed run continues the plan the approval was asked for.
+        return await self._claim(located, reply, lease_until, {})
+
+    async def _claim(
+        self,
+        located: list[str],
+        reply: Item,
+        lease_until: datetime,
+        changes: Item,
+    ) -> TurnRecord | None:
+        """Give ``reply`` (as read) to a new run, leased: conditional on what was read, so
+        of racing claims one replaces it and the others get 412 (``None``)."""
         claimed = {
             **reply,
+            **changes,
             "status": MessageStatus.STREAMING.value,
             "leaseUntil": stamp(lease_until),
             "attempt": _new_attempt(),
         }
-        # Conditional on what was read: of racing resumes one replaces it, the others get 412.
         written = await self._replace(self._expiring(claimed, _MESSAGE), reply["_etag"])
         if written is None:
             return None
