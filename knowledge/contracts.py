@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -85,6 +86,16 @@ class AccessScope:
         fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:32]
         return cls(fingerprint=fingerprint, generation=generation)
 
+    @classmethod
+    def nothing(cls, tenant_id: str, generation: str) -> AccessScope:
+        """The scope of a caller the index denies outright (no tenant, or neither a user
+        id nor a group). Such a caller sees no chunk, whereas an identified caller whom no
+        ACL names still sees the public ones: the two must never share a cached answer,
+        so this fingerprint hashes a shape :meth:`of` never produces."""
+        canonical = json.dumps([tenant_id, None])
+        fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return cls(fingerprint=fingerprint, generation=generation)
+
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
@@ -106,10 +117,74 @@ class RetrievedPassage:
     score: float
 
 
+class SearchMode(StrEnum):
+    """How an index ranks: BM25 over the text, nearest vectors, or both fused with
+    Reciprocal Rank Fusion. Every mode applies the caller's ACL inside the search."""
+
+    TEXT = "text"
+    VECTOR = "vector"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingIdentity:
+    """Which embedding model built an index's vectors: a query embedded by another model
+    (or with another dimension) is refused with :class:`EmbeddingMismatch`."""
+
+    model: str
+    dimensions: int
+
+
+class Embedder(Protocol):
+    """What the knowledge layer needs of an embedding model. The composition root adapts
+    the inferencing layer's model (local, or Azure OpenAI ``text-embedding-3-*``)."""
+
+    @property
+    def identity(self) -> EmbeddingIdentity: ...
+
+    async def embed(self, texts: Sequence[str], *, tenant_id: str) -> list[tuple[float, ...]]:
+        """One unit-length vector per text, in order (``tenant_id`` meters the call)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    text: str
+    top_k: int
+    mode: SearchMode = SearchMode.HYBRID
+    vector: tuple[float, ...] | None = None
+    """The query's embedding; required by ``VECTOR`` and ``HYBRID``."""
+    embedding: EmbeddingIdentity | None = None
+    """Which model made ``vector``: it must be the model that built the index."""
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    passages: tuple[RetrievedPassage, ...]
+    """The best ``top_k`` permitted passages, best first."""
+    trimmed: int = 0
+    """How many matches in the caller's tenant the ACL excluded (a separate, privileged
+    count: the filtered search itself cannot see them). Counts only, never the chunks."""
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentState:
+    """What the index holds of one document: enough for ingestion to skip an unchanged
+    file, update an ACL alone, and remove a deleted file (``lamina ingest --sync``)."""
+
+    document_id: str
+    source: str
+    content_hash: str
+    access: AccessControl
+    chunks: int
+
+
 @dataclass(frozen=True, slots=True)
 class RetrievalQuery:
     text: str
     top_k: int = 5
+    mode: SearchMode | None = None
+    """``None``: the deployment's default mode (``LAMINA_KNOWLEDGE__SEARCH_MODE``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,26 +212,53 @@ class Retriever(Protocol):
 
 
 class KnowledgeIndex(Protocol):
-    """An index backend. ``search`` applies ``access`` inside its query, before ranking."""
+    """An index backend. ``search`` applies ``access`` inside its query, before ranking.
+
+    Every backend passes ``tests/knowledge/index_contract.py``."""
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def embedding(self) -> EmbeddingIdentity | None:
+        """The model that built the stored vectors, as of this process's last look;
+        ``None`` while the index holds none (or none it has seen yet)."""
+        ...
 
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def replace_document(self, document_id: str, chunks: Sequence[Chunk]) -> None:
-        """Atomically replace every chunk of ``document_id`` with ``chunks``."""
+    async def replace_document(
+        self,
+        document_id: str,
+        chunks: Sequence[Chunk],
+        *,
+        content_hash: str,
+        vectors: Sequence[Sequence[float]] | None = None,
+        embedding: EmbeddingIdentity | None = None,
+    ) -> None:
+        """Atomically replace every chunk of ``document_id`` with ``chunks`` (and their
+        ``vectors``, one per chunk, made by ``embedding``). Raises
+        :class:`EmbeddingMismatch` when ``embedding`` is not the index's."""
+        ...
+
+    async def update_access(self, document_id: str, access: AccessControl) -> bool:
+        """Change who may read a document's chunks, without touching text or vectors.
+        Returns whether the document exists."""
         ...
 
     async def delete_document(self, document_id: str) -> None: ...
 
-    async def search(
-        self, text: str, access: AccessFilter, top_k: int
-    ) -> tuple[list[RetrievedPassage], int]:
-        """Best ``top_k`` permitted passages, and how many matches in the caller's tenant the
-        filter excluded."""
+    async def documents(self, tenant_id: str, *, source_prefix: str = "") -> list[DocumentState]:
+        """The tenant's documents whose source starts with ``source_prefix``."""
+        ...
+
+    async def search(self, request: SearchRequest, access: AccessFilter) -> SearchHits:
+        """Raises :class:`EmbeddingMismatch` when the request's embedding is not the
+        index's (as stored now, re-read if this process's view is stale), and
+        ``ValueError`` when a vector mode comes without a vector. A hybrid search of an
+        index that holds no vectors ranks by text alone."""
         ...
 
     async def get_chunk(self, chunk_id: str, access: AccessFilter) -> Chunk | None: ...
@@ -183,8 +285,16 @@ class SkippedFile:
 class IngestionReport:
     files_seen: int
     files_indexed: int
+    """Files (re-)chunked and (re-)embedded: new or changed content."""
     chunks_indexed: int
     skipped: tuple[SkippedFile, ...] = field(default=())
+    """Corrupt, encrypted, empty, unsupported or too large: reported, never fatal."""
+    files_unchanged: int = 0
+    """Same content hash and same ACL as indexed: no work at all."""
+    access_updated: int = 0
+    """Same content, new ACL: permissions changed without re-embedding."""
+    files_removed: int = 0
+    """With ``sync``: documents in the index whose file is gone, deleted."""
 
 
 IngestProgress = Callable[[str, int, int], None]
@@ -199,13 +309,19 @@ class Ingestor(Protocol):
         acl_file: Path | None = None,
         progress: IngestProgress | None = None,
         source_prefix: str = "",
+        sync: bool = False,
     ) -> IngestionReport:
         """Index every file under ``root`` under the access rules of ``acl_file``.
 
         Each document's source (its identity in the index, shown in citations) is
         ``source_prefix`` followed by its path relative to ``root``; the ACL's globs match
         the relative path. A prefix gives a set of documents a namespace of its own (an
-        upload can then never replace a document of the tenant's corpus)."""
+        upload can then never replace a document of the tenant's corpus).
+
+        Idempotent: a file whose content hash and ACL match the index is skipped, one whose
+        ACL alone changed gets :meth:`KnowledgeIndex.update_access` (no re-embedding).
+        With ``sync``, documents under the prefix whose file is gone are deleted. An
+        interrupted run leaves a usable index; running again finishes the work."""
         ...
 
 
@@ -226,3 +342,9 @@ class DocumentParseError(KnowledgeError):
 
 class IndexUnavailable(KnowledgeError):
     """The index could not be queried. Retrieval fails closed: no results, an error."""
+
+
+class EmbeddingMismatch(KnowledgeError):
+    """A query or document embedded by another model than the one that built the index:
+    searching would return garbage, so it is refused (re-index, or configure the model
+    named in the message)."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
+
+from knowledge.contracts import SearchMode
 
 
 class KnowledgeSettings(BaseModel):
@@ -18,3 +21,46 @@ class KnowledgeSettings(BaseModel):
     top_k: int = Field(default=5, ge=1, le=50, description="Passages retrieved per query")
     max_file_mb: float = Field(default=50, gt=0, description="Larger files are skipped")
     acl_file_name: str = Field(default="acl.yaml", description="ACL file looked for at the root")
+    embeddings: Literal["local", "hashing", "deployment"] = Field(
+        default="local",
+        description=(
+            "Embedding model of the index and of queries: 'local' (all-MiniLM-L6-v2 int8, "
+            "shipped in a package, offline), 'hashing' (tiny lexical fallback, offline), or "
+            "'deployment' (the registry deployment named by embedding_deployment, e.g. Azure "
+            "OpenAI text-embedding-3-small). Changing it needs a re-index."
+        ),
+    )
+    embedding_deployment: str | None = Field(
+        default=None, description="Registry deployment of the 'deployment' embeddings"
+    )
+    search_mode: SearchMode = Field(
+        default=SearchMode.HYBRID,
+        description="Default ranking: 'hybrid' (BM25 + vectors, RRF), 'text' or 'vector'",
+    )
+    backend: Literal["sqlite", "azure_search"] = Field(
+        default="sqlite", description="Index backend: embedded SQLite, or Azure AI Search"
+    )
+    azure_search: AzureSearchSettings = Field(
+        default_factory=lambda: AzureSearchSettings(),
+        description="The Azure AI Search index, when LAMINA_KNOWLEDGE__BACKEND=azure_search",
+    )
+
+
+class AzureSearchSettings(BaseModel):
+    """``LAMINA_KNOWLEDGE__AZURE_SEARCH__*``: the Azure AI Search index backend. Without
+    ``api_key`` the service is reached with Entra ID (managed identity in Azure)."""
+
+    endpoint: str | None = Field(default=None, description="https://<service>.search.windows.net")
+    index_name: str = Field(
+        default="lamina-chunks", pattern=r"^[a-z0-9][a-z0-9-]{0,127}$", description="Index name"
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Admin key; unset: Entra ID (DefaultAzureCredential)"
+    )
+    semantic_ranker: bool = Field(
+        default=False, description="Rerank hybrid results with the semantic ranker (billed)"
+    )
+    batch_size: int = Field(default=500, ge=1, le=1000, description="Documents per upload")
+    max_retries: int = Field(
+        default=5, ge=0, le=20, description="Retries of a throttled (429/503) request"
+    )

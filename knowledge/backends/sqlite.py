@@ -1,43 +1,65 @@
-"""Embedded knowledge index: SQLite FTS5 (BM25) with the ACL applied inside the query.
+"""Embedded knowledge index: SQLite FTS5 (BM25) plus dense vectors, ACL applied inside.
 
-Layout: ``chunks`` holds each chunk and its tenant / public flag,
-``chunk_principals`` the users and groups granted read access, and
-``chunks_fts`` is an external-content FTS5 table over ``chunks`` kept in step
-by triggers. Every read joins the ACL predicate into the same statement that
-ranks, so a forbidden chunk can never take a top-k slot or come back.
+Layout: ``chunks`` holds each chunk, its tenant / public flag, its vector (float32
+BLOB) and ``acl``: one token per principal allowed to read it. ``chunk_principals``
+holds the same grants readably (``user:…``, ``group:…``), for ``get_chunk`` and
+``access_scope``; ``documents`` holds each document's source, content hash and
+access, for ``documents()`` (idempotent ingestion). ``chunks_fts`` is an
+external-content FTS5 table over ``chunks`` (text, title, section, acl) kept in
+step by triggers.
+
+Text search puts the caller's ACL into the MATCH itself
+(``{text title section}: (…) AND acl: (…)``), so FTS5 ranks only permitted chunks.
+Vector search is exact: a float32 matrix of every stored vector, held in memory and
+reloaded when ``write_generation`` moves (a write by this or another process), is
+multiplied only by the rows the caller may read, found through in-memory
+token → rows postings. Hybrid fuses the two permitted lists with Reciprocal Rank
+Fusion. A forbidden chunk can therefore never take a top-k slot or come back.
 
 ``corpus_generations`` counts, per tenant, the writes that changed one of its
 chunks, and ``index_identity`` holds a random id of the database file; together
-they make the ``generation`` of :meth:`SqliteKnowledgeIndex.access_scope`, which
-caches key on, so a write by any process (``lamina ingest``) is seen by all.
+they make the ``generation`` of :meth:`SqliteKnowledgeIndex.access_scope`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
+import numpy as np
+import numpy.typing as npt
 
 from knowledge.contracts import (
     AccessControl,
     AccessFilter,
     AccessScope,
     Chunk,
+    DocumentState,
+    EmbeddingIdentity,
+    EmbeddingMismatch,
     IndexUnavailable,
     RetrievedPassage,
+    SearchHits,
+    SearchMode,
+    SearchRequest,
 )
 
-_SCHEMA_VERSION = 2
-# Version 2 only added tables and an index (IF NOT EXISTS), so opening upgrades a version 1 file.
-_UPGRADABLE = (0, 1, _SCHEMA_VERSION)
+_SCHEMA_VERSION = 3
+# Versions 0-2 are upgraded in place on open (see _UPGRADE_TO_3).
+_UPGRADABLE = (0, 1, 2, _SCHEMA_VERSION)
 
-_SCHEMA = """
+RRF_K = 60
+"""Reciprocal Rank Fusion constant: a passage scores sum(1 / (RRF_K + rank))."""
+
+_TABLES = """
 CREATE TABLE IF NOT EXISTS chunks (
     id          INTEGER PRIMARY KEY,
     chunk_id    TEXT NOT NULL UNIQUE,
@@ -53,48 +75,77 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks (document_id);
 
--- One row per grant; 'u:' and 'g:' prefixes keep user and group names from colliding.
+-- One row per grant; 'user:' and 'group:' prefixes keep user and group names apart.
 CREATE TABLE IF NOT EXISTS chunk_principals (
     chunk     INTEGER NOT NULL REFERENCES chunks (id) ON DELETE CASCADE,
     principal TEXT NOT NULL,
     PRIMARY KEY (chunk, principal)
 ) WITHOUT ROWID;
-
--- Which principals a tenant's ACLs name (access_scope) without scanning every grant.
 CREATE INDEX IF NOT EXISTS chunk_principals_by_principal ON chunk_principals (principal, chunk);
 
--- Bumped in the transaction of every write that changes a chunk of the tenant.
 CREATE TABLE IF NOT EXISTS corpus_generations (
     tenant_id  TEXT PRIMARY KEY,
     generation INTEGER NOT NULL
 ) WITHOUT ROWID;
 
--- Generations restart at zero in a new file: the file's random id keeps the old keys apart.
 CREATE TABLE IF NOT EXISTS index_identity (
     id       INTEGER PRIMARY KEY CHECK (id = 1),
     instance TEXT NOT NULL
 );
 INSERT OR IGNORE INTO index_identity (id, instance) VALUES (1, lower(hex(randomblob(16))));
+"""
 
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5 (
-    text, title, section,
+# Version 3: vectors, ACL tokens, the document table, index metadata, FTS over acl.
+_VERSION_3 = """
+ALTER TABLE chunks ADD COLUMN vector BLOB;
+ALTER TABLE chunks ADD COLUMN acl TEXT NOT NULL DEFAULT '';
+
+CREATE TABLE documents (
+    document_id  TEXT PRIMARY KEY,
+    source       TEXT NOT NULL,
+    tenant_id    TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    public       INTEGER NOT NULL CHECK (public IN (0, 1)),
+    users        TEXT NOT NULL,
+    groups       TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX documents_by_tenant ON documents (tenant_id, source);
+
+-- embedding_model / embedding_dimensions: set by the first vector write.
+-- write_generation: moves with every write; the in-memory vector matrix follows it.
+CREATE TABLE index_metadata (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO index_metadata (key, value) VALUES ('write_generation', '0');
+"""
+
+# The FTS index over text and ACL tokens, created after the tokens are filled in (its
+# triggers must not see rows the new FTS table never indexed), then rebuilt from ``chunks``.
+_VERSION_3_FTS = """
+DROP TRIGGER IF EXISTS chunks_fts_insert;
+DROP TRIGGER IF EXISTS chunks_fts_delete;
+DROP TRIGGER IF EXISTS chunks_fts_update;
+DROP TABLE IF EXISTS chunks_fts;
+CREATE VIRTUAL TABLE chunks_fts USING fts5 (
+    text, title, section, acl,
     content = 'chunks', content_rowid = 'id', tokenize = 'porter unicode61'
 );
-
-CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts (rowid, text, title, section)
-    VALUES (new.id, new.text, new.title, new.section);
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts (rowid, text, title, section, acl)
+    VALUES (new.id, new.text, new.title, new.section, new.acl);
 END;
-CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts (chunks_fts, rowid, text, title, section)
-    VALUES ('delete', old.id, old.text, old.title, old.section);
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text, title, section, acl)
+    VALUES ('delete', old.id, old.text, old.title, old.section, old.acl);
 END;
-CREATE TRIGGER IF NOT EXISTS chunks_fts_update AFTER UPDATE ON chunks BEGIN
-    INSERT INTO chunks_fts (chunks_fts, rowid, text, title, section)
-    VALUES ('delete', old.id, old.text, old.title, old.section);
-    INSERT INTO chunks_fts (rowid, text, title, section)
-    VALUES (new.id, new.text, new.title, new.section);
+CREATE TRIGGER chunks_fts_update AFTER UPDATE ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text, title, section, acl)
+    VALUES ('delete', old.id, old.text, old.title, old.section, old.acl);
+    INSERT INTO chunks_fts (rowid, text, title, section, acl)
+    VALUES (new.id, new.text, new.title, new.section, new.acl);
 END;
+INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');
 """
 
 # The reference rule of AccessFilter.allows, as SQL over the row aliased ``c``.
@@ -115,29 +166,31 @@ _CHUNK_COLUMNS = """
     (SELECT json_group_array(p.principal) FROM chunk_principals AS p WHERE p.chunk = c.id)
 """
 
-# Body text counts most; title and heading matches help but repeat across a document's chunks.
-_RANK = "bm25(chunks_fts, 1.0, 0.5, 0.5)"
+# Body text counts most; title and heading matches help; the ACL tokens never rank.
+_RANK = "bm25(chunks_fts, 1.0, 0.5, 0.5, 0.0)"
 
-_SEARCH = f"""
-SELECT {_CHUNK_COLUMNS}, {_RANK} AS rank
-FROM chunks_fts JOIN chunks AS c ON c.id = chunks_fts.rowid
-WHERE chunks_fts MATCH :query AND {_PERMITTED}
+# The MATCH carries the caller's ACL tokens: FTS5 ranks permitted chunks only.
+_TEXT_SEARCH = f"""
+SELECT rowid, {_RANK} AS rank
+FROM chunks_fts
+WHERE chunks_fts MATCH :query
 ORDER BY rank
-LIMIT :top_k
+LIMIT :depth
 """
 
-# Counted within the caller's tenant only: other tenants' matches are none of its audit.
-_COUNT_TRIMMED = f"""
-SELECT count(*)
-FROM chunks_fts JOIN chunks AS c ON c.id = chunks_fts.rowid
-WHERE chunks_fts MATCH :query AND c.tenant_id = :tenant AND NOT ({_PERMITTED})
+_COUNT_MATCHES = "SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH :query"
+
+_CHUNKS_BY_ROW = f"""
+SELECT {_CHUNK_COLUMNS}, c.id
+FROM chunks AS c
+WHERE c.id IN (SELECT value FROM json_each(:rows)) AND {_PERMITTED}
 """
 
 _GET_CHUNK = (
     f"SELECT {_CHUNK_COLUMNS} FROM chunks AS c WHERE c.chunk_id = :chunk_id AND {_PERMITTED}"
 )
 
-_DOCUMENT_CHUNKS = f"SELECT {_CHUNK_COLUMNS} FROM chunks AS c WHERE c.document_id = ?"
+_DOCUMENT_CHUNKS = f"SELECT {_CHUNK_COLUMNS}, c.vector FROM chunks AS c WHERE c.document_id = ?"
 
 _DOCUMENT_TENANTS = "SELECT DISTINCT tenant_id FROM chunks WHERE document_id = ?"
 
@@ -146,9 +199,13 @@ INSERT INTO corpus_generations (tenant_id, generation) VALUES (?, 1)
 ON CONFLICT (tenant_id) DO UPDATE SET generation = generation + 1
 """
 
-# One statement, so one snapshot: the file's identity, the tenant's generation, and the
-# caller's principals that some chunk of the tenant grants (the rest change nothing the
-# caller can see; the index on chunk_principals (principal, ...) makes each a seek).
+_BUMP_WRITE_GENERATION = """
+UPDATE index_metadata SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)
+WHERE key = 'write_generation'
+"""
+
+_METADATA = "SELECT key, value FROM index_metadata"
+
 _ACCESS_SCOPE = """
 SELECT
     (SELECT instance FROM index_identity WHERE id = 1),
@@ -164,8 +221,26 @@ SELECT
 
 _INSERT_CHUNK = """
 INSERT INTO chunks
-    (chunk_id, document_id, source, title, text, ordinal, page, section, tenant_id, public)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    (chunk_id, document_id, source, title, text, ordinal, page, section, tenant_id, public,
+     acl, vector)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_UPSERT_DOCUMENT = """
+INSERT INTO documents (document_id, source, tenant_id, content_hash, public, users, groups)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (document_id) DO UPDATE SET
+    source = excluded.source, tenant_id = excluded.tenant_id,
+    content_hash = excluded.content_hash, public = excluded.public,
+    users = excluded.users, groups = excluded.groups
+"""
+
+_DOCUMENTS = """
+SELECT d.document_id, d.source, d.content_hash, d.tenant_id, d.public, d.users, d.groups,
+       (SELECT count(*) FROM chunks WHERE chunks.document_id = d.document_id)
+FROM documents AS d
+WHERE d.tenant_id = :tenant AND substr(d.source, 1, length(:prefix)) = :prefix
+ORDER BY d.source
 """
 
 _STOPWORDS = frozenset({
@@ -195,18 +270,54 @@ def to_match_expression(text: str) -> str | None:
     return " OR ".join(quoted)
 
 
-def _principals(access: AccessFilter) -> str:
-    return json.dumps([f"u:{access.user_id}", *(f"g:{group}" for group in sorted(access.groups))])
+def principal_token(tenant_id: str, principal: str) -> str:
+    """The FTS token of ``principal`` (``public``, ``user:…``, ``group:…``, ``tenant``)
+    within ``tenant_id``. A hash, in decimal digits: the tokenizer can neither split it
+    (e-mail addresses, spaces) nor stem it, and the tenant is part of it, so a user or
+    group of the same name in another tenant has another token."""
+    digest = hashlib.blake2b(json.dumps([tenant_id, principal]).encode(), digest_size=16)
+    return f"{int.from_bytes(digest.digest(), 'big'):039d}"
 
 
 def _grants(access: AccessControl) -> list[str]:
-    return [f"u:{user}" for user in sorted(access.users)] + [
-        f"g:{group}" for group in sorted(access.groups)
+    return [f"user:{user}" for user in sorted(access.users)] + [
+        f"group:{group}" for group in sorted(access.groups)
     ]
 
 
+def _acl_tokens(access: AccessControl) -> str:
+    """What the ``acl`` column holds: the tenant's token (for the privileged count), and
+    one token per principal that may read the chunk."""
+    principals = ["tenant", *(["public"] if access.public else []), *_grants(access)]
+    return " ".join(principal_token(access.tenant_id, p) for p in principals)
+
+
+def _identified(access: AccessFilter) -> bool:
+    """A caller with no tenant, or with neither a user id nor a group, sees nothing."""
+    return bool(access.tenant_id) and bool(access.user_id or access.groups)
+
+
+def _caller_principals(access: AccessFilter) -> list[str]:
+    user = [f"user:{access.user_id}"] if access.user_id else []
+    return [*user, *(f"group:{group}" for group in sorted(access.groups))]
+
+
+def _caller_tokens(access: AccessFilter) -> list[str]:
+    return [principal_token(access.tenant_id, p) for p in ["public", *_caller_principals(access)]]
+
+
+def _acl_match(tokens: Sequence[str]) -> str:
+    return "acl : (" + " OR ".join(f'"{token}"' for token in tokens) + ")"
+
+
+def _split_principals(principals: Sequence[str]) -> tuple[frozenset[str], frozenset[str]]:
+    users = frozenset(p.removeprefix("user:") for p in principals if p.startswith("user:"))
+    groups = frozenset(p.removeprefix("group:") for p in principals if p.startswith("group:"))
+    return users, groups
+
+
 def _chunk_from_row(row: sqlite3.Row) -> Chunk:
-    principals: list[str] = json.loads(row[10]) if row[10] else []
+    users, groups = _split_principals(json.loads(row[10]) if row[10] else [])
     return Chunk(
         chunk_id=row[0],
         document_id=row[1],
@@ -216,39 +327,121 @@ def _chunk_from_row(row: sqlite3.Row) -> Chunk:
         ordinal=row[5],
         page=row[6],
         section=row[7],
-        access=AccessControl(
-            tenant_id=row[8],
-            public=bool(row[9]),
-            users=frozenset(p[2:] for p in principals if p.startswith("u:")),
-            groups=frozenset(p[2:] for p in principals if p.startswith("g:")),
-        ),
+        access=AccessControl(tenant_id=row[8], public=bool(row[9]), users=users, groups=groups),
     )
 
 
-def _same_chunks(stored: Sequence[Chunk], replacement: Sequence[Chunk]) -> bool:
-    def by_id(chunks: Sequence[Chunk]) -> list[Chunk]:
-        return sorted(chunks, key=lambda chunk: chunk.chunk_id)
+def _by_id(
+    chunks: Sequence[Chunk], blobs: Sequence[bytes | None]
+) -> list[tuple[Chunk, bytes | None]]:
+    return sorted(zip(chunks, blobs, strict=True), key=lambda pair: pair[0].chunk_id)
 
-    return len(stored) == len(replacement) and by_id(stored) == by_id(replacement)
+
+Matrix = npt.NDArray[np.float32]
+Rows = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, slots=True)
+class _Vectors:
+    """Every stored vector of one write generation, and who may read each row."""
+
+    generation: int
+    matrix: Matrix
+    row_ids: Rows
+    """``chunks.id`` of each matrix row."""
+    postings: Mapping[str, Rows]
+    """ACL token → matrix rows that token may read (the tenant token: the tenant's rows)."""
+
+    def permitted_rows(self, tokens: Sequence[str]) -> Rows:
+        mask = np.zeros(len(self.row_ids), dtype=np.bool_)
+        for token in tokens:
+            rows = self.postings.get(token)
+            if rows is not None:
+                mask[rows] = True
+        return np.flatnonzero(mask)
+
+    def nearest(self, query: Matrix, rows: Rows, depth: int) -> list[tuple[int, float]]:
+        """``(chunks.id, cosine)`` of the ``depth`` permitted rows nearest ``query``."""
+        if rows.size == 0:
+            return []
+        # Gathering a few rows beats a full product; for most rows, multiply all and select.
+        if rows.size * 4 < len(self.row_ids):
+            scores = self.matrix[rows] @ query
+        else:
+            scores = (self.matrix @ query)[rows]
+        depth = min(depth, rows.size)
+        best = np.argpartition(-scores, depth - 1)[:depth]
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [(int(self.row_ids[rows[i]]), float(scores[i])) for i in best]
+
+
+def _build_vectors(
+    generation: int, dimensions: int, rows: Sequence[tuple[int, bytes, str]]
+) -> _Vectors:
+    matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").astype(np.float32)
+    matrix = matrix.reshape(len(rows), dimensions)
+    row_ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    postings: dict[str, list[int]] = {}
+    for position, (_, _, acl) in enumerate(rows):
+        for token in acl.split():
+            postings.setdefault(token, []).append(position)
+    return _Vectors(
+        generation,
+        matrix,
+        row_ids,
+        {token: np.asarray(rows_, dtype=np.int64) for token, rows_ in postings.items()},
+    )
+
+
+def _vector_blob(vector: Sequence[float], dimensions: int) -> bytes:
+    array = np.asarray(vector, dtype="<f4")
+    if array.shape != (dimensions,):
+        raise ValueError(f"a vector has {array.size} dimensions; the embedding has {dimensions}")
+    return array.tobytes()
+
+
+def _mismatch(stored: EmbeddingIdentity, given: EmbeddingIdentity) -> EmbeddingMismatch:
+    return EmbeddingMismatch(
+        f"the knowledge index was built with embedding model {stored.model} "
+        f"({stored.dimensions} dimensions), not {given.model} ({given.dimensions} dimensions): "
+        f"configure {stored.model}, or re-index with {given.model}"
+    )
+
+
+def _fuse(*ranked: Sequence[int]) -> list[tuple[int, float]]:
+    """Reciprocal Rank Fusion of lists of row ids, best first."""
+    scores: dict[int, float] = {}
+    for ids in ranked:
+        for rank, row in enumerate(ids, start=1):
+            scores[row] = scores.get(row, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(scores.items(), key=lambda item: -item[1])
 
 
 class SqliteKnowledgeIndex:
-    """The embedded :class:`~knowledge.contracts.KnowledgeIndex`: one SQLite file, FTS5 BM25.
+    """The embedded :class:`~knowledge.contracts.KnowledgeIndex`: one SQLite file.
 
     One connection serves the process; an asyncio lock keeps each operation's
-    statements together so a reader never sees half a document replacement.
-    Any SQLite failure surfaces as :class:`IndexUnavailable` (retrieval fails
-    closed).
+    statements together so a reader never sees half a document replacement. Every
+    write is one transaction (WAL): an interrupted ingest leaves the previous state of
+    the document it was writing. Any SQLite failure surfaces as
+    :class:`IndexUnavailable` (retrieval fails closed).
     """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._embedding: EmbeddingIdentity | None = None
+        self._vectors: _Vectors | None = None
 
     @property
     def name(self) -> str:
-        return "sqlite-fts5"
+        return "sqlite-hybrid"
+
+    @property
+    def embedding(self) -> EmbeddingIdentity | None:
+        """As of this process's last read or write of the index."""
+        return self._embedding
 
     async def open(self) -> None:
         if self._db is not None:
@@ -270,9 +463,9 @@ class SqliteKnowledgeIndex:
                 raise IndexUnavailable(
                     f"knowledge index schema version {version} is not supported; re-ingest"
                 )
-            await db.executescript(
-                f"BEGIN; {_SCHEMA} PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
-            )
+            if version < _SCHEMA_VERSION:
+                await _upgrade(db)
+            self._embedding = _embedding_of(await _metadata(db))
         except sqlite3.Error as exc:
             await db.close()
             raise IndexUnavailable(f"cannot open the knowledge index {self._path.name}") from exc
@@ -283,6 +476,7 @@ class SqliteKnowledgeIndex:
 
     async def close(self) -> None:
         db, self._db = self._db, None
+        self._vectors = None
         if db is not None:
             await db.close()
 
@@ -304,22 +498,56 @@ class SqliteKnowledgeIndex:
             except sqlite3.Error as exc:
                 raise IndexUnavailable("the knowledge index failed; try again later") from exc
 
-    async def replace_document(self, document_id: str, chunks: Sequence[Chunk]) -> None:
+    # --- writes ----------------------------------------------------------------
+
+    async def replace_document(
+        self,
+        document_id: str,
+        chunks: Sequence[Chunk],
+        *,
+        content_hash: str,
+        vectors: Sequence[Sequence[float]] | None = None,
+        embedding: EmbeddingIdentity | None = None,
+    ) -> None:
         strays = [chunk.chunk_id for chunk in chunks if chunk.document_id != document_id]
         if strays:
             raise ValueError(f"chunks {strays} do not belong to document {document_id!r}")
+        blobs: list[bytes | None] = [None] * len(chunks)
+        if vectors is not None:
+            if embedding is None:
+                raise ValueError("vectors need the embedding identity of the model that made them")
+            if len(vectors) != len(chunks):
+                raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+            blobs = [_vector_blob(vector, embedding.dimensions) for vector in vectors]
         async with self._transaction("IMMEDIATE") as db:
+            stored_embedding = await _read_embedding(db)
+            if vectors is not None and embedding is not None:
+                if stored_embedding is None:
+                    await db.executemany(
+                        "INSERT INTO index_metadata (key, value) VALUES (?, ?)",
+                        [
+                            ("embedding_model", embedding.model),
+                            ("embedding_dimensions", str(embedding.dimensions)),
+                        ],
+                    )
+                    stored_embedding = embedding
+                elif stored_embedding != embedding:
+                    raise _mismatch(stored_embedding, embedding)
             async with db.execute(_DOCUMENT_CHUNKS, (document_id,)) as cursor:
-                stored = [_chunk_from_row(row) for row in await cursor.fetchall()]
-            if _same_chunks(stored, chunks):
+                rows = list(await cursor.fetchall())
+            stored = [_chunk_from_row(row) for row in rows]
+            if _by_id(stored, [row[11] for row in rows]) == _by_id(chunks, blobs):
                 # Re-ingesting an unchanged file must not move the generation: that would
                 # empty every answer cache of the tenant on each ``lamina ingest`` run.
+                if chunks:
+                    await _upsert_document(db, document_id, chunks[0], content_hash)
                 return
             tenants = {chunk.access.tenant_id for chunk in (*stored, *chunks)}
             await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in sorted(tenants)])
+            await db.execute(_BUMP_WRITE_GENERATION)
             # Principals and FTS rows follow through ON DELETE CASCADE and the trigger.
             await db.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
-            for chunk in chunks:
+            for chunk, blob in zip(chunks, blobs, strict=True):
                 cursor = await db.execute(
                     _INSERT_CHUNK,
                     (
@@ -333,53 +561,201 @@ class SqliteKnowledgeIndex:
                         chunk.section,
                         chunk.access.tenant_id,
                         int(chunk.access.public),
+                        _acl_tokens(chunk.access),
+                        blob,
                     ),
                 )
-                row_id = cursor.lastrowid
                 await db.executemany(
                     "INSERT INTO chunk_principals (chunk, principal) VALUES (?, ?)",
-                    [(row_id, grant) for grant in _grants(chunk.access)],
+                    [(cursor.lastrowid, grant) for grant in _grants(chunk.access)],
                 )
+            if chunks:
+                await _upsert_document(db, document_id, chunks[0], content_hash)
+            else:
+                await db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
+            self._embedding = await _forget_embedding_if_unused(db, stored_embedding)
+
+    async def update_access(self, document_id: str, access: AccessControl) -> bool:
+        async with self._transaction("IMMEDIATE") as db:
+            async with db.execute(
+                "SELECT tenant_id, public, users, groups FROM documents WHERE document_id = ?",
+                (document_id,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return False
+            current = AccessControl(
+                tenant_id=row[0],
+                public=bool(row[1]),
+                users=frozenset(json.loads(row[2])),
+                groups=frozenset(json.loads(row[3])),
+            )
+            if current == access:
+                return True
+            tenants = sorted({current.tenant_id, access.tenant_id})
+            await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in tenants])
+            await db.execute(_BUMP_WRITE_GENERATION)
+            # Text and vectors stay; the FTS trigger re-indexes the row with its new acl.
+            await db.execute(
+                "UPDATE chunks SET tenant_id = ?, public = ?, acl = ? WHERE document_id = ?",
+                (access.tenant_id, int(access.public), _acl_tokens(access), document_id),
+            )
+            await db.execute(
+                "DELETE FROM chunk_principals WHERE chunk IN"
+                " (SELECT id FROM chunks WHERE document_id = ?)",
+                (document_id,),
+            )
+            await db.executemany(
+                "INSERT INTO chunk_principals (chunk, principal)"
+                " SELECT id, ? FROM chunks WHERE document_id = ?",
+                [(grant, document_id) for grant in _grants(access)],
+            )
+            await db.execute(
+                "UPDATE documents SET tenant_id = ?, public = ?, users = ?, groups = ?"
+                " WHERE document_id = ?",
+                (
+                    access.tenant_id,
+                    int(access.public),
+                    json.dumps(sorted(access.users)),
+                    json.dumps(sorted(access.groups)),
+                    document_id,
+                ),
+            )
+            return True
 
     async def delete_document(self, document_id: str) -> None:
         async with self._transaction("IMMEDIATE") as db:
+            await db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
             async with db.execute(_DOCUMENT_TENANTS, (document_id,)) as cursor:
                 tenants = [str(row[0]) for row in await cursor.fetchall()]
             if not tenants:
                 return
             await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in tenants])
+            await db.execute(_BUMP_WRITE_GENERATION)
             await db.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
+            self._embedding = await _forget_embedding_if_unused(db, await _read_embedding(db))
 
-    async def search(
-        self, text: str, access: AccessFilter, top_k: int
-    ) -> tuple[list[RetrievedPassage], int]:
-        if top_k < 1:
-            raise ValueError("top_k must be at least 1")
-        expression = to_match_expression(text)
-        if expression is None:
-            return [], 0
-        parameters = {
-            "query": expression,
-            "tenant": access.tenant_id,
-            "principals": _principals(access),
-            "top_k": top_k,
-        }
-        # One read transaction: the page and the trimmed count describe the same snapshot.
-        async with self._transaction("DEFERRED") as db:
-            async with db.execute(_SEARCH, parameters) as cursor:
-                rows = list(await cursor.fetchall())
-            async with db.execute(_COUNT_TRIMMED, parameters) as cursor:
-                counted = await cursor.fetchone()
-        passages = [
-            RetrievedPassage(chunk=_chunk_from_row(row), score=-float(row[11])) for row in rows
+    # --- reads -----------------------------------------------------------------
+
+    async def documents(self, tenant_id: str, *, source_prefix: str = "") -> list[DocumentState]:
+        rows = await self._read_one_statement(
+            _DOCUMENTS, {"tenant": tenant_id, "prefix": source_prefix}
+        )
+        return [
+            DocumentState(
+                document_id=row[0],
+                source=row[1],
+                content_hash=row[2],
+                access=AccessControl(
+                    tenant_id=row[3],
+                    public=bool(row[4]),
+                    users=frozenset(json.loads(row[5])),
+                    groups=frozenset(json.loads(row[6])),
+                ),
+                chunks=int(row[7]),
+            )
+            for row in rows
         ]
-        return passages, int(counted[0]) if counted else 0
+
+    async def search(self, request: SearchRequest, access: AccessFilter) -> SearchHits:
+        if request.top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        if request.mode is not SearchMode.TEXT and request.vector is None:
+            raise ValueError(f"a {request.mode.value} search needs the query's vector")
+        if not _identified(access):
+            return SearchHits(passages=())
+        expression = to_match_expression(request.text)
+        tokens = _caller_tokens(access)
+        tenant_token = principal_token(access.tenant_id, "tenant")
+        hybrid = request.mode is SearchMode.HYBRID
+        depth = max(request.top_k * 4, 50) if hybrid else request.top_k
+        # One read transaction: lists, chunks and the trimmed count share one snapshot.
+        async with self._transaction("DEFERRED") as db:
+            vectors: _Vectors | None = None
+            if request.mode is not SearchMode.TEXT:
+                vectors = await self._current_vectors(db, request)
+                if vectors is None and not hybrid:
+                    raise IndexUnavailable(
+                        "the knowledge index holds no vectors: ingest documents with an "
+                        "embedding model, or search in text mode"
+                    )
+            text_rows: list[int] = []
+            text_scores: dict[int, float] = {}
+            trimmed = 0
+            if expression is not None and request.mode is not SearchMode.VECTOR:
+                columns = "{text title section} : (" + expression + ")"
+                parameters = {"query": f"{columns} AND {_acl_match(tokens)}", "depth": depth}
+                async with db.execute(_TEXT_SEARCH, parameters) as cursor:
+                    for row in await cursor.fetchall():
+                        text_rows.append(int(row[0]))
+                        text_scores[int(row[0])] = -float(row[1])
+                trimmed = await _count(
+                    db, f"{columns} AND {_acl_match([tenant_token])}"
+                ) - await _count(db, f"{columns} AND {_acl_match(tokens)}")
+            vector_rows: list[int] = []
+            vector_scores: dict[int, float] = {}
+            if vectors is not None and request.vector is not None:
+                query = np.asarray(request.vector, dtype=np.float32)
+                permitted = vectors.permitted_rows(tokens)
+                nearest = await asyncio.to_thread(vectors.nearest, query, permitted, depth)
+                vector_rows = [row for row, _ in nearest]
+                vector_scores = dict(nearest)
+                if request.mode is SearchMode.VECTOR:
+                    # Every chunk is a candidate of a nearest-neighbour search: the tenant's
+                    # vectors the ACL excluded.
+                    tenant_rows = vectors.postings.get(tenant_token)
+                    in_tenant = 0 if tenant_rows is None else int(tenant_rows.size)
+                    trimmed = in_tenant - int(permitted.size)
+            if request.mode is SearchMode.TEXT:
+                ranked = [(row, text_scores[row]) for row in text_rows]
+            elif request.mode is SearchMode.VECTOR:
+                ranked = [(row, vector_scores[row]) for row in vector_rows]
+            else:
+                ranked = _fuse(text_rows, vector_rows)
+            ranked = ranked[: request.top_k]
+            chunks = await _chunks_by_row(db, [row for row, _ in ranked], access)
+        passages = tuple(
+            RetrievedPassage(chunk=chunks[row], score=score)
+            for row, score in ranked
+            if row in chunks
+        )
+        return SearchHits(passages=passages, trimmed=trimmed)
+
+    async def _current_vectors(
+        self, db: aiosqlite.Connection, request: SearchRequest
+    ) -> _Vectors | None:
+        """The vectors of the snapshot ``db`` reads (reloaded when any process wrote since),
+        after checking that the request's vector was made by the index's model."""
+        metadata = await _metadata(db)
+        stored = _embedding_of(metadata)
+        self._embedding = stored
+        if stored is None:
+            return None
+        given = request.embedding
+        if given is None:
+            raise ValueError("a vector search needs the embedding identity of its vector")
+        if given != stored or len(request.vector or ()) != stored.dimensions:
+            raise _mismatch(stored, given)
+        generation = int(metadata["write_generation"])
+        if self._vectors is None or self._vectors.generation != generation:
+            rows = await db.execute_fetchall(
+                "SELECT id, vector, acl FROM chunks WHERE vector IS NOT NULL ORDER BY id"
+            )
+            self._vectors = await asyncio.to_thread(
+                _build_vectors,
+                generation,
+                stored.dimensions,
+                [(int(r[0]), bytes(r[1]), str(r[2])) for r in rows],
+            )
+        return self._vectors
 
     async def get_chunk(self, chunk_id: str, access: AccessFilter) -> Chunk | None:
+        if not _identified(access):
+            return None
         parameters = {
             "chunk_id": chunk_id,
             "tenant": access.tenant_id,
-            "principals": _principals(access),
+            "principals": json.dumps(_caller_principals(access)),
         }
         # A cache hit re-reads every source chunk: one statement, one hop, no BEGIN/COMMIT.
         rows = await self._read_one_statement(_GET_CHUNK, parameters)
@@ -400,24 +776,156 @@ class SqliteKnowledgeIndex:
                 raise IndexUnavailable("the knowledge index failed; try again later") from exc
 
     async def access_scope(self, access: AccessFilter) -> AccessScope:
-        parameters = {"tenant": access.tenant_id, "principals": _principals(access)}
+        parameters = {
+            "tenant": access.tenant_id,
+            "principals": json.dumps(_caller_principals(access)),
+        }
         # Asked before every cached turn: one statement, one hop to the database thread.
         rows = await self._read_one_statement(_ACCESS_SCOPE, parameters)
         row = rows[0] if rows else None
         if row is None or row[0] is None:
             raise IndexUnavailable("the knowledge index has no identity; re-open it")
-        named: list[str] = json.loads(row[2]) if row[2] else []
-        return AccessScope.of(
-            access.tenant_id,
-            users=(p[2:] for p in named if p.startswith("u:")),
-            groups=(p[2:] for p in named if p.startswith("g:")),
-            generation=f"{row[0]}:{int(row[1])}",
-        )
+        generation = f"{row[0]}:{int(row[1])}"
+        if not _identified(access):
+            return AccessScope.nothing(access.tenant_id, generation)
+        users, groups = _split_principals(json.loads(row[2]) if row[2] else [])
+        return AccessScope.of(access.tenant_id, users=users, groups=groups, generation=generation)
 
     async def count_chunks(self) -> int:
-        async with (
-            self._transaction("DEFERRED") as db,
-            db.execute("SELECT count(*) FROM chunks") as cursor,
-        ):
+        rows = await self._read_one_statement("SELECT count(*) FROM chunks", {})
+        return int(rows[0][0]) if rows else 0
+
+
+async def _count(db: aiosqlite.Connection, query: str) -> int:
+    rows = list(await db.execute_fetchall(_COUNT_MATCHES, {"query": query}))
+    return int(rows[0][0]) if rows else 0
+
+
+async def _chunks_by_row(
+    db: aiosqlite.Connection, rows: Sequence[int], access: AccessFilter
+) -> dict[int, Chunk]:
+    """The chunks of ``rows`` that ``access`` permits (checked again, in SQL)."""
+    if not rows:
+        return {}
+    parameters = {
+        "rows": json.dumps(list(rows)),
+        "tenant": access.tenant_id,
+        "principals": json.dumps(_caller_principals(access)),
+    }
+    found = await db.execute_fetchall(_CHUNKS_BY_ROW, parameters)
+    return {int(row[11]): _chunk_from_row(row) for row in found}
+
+
+async def _upsert_document(
+    db: aiosqlite.Connection, document_id: str, first: Chunk, content_hash: str
+) -> None:
+    await db.execute(
+        _UPSERT_DOCUMENT,
+        (
+            document_id,
+            first.source,
+            first.access.tenant_id,
+            content_hash,
+            int(first.access.public),
+            json.dumps(sorted(first.access.users)),
+            json.dumps(sorted(first.access.groups)),
+        ),
+    )
+
+
+def _embedding_of(metadata: Mapping[str, str]) -> EmbeddingIdentity | None:
+    model = metadata.get("embedding_model")
+    dimensions = metadata.get("embedding_dimensions")
+    if model is None or dimensions is None:
+        return None
+    return EmbeddingIdentity(model=model, dimensions=int(dimensions))
+
+
+async def _metadata(db: aiosqlite.Connection) -> dict[str, str]:
+    return {str(row[0]): str(row[1]) for row in await db.execute_fetchall(_METADATA)}
+
+
+async def _read_embedding(db: aiosqlite.Connection) -> EmbeddingIdentity | None:
+    return _embedding_of(await _metadata(db))
+
+
+async def _forget_embedding_if_unused(
+    db: aiosqlite.Connection, embedding: EmbeddingIdentity | None
+) -> EmbeddingIdentity | None:
+    """Once no vector is left, the index belongs to no model: re-indexing with another
+    model can start from an emptied index without deleting the file."""
+    if embedding is None:
+        return None
+    rows = list(await db.execute_fetchall("SELECT 1 FROM chunks WHERE vector IS NOT NULL LIMIT 1"))
+    if rows:
+        return embedding
+    await db.execute(
+        "DELETE FROM index_metadata WHERE key IN ('embedding_model', 'embedding_dimensions')"
+    )
+    return None
+
+
+async def _upgrade(db: aiosqlite.Connection) -> None:
+    """Bring the file to the current version under the write lock. Another process may
+    have upgraded it between our first read of ``user_version`` and the lock, so the
+    version is read again inside the transaction. Statements run one by one:
+    ``executescript`` would commit the transaction that holds the lock."""
+    await db.create_function("lamina_acl_tokens", 3, _migrated_acl_tokens)
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        async with db.execute("PRAGMA user_version") as cursor:
             row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        if (int(row[0]) if row else 0) < _SCHEMA_VERSION:
+            for statement in _statements(_UPGRADE_TO_3):
+                await db.execute(statement)
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    await db.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of ``script``, whole (a trigger's body stays with its trigger)."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement: {pending.strip()[:80]!r}")
+    return statements
+
+
+def _migrated_acl_tokens(tenant_id: str, public: int, principals: str) -> str:
+    """``_acl_tokens`` of a chunk stored by an older version (SQL function of the upgrade)."""
+    users, groups = _split_principals(json.loads(principals))
+    return _acl_tokens(AccessControl(tenant_id, bool(public), users, groups))
+
+
+# Brings a version 0-2 file to version 3 in _upgrade's transaction: the new columns and
+# tables, grants renamed to 'user:' / 'group:', every chunk's ACL tokens, the FTS index
+# rebuilt with its acl column, and each document recorded with an empty content hash (the
+# next ingest re-indexes it once and stores its hash).
+_UPGRADE_TO_3 = f"""
+{_TABLES}
+{_VERSION_3}
+UPDATE chunk_principals SET principal = 'user:' || substr(principal, 3) WHERE principal LIKE 'u:%';
+UPDATE chunk_principals SET principal = 'group:' || substr(principal, 3) WHERE principal LIKE 'g:%';
+UPDATE chunks SET acl = lamina_acl_tokens(
+    tenant_id, public,
+    (SELECT json_group_array(p.principal) FROM chunk_principals AS p WHERE p.chunk = chunks.id)
+);
+{_VERSION_3_FTS}
+INSERT INTO documents (document_id, source, tenant_id, content_hash, public, users, groups)
+SELECT
+    c.document_id, c.source, c.tenant_id, '', c.public,
+    (SELECT json_group_array(substr(p.principal, 6)) FROM chunk_principals AS p
+     WHERE p.chunk = c.id AND p.principal LIKE 'user:%'),
+    (SELECT json_group_array(substr(p.principal, 7)) FROM chunk_principals AS p
+     WHERE p.chunk = c.id AND p.principal LIKE 'group:%')
+FROM chunks AS c
+WHERE c.id = (SELECT min(id) FROM chunks AS first WHERE first.document_id = c.document_id);
+PRAGMA user_version = {_SCHEMA_VERSION};
+"""

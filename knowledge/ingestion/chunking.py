@@ -1,7 +1,15 @@
 """Split parsed sections into overlapping word windows on natural boundaries.
 
 A chunk never spans two sections, so it never crosses a page (PDF) or a
-heading: its citation (page, section) is always exact.
+heading: its citation (page, section) is always exact. Sizes are counted in
+words, a stand-in for tokens that needs no tokenizer (English prose averages
+about 1.3 tokens a word); the knowledge layer stays free of any model's
+vocabulary.
+
+Tables (every line holding a ``|`` cell separator, as parsed from Markdown,
+HTML and DOCX) are cut between rows only, and each piece of a table opens with
+its header row, so a row read alone still says what its cells mean. A single
+row longer than a chunk stays whole: it is the one case a chunk exceeds the size.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from knowledge.ingestion.parsers import ParsedSection
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 # A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by space.
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+")
+# A Markdown header underline: | --- | :---: | (outer pipes optional).
+_MARKDOWN_RULE = re.compile(r"^\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +45,54 @@ class _Unit:
     paragraph: int
 
 
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _is_table(paragraph: str) -> bool:
+    lines = paragraph.split("\n")
+    return len(lines) > 1 and all("|" in line for line in lines)
+
+
+def _table_pieces(table: str, limit: int) -> list[str]:
+    """Rows of ``table`` packed into pieces of at most ``limit`` words, each opening with
+    the header (the first row, and a Markdown underline) unless it would fill half."""
+    rows = table.split("\n")
+    header_rows = 2 if len(rows) > 2 and _MARKDOWN_RULE.match(rows[1].strip()) else 1
+    header, body = rows[:header_rows], rows[header_rows:]
+    header_words = sum(_words(row) for row in header)
+    repeated = header if header_words * 2 <= limit else []
+    pieces: list[str] = []
+    current, size = list(header), header_words
+    for row in body:
+        row_words = _words(row)
+        if size + row_words > limit and len(current) > len(repeated):
+            pieces.append("\n".join(current))
+            current, size = list(repeated), sum(_words(line) for line in repeated)
+        current.append(row)
+        size += row_words
+    pieces.append("\n".join(current))
+    return pieces
+
+
 def _units(text: str, limit: int) -> list[_Unit]:
     units: list[_Unit] = []
-    for number, paragraph in enumerate(_PARAGRAPHS.split(text)):
+    number = 0
+    for paragraph in _PARAGRAPHS.split(text):
         paragraph = paragraph.strip()
-        words = len(paragraph.split())
+        words = _words(paragraph)
         if words == 0:
             continue
+        number += 1
         if words <= limit:
             # Kept verbatim so list items and table rows keep their line breaks.
             units.append(_Unit(paragraph, words, number))
+            continue
+        if _is_table(paragraph):
+            # Each piece of a table is a paragraph of its own: never cut, joined by a break.
+            for piece in _table_pieces(paragraph, limit):
+                units.append(_Unit(piece, _words(piece), number))
+                number += 1
             continue
         for sentence in _SENTENCE_END.split(paragraph):
             tokens = sentence.split()

@@ -178,7 +178,7 @@ _DROPPED_TAGS = ["script", "style", "nav", "noscript", "template"]
 _BLOCK_TAGS = [
     "address", "article", "aside", "blockquote", "dd", "div", "dl", "dt", "figcaption",
     "figure", "footer", "form", "h4", "h5", "h6", "header", "li", "main", "ol", "p", "pre",
-    "section", "table", "tr", "ul",
+    "section", "ul",
 ]  # fmt: skip
 # Private-use characters survive get_text() and never occur in real documents.
 _PARAGRAPH_BREAK = "\ue001"
@@ -197,14 +197,25 @@ def _parse_html(path: Path) -> ParsedDocument:
         soup.head.decompose()
     root = soup.body or soup
 
+    # A table becomes one paragraph, a line per row and "|" between cells (as a DOCX
+    # table does), so chunking keeps its rows whole and repeats its header row.
+    for table in [t for t in root.find_all("table") if t.find_parent("table") is None]:
+        rows = [
+            " | ".join(
+                _one_line(cell.get_text(" "))
+                for cell in row.find_all(["td", "th"], recursive=False)
+            )
+            for row in table.find_all("tr")
+            if row.find_parent("table") is table
+        ]
+        text = _LINE_BREAK.join(row for row in rows if row.strip(" |"))
+        table.replace_with(f"{_PARAGRAPH_BREAK}{text}{_PARAGRAPH_BREAK}")
     headings: list[str] = []
     for tag in root.find_all(["h1", "h2", "h3"]):
         headings.append(_one_line(tag.get_text(" ")))
         tag.replace_with(f"{_PARAGRAPH_BREAK}\ue000{len(headings) - 1}{_PARAGRAPH_BREAK}")
     for tag in root.find_all("br"):
         tag.replace_with(_LINE_BREAK)
-    for tag in root.find_all(["td", "th"]):
-        tag.insert_after(" ")
     for tag in root.find_all(_BLOCK_TAGS):
         tag.insert_before(_PARAGRAPH_BREAK)
         tag.insert_after(_PARAGRAPH_BREAK)

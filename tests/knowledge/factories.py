@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from knowledge.contracts import AccessControl, AccessFilter, Chunk
+from inferencing.providers.hashing_embeddings import HashingEmbeddingModel
+from knowledge.contracts import AccessControl, AccessFilter, Chunk, EmbeddingIdentity
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,43 @@ def make_chunks(
         )
         for ordinal, text in enumerate(texts)
     ]
+
+
+def content_hash(chunks: Sequence[Chunk]) -> str:
+    """A stand-in for a file's content hash: the hash of its chunks' texts."""
+    return hashlib.sha256("\x1f".join(chunk.text for chunk in chunks).encode()).hexdigest()
+
+
+class HashingEmbedder:
+    """A knowledge :class:`~knowledge.contracts.Embedder` over the offline hashing model:
+    lexical vectors, instant, deterministic. ``model`` renames it, to make a mismatch."""
+
+    def __init__(self, dimensions: int = 64, *, model: str | None = None) -> None:
+        self._model = HashingEmbeddingModel(dimensions=dimensions)
+        self._identity = EmbeddingIdentity(model or self._model.name, dimensions)
+        self.calls: list[tuple[tuple[str, ...], str]] = []
+
+    @property
+    def identity(self) -> EmbeddingIdentity:
+        return self._identity
+
+    async def embed(self, texts: Sequence[str], *, tenant_id: str) -> list[tuple[float, ...]]:
+        self.calls.append((tuple(texts), tenant_id))
+        return [self._model.vector(text) for text in texts]
+
+
+class ConstantEmbedder:
+    """An :class:`~knowledge.contracts.Embedder` that gives every text the same unit
+    vector: a chunk stored with it is the nearest neighbour of any query, whatever its
+    words, so a test can tell a vector match from a text match."""
+
+    def __init__(self, dimensions: int = 64, *, model: str = "constant") -> None:
+        self._identity = EmbeddingIdentity(model, dimensions)
+        self._vector = (1.0,) + (0.0,) * (dimensions - 1)
+
+    @property
+    def identity(self) -> EmbeddingIdentity:
+        return self._identity
+
+    async def embed(self, texts: Sequence[str], *, tenant_id: str) -> list[tuple[float, ...]]:
+        return [self._vector for _ in texts]

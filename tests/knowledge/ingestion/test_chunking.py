@@ -92,3 +92,54 @@ def test_chunks_never_cross_a_section_and_keep_page_and_heading() -> None:
 
 def test_empty_sections_make_no_chunks() -> None:
     assert chunk_sections([ParsedSection(text="  \n\n ")], chunk_words=50, overlap_words=5) == []
+
+
+def markdown_table(rows: int) -> str:
+    lines = ["| Region | Owner | Budget |", "| --- | :---: | ---: |"]
+    lines += [f"| region{n} north | owner{n} team | {n}000 EUR |" for n in range(rows)]
+    return "\n".join(lines)
+
+
+def test_a_long_markdown_table_is_cut_between_rows_and_repeats_its_header() -> None:
+    table = markdown_table(30)  # 5 header words + 30 rows of 7 words
+    chunks = split_section(f"Budgets by region.\n\n{table}", chunk_words=40, overlap_words=0)
+
+    assert all(word_count(chunk) <= 40 for chunk in chunks)
+    # The prose may share a chunk with the first rows; the table's pieces are paragraphs.
+    pieces = [part for chunk in chunks for part in chunk.split("\n\n") if "|" in part]
+    assert len(pieces) > 3
+    rows_seen: list[str] = []
+    for piece in pieces:
+        lines = piece.split("\n")
+        assert lines[:2] == ["| Region | Owner | Budget |", "| --- | :---: | ---: |"]
+        assert all(line.startswith("| region") and line.endswith("EUR |") for line in lines[2:])
+        rows_seen += lines[2:]
+    assert rows_seen == table.split("\n")[2:]  # every row once, whole, in order
+
+
+def test_a_pipe_separated_table_from_docx_or_html_keeps_rows_whole() -> None:
+    rows = ["Quarter | Revenue | Cost"] + [f"Q{n} 2024 | {n}1 M | {n}2 M" for n in range(20)]
+    chunks = split_section("\n".join(rows), chunk_words=30, overlap_words=10)
+
+    for chunk in chunks:
+        lines = chunk.split("\n")
+        assert lines[0] == "Quarter | Revenue | Cost"
+        assert all(line in rows for line in lines)
+    assert {line for chunk in chunks for line in chunk.split("\n")} == set(rows)
+
+
+def test_a_row_longer_than_a_chunk_stays_whole() -> None:
+    long_row = "| " + " ".join(f"w{n}" for n in range(60)) + " |"
+    table = "\n".join(["| A | B |", "| - | - |", "| a | b |", long_row, "| c | d |"])
+    chunks = split_section(table, chunk_words=20, overlap_words=0)
+
+    assert any(long_row in chunk for chunk in chunks)
+    assert all(
+        line.startswith("|") and line.endswith("|") for c in chunks for line in c.split("\n")
+    )
+
+
+def test_prose_with_pipes_in_only_some_lines_is_not_a_table() -> None:
+    text = "Use a | b to pipe.\n" + " ".join(sentences(10))
+    chunks = split_section(text, chunk_words=30, overlap_words=0)
+    assert all(word_count(chunk) <= 30 for chunk in chunks)

@@ -135,10 +135,22 @@ def test_html_keeps_content_and_drops_scripts_styles_and_navigation(tmp_path: Pa
     assert document.sections[1].text == (
         "Check lag\n\nSet read-only\n\nDetail\n\nStill in Before.\nSecond line."
     )
-    assert document.sections[2].text == "Owner Platform"
+    assert document.sections[2].text == "Owner | Platform"
     everything = " ".join(s.text for s in document.sections)
     for dropped in ("secret-script", "color", "Menu item", "Enable JavaScript"):
         assert dropped not in everything
+
+
+def test_html_tables_become_one_row_per_line_with_nested_tables_once(tmp_path: Path) -> None:
+    source = """<h1>Budget</h1><p>Before.</p><table>
+    <tr><th>Region</th><th>Owner</th></tr>
+    <tr><td>North <b>east</b></td><td><table><tr><td>Kim</td></tr></table></td></tr>
+    <tr><td></td><td></td></tr>
+    <tr><td>South</td><td>Sam</td></tr></table><p>After.</p>"""
+    document = parse_document(write(tmp_path / "budget.html", source))
+
+    (section,) = document.sections
+    assert section.text == "Before.\n\nRegion | Owner\nNorth east | Kim\nSouth | Sam\n\nAfter."
 
 
 def test_html_without_title_uses_its_first_heading(tmp_path: Path) -> None:
