@@ -26,7 +26,12 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-slow: $(STAMP)
+# The browser test drives Debian's chromium (never a downloaded browser).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+slow: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m slow
 
 test: lint unit slow
@@ -38,6 +43,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.gateway_overhead
 	$(BIN)/python -m bench.edge_overhead
 	$(BIN)/python -m bench.injection_detection
+	$(BIN)/python -m bench.tracing_overhead
+	$(BIN)/python -m bench.retrieval_latency --sizes 10000,100000
+	$(BIN)/python -m bench.ingestion_throughput
+	command -v man >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq manpages manpages-dev man-db; } || echo "man pages unavailable: bench.retrieval_quality prints what it needs"
+	$(BIN)/python -m bench.retrieval_quality
 
 clean:
 	rm -rf $(VENV) .lamina .mypy_cache .pytest_cache .ruff_cache

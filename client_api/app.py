@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
-from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
 
 from client_api.auth.api_keys import ApiKeyAuthenticator
@@ -27,7 +27,10 @@ from client_api.mcp_server import mount_mcp_server
 from client_api.problems import CORRELATION_HEADER, install_problem_handlers
 from client_api.routes import (
     approvals,
+    audit,
     chat,
+    chat_protocol,
+    chunks,
     conversations,
     health,
     jobs,
@@ -36,6 +39,8 @@ from client_api.routes import (
     usage,
 )
 from client_api.settings import LaminaSettings, load_settings, require_serving_settings
+from client_api.telemetry import configure_telemetry
+from client_api.web import mount_web
 
 
 def create_app(
@@ -48,6 +53,7 @@ def create_app(
     settings = settings or load_settings()
     require_serving_settings(settings)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    telemetry = configure_telemetry(settings.telemetry)
     docs = settings.api.publish_docs or settings.auth.mode == "dev"
 
     @asynccontextmanager
@@ -83,6 +89,7 @@ def create_app(
                 if validator is not None:
                     await validator.aclose()
                 await services.aclose()
+                await asyncio.to_thread(telemetry.flush)
 
     app = FastAPI(
         title="Lamina",
@@ -108,11 +115,10 @@ def create_app(
             )
         },
     )
-    app.add_middleware(
-        CorrelationIdMiddleware,
-        header_name=CORRELATION_HEADER,
-        update_request_header=False,
-    )
+    # The trace id, when tracing is on: the instrumentation's server span encloses
+    # every middleware, so it is current here.
+    telemetry.add_correlation_ids(app, CORRELATION_HEADER)
+    telemetry.instrument(app)
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(chat.router)
@@ -120,8 +126,12 @@ def create_app(
     app.include_router(me.router)
     app.include_router(approvals.router)
     app.include_router(openai_compat.router)
+    app.include_router(chat_protocol.router)
     app.include_router(usage.router)
     app.include_router(jobs.router)
+    app.include_router(audit.router)
+    app.include_router(chunks.router)
+    mount_web(app, settings)
     mcp = mount_mcp_server(app) if settings.api.mcp_server else None
     app.state.teams_bot = None
     if settings.teams.enabled:

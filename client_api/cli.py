@@ -1,4 +1,5 @@
-"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo, keys, tools."""
+"""The ``lamina`` command line: serve, ingest, ask, usage, config, demo, keys, tools, eval,
+audit."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from client_api.cli_audit import audit_app
+from client_api.cli_replay import replay
+from client_api.evaluation.cli import eval_app
 from client_api.settings import LaminaSettings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from client_api.telemetry import Telemetry
     from tools.listing import ListedTool, ToolCatalog
 
 app = typer.Typer(
@@ -70,12 +75,15 @@ def serve(
     _serve(_settings(**({"api": api} if api else {})))
 
 
-async def _ingest(settings: LaminaSettings, path: Path, acl: Path | None) -> None:
-    from client_api.composition import build_knowledge
+async def _ingest(
+    settings: LaminaSettings, path: Path, acl: Path | None, *, sync: bool = False
+) -> None:
+    from contextlib import AsyncExitStack
 
-    index, ingestor, _ = build_knowledge(settings)
-    await index.open()
-    try:
+    from client_api.composition import open_knowledge
+
+    async with AsyncExitStack() as stack:
+        index, ingestor, _ = await open_knowledge(settings, stack)
         with Progress(
             TextColumn("[bold]Ingesting[/bold]"),
             BarColumn(),
@@ -90,14 +98,20 @@ async def _ingest(settings: LaminaSettings, path: Path, acl: Path | None) -> Non
             def advance(name: str, done: int, total: int) -> None:
                 progress.update(task, completed=done, total=total, description=name)
 
-            report = await ingestor.ingest(path, acl_file=acl, progress=advance)
+            report = await ingestor.ingest(path, acl_file=acl, progress=advance, sync=sync)
         total_chunks = await index.count_chunks()
-    finally:
-        await index.close()
     console.print(
         f"Indexed [bold]{report.files_indexed}[/bold] of {report.files_seen} files "
         f"({report.chunks_indexed} chunks; {total_chunks} in the index)."
     )
+    summary = Table("files", "count", title="Summary")
+    summary.add_row("indexed (new or changed)", str(report.files_indexed))
+    summary.add_row("unchanged", str(report.files_unchanged))
+    summary.add_row("ACL updated (not re-embedded)", str(report.access_updated))
+    if sync:
+        summary.add_row("removed (file gone)", str(report.files_removed))
+    summary.add_row("skipped", str(len(report.skipped)))
+    console.print(summary)
     if report.skipped:
         table = Table("skipped file", "reason", title=f"{len(report.skipped)} skipped")
         for skipped in report.skipped:
@@ -111,12 +125,18 @@ def ingest(
     acl: Annotated[
         Path | None, typer.Option(help="ACL file (default: acl.yaml in the corpus folder)")
     ] = None,
+    sync: Annotated[
+        bool, typer.Option(help="Also remove indexed documents whose file is gone")
+    ] = False,
 ) -> None:
-    """Parse, chunk and index a folder of documents with its access rules."""
+    """Parse, chunk and index a folder of documents with its access rules.
+
+    Incremental: unchanged files are skipped, ACL-only changes update permissions
+    without re-embedding, and an interrupted run is finished by running it again."""
     from knowledge.contracts import KnowledgeError
 
     try:
-        asyncio.run(_ingest(_settings(), path, acl))
+        asyncio.run(_ingest(_settings(), path, acl, sync=sync))
     except KnowledgeError as exc:
         errors.print(f"[red]Ingestion failed: {exc}[/red]")
         raise typer.Exit(1) from None
@@ -182,14 +202,43 @@ def ask(
         groups=frozenset(g.strip() for g in groups.split(",") if g.strip()),
         roles=frozenset(r.strip() for r in roles.split(",") if r.strip()),
     )
-    raise typer.Exit(asyncio.run(_ask(_settings(), question, principal)))
+    settings = _settings()
+    telemetry = _telemetry(settings)
+    try:
+        code = asyncio.run(_ask(settings, question, principal))
+    finally:
+        telemetry.flush()
+    raise typer.Exit(code)
+
+
+def _telemetry(settings: LaminaSettings) -> Telemetry:
+    """Traces and metrics of a command that runs turns, as the server records them."""
+    from client_api.telemetry import configure_telemetry
+
+    try:
+        return configure_telemetry(settings.telemetry)
+    except SettingsError as exc:
+        errors.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+app.command()(replay)
 
 
 @app.command()
-def config() -> None:
+def config(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the reference page (docs/configuration.md)")
+    ] = False,
+) -> None:
     """List every setting: environment variable, default and meaning."""
     from client_api.settings import describe_settings
 
+    if markdown:
+        from client_api.settings_reference import render_markdown
+
+        sys.stdout.write(render_markdown())
+        return
     table = Table("variable", "default", "meaning", title="Lamina settings (also read from .env)")
     for row in describe_settings():
         table.add_row(*row)
@@ -209,6 +258,9 @@ async def _usage(settings: LaminaSettings, by: str, since: str, tenant: str | No
         start = parse_since(since)
     except ValueError as exc:
         errors.print(f"[red]{exc}[/red]")
+        return 2
+    except OverflowError:
+        errors.print(f"[red]--since {since!r} reaches past the calendar: give a shorter span[/red]")
         return 2
     async with AsyncExitStack() as stack:
         state = await build_gateway_state(settings, stack)
@@ -303,16 +355,20 @@ def _when(moment: datetime | None) -> str:
 
 
 def _keys_run(work: Coroutine[Any, Any, int]) -> None:
-    """Run a ``lamina keys`` coroutine and exit with its code; an unreachable store
-    exits with :data:`KEY_STORE_DOWN`."""
+    """Run a ``lamina keys`` coroutine and exit with its code; an unreachable key store
+    (or audit log, which records every change) exits with :data:`KEY_STORE_DOWN`."""
     from rich.markup import escape
 
     from client_api.auth.api_keys import KeyStoreUnavailable
+    from intelligence.contracts import StoreUnavailable
 
     try:
         code = asyncio.run(work)
     except KeyStoreUnavailable as exc:
         errors.print(f"[red]{escape(str(exc))}[/red]")
+        code = KEY_STORE_DOWN
+    except StoreUnavailable as exc:
+        errors.print(f"[red]The audit log cannot be reached: {escape(exc.message)}[/red]")
         code = KEY_STORE_DOWN
     raise typer.Exit(code)
 
@@ -338,9 +394,13 @@ async def _keys_create(
 
     from rich.markup import escape
 
+    from client_api.audit_events import operator, record_operator_action
     from client_api.auth.api_keys import DuplicateApiKeyName, open_api_key_store
+    from client_api.composition import open_audit_log
 
     async with AsyncExitStack() as stack:
+        # Opened first: a change that could not be recorded is not made.
+        audit = await open_audit_log(settings, stack)
         store = await open_api_key_store(settings, stack)
         try:
             issued = await store.create(
@@ -356,8 +416,21 @@ async def _keys_create(
         except DuplicateApiKeyName as exc:
             errors.print(f"[red]{escape(str(exc))}[/red]")
             return 1
+        record = issued.record
+        await record_operator_action(
+            audit,
+            "admin.key_created",
+            tenant_id=record.tenant_id,
+            user_id=operator(),
+            data={
+                "key_id": record.key_id,
+                "name": record.name,
+                "roles": sorted(record.roles),
+                "groups": sorted(record.groups),
+                "expires_at": record.expires_at,
+            },
+        )
         where = store.describe()
-    record = issued.record
     errors.print(
         f"Created API key [bold]{record.key_id}[/bold] ({escape(record.name)}) for tenant "
         f"{escape(record.tenant_id)}; roles: {escape(', '.join(sorted(record.roles)) or '-')}; "
@@ -444,9 +517,12 @@ async def _keys_revoke(settings: LaminaSettings, key_id: str) -> int:
 
     from rich.markup import escape
 
+    from client_api.audit_events import operator, record_operator_action
     from client_api.auth.api_keys import open_api_key_store
+    from client_api.composition import open_audit_log
 
     async with AsyncExitStack() as stack:
+        audit = await open_audit_log(settings, stack)
         store = await open_api_key_store(settings, stack)
         before = await store.get(key_id)
         if before is None or not await store.revoke(key_id):
@@ -455,6 +531,14 @@ async def _keys_revoke(settings: LaminaSettings, key_id: str) -> int:
                 "; 'lamina keys list' shows the keys.[/red]"
             )
             return 1
+        if before.revoked_at is None:
+            await record_operator_action(
+                audit,
+                "admin.key_revoked",
+                tenant_id=before.tenant_id,
+                user_id=operator(),
+                data={"key_id": key_id, "name": before.name},
+            )
     if before.revoked_at is not None:
         console.print(f"API key {key_id} was already revoked on {_when(before.revoked_at)}.")
     else:
@@ -476,9 +560,12 @@ async def _keys_rotate(settings: LaminaSettings, key_id: str, grace: timedelta) 
 
     from rich.markup import escape
 
+    from client_api.audit_events import operator, record_operator_action
     from client_api.auth.api_keys import ApiKeyNotActive, UnknownApiKey, open_api_key_store
+    from client_api.composition import open_audit_log
 
     async with AsyncExitStack() as stack:
+        audit = await open_audit_log(settings, stack)
         store = await open_api_key_store(settings, stack)
         try:
             issued = await store.rotate(key_id, grace)
@@ -486,7 +573,20 @@ async def _keys_rotate(settings: LaminaSettings, key_id: str, grace: timedelta) 
             errors.print(f"[red]{escape(str(exc))}; 'lamina keys list' shows the keys.[/red]")
             return 1
         old = await store.get(key_id)
-    record = issued.record
+        record = issued.record
+        await record_operator_action(
+            audit,
+            "admin.key_rotated",
+            tenant_id=record.tenant_id,
+            user_id=operator(),
+            data={
+                "key_id": key_id,
+                "new_key_id": record.key_id,
+                "name": record.name,
+                "grace_s": grace.total_seconds(),
+                "old_key_expires_at": None if old is None else old.expires_at,
+            },
+        )
     until = (
         "was revoked now"
         if old is None or old.revoked_at is not None
@@ -517,6 +617,11 @@ def keys_rotate(
         errors.print(f"[red]--grace: {exc}[/red]")
         raise typer.Exit(2) from None
     _keys_run(_keys_rotate(_settings(), key_id, period))
+
+
+# --- lamina audit: the hash-chained audit log (client_api/cli_audit.py) ---------------------
+
+app.add_typer(audit_app)
 
 
 # --- lamina tools: the tools the assistant may call -------------------------------------------
@@ -648,6 +753,11 @@ def tools_list(
             console.print(Text(note))
     failed = bool(catalog.load_errors or catalog.not_installed)
     raise typer.Exit(1 if strict and failed else 0)
+
+
+# --- lamina eval: answer quality on a question set, through the API ---------------------------
+
+app.add_typer(eval_app)
 
 
 if __name__ == "__main__":

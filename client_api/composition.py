@@ -26,6 +26,7 @@ from client_api.edge.limits import (
     RedisLimitStore,
     ResilientLimitStore,
 )
+from client_api.knowledge_embedder import build_knowledge_embedder
 from client_api.personal_data import UsageData
 from client_api.settings import LaminaSettings
 from inferencing.contracts import ChatModel, EmbeddingModel
@@ -59,12 +60,14 @@ from intelligence.personal_data import (
 )
 from intelligence.planning.deterministic import DeterministicPlanner
 from intelligence.prompts import PromptLibrary
+from intelligence.quality import QualityMonitor
 from intelligence.safety.policy import SafetyPolicy
-from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.stores.sqlite import SqliteConversationStore
+from intelligence.stores.sqlite_audit import SqliteAuditLog
 from intelligence.stores.sqlite_jobs import SqliteJobStore
 from intelligence.upkeep import Upkeep
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
-from knowledge.contracts import Ingestor, KnowledgeIndex, Retriever
+from knowledge.contracts import Embedder, Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.acl import AccessRules
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
@@ -78,6 +81,7 @@ if TYPE_CHECKING:
 
     from client_api.teams.conversations import TeamsConversationMap
     from intelligence.stores.cosmos import CosmosConversationStore
+    from intelligence.stores.cosmos_audit import CosmosAuditLog
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class Services:
     toolset: Toolset
     gateway: Gateway
     conversations: ConversationStore
-    audit: SqliteAuditLog
+    audit: AuditLog
     assistant: Assistant
     state: GatewayState
     limiter: RateLimiter
@@ -286,6 +290,23 @@ async def open_conversation_store(
     return store
 
 
+async def open_audit_log(settings: LaminaSettings, stack: AsyncExitStack) -> AuditLog:
+    """The hash-chained audit log: SQLite (``<data_dir>/audit.db``) or Azure Cosmos DB.
+    The server and the ``lamina`` commands that record or read events open it here."""
+    config = settings.audit
+    audit: SqliteAuditLog | CosmosAuditLog
+    if config.backend == "cosmos":
+        # Imported here: only a Cosmos DB deployment needs the SDK (lamina[cosmos]).
+        from intelligence.stores.cosmos_audit import CosmosAuditLog
+
+        audit = CosmosAuditLog(config.cosmos)
+    else:
+        audit = SqliteAuditLog(config.path or settings.data_dir / "audit.db")
+    await audit.open()
+    stack.push_async_callback(audit.close)
+    return audit
+
+
 async def build_jobs(
     settings: LaminaSettings, ingestor: Ingestor, assistant: Assistant, stack: AsyncExitStack
 ) -> tuple[JobStore, JobRunner, IngestJobs, AgentTasks]:
@@ -332,9 +353,43 @@ async def open_teams_conversations(
     return conversations
 
 
-def build_knowledge(settings: LaminaSettings) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
-    index = SqliteKnowledgeIndex(settings.knowledge_index_path())
-    return index, IngestionPipeline(index, settings.knowledge), SecurityTrimmedRetriever(index)
+def build_knowledge(
+    settings: LaminaSettings, embedder: Embedder | None = None
+) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
+    """The index of ``LAMINA_KNOWLEDGE__BACKEND``, the pipeline that fills it and the
+    retriever over it, all with ``embedder`` (``None``: text only)."""
+    index: KnowledgeIndex
+    if settings.knowledge.backend == "azure_search":
+        if embedder is None:
+            raise ValueError("the azure_search knowledge backend needs an embedding model")
+        # Imported here: only deployments on Azure AI Search pay for its SDK.
+        from knowledge.backends.azure_search import AzureSearchKnowledgeIndex
+
+        index = AzureSearchKnowledgeIndex.from_settings(
+            settings.knowledge.azure_search, embedder.identity
+        )
+    else:
+        index = SqliteKnowledgeIndex(settings.knowledge_index_path())
+    retriever = SecurityTrimmedRetriever(
+        index,
+        embedder,
+        default_mode=settings.knowledge.search_mode,
+        capture_content=settings.telemetry.capture_content,
+    )
+    return index, IngestionPipeline(index, settings.knowledge, embedder=embedder), retriever
+
+
+async def open_knowledge(
+    settings: LaminaSettings, stack: AsyncExitStack
+) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
+    """:func:`build_knowledge` with the configured embedder, the index opened; both are
+    closed with ``stack``. What ``lamina serve``, ``lamina ingest`` and ``lamina eval``
+    share, so the vectors a query is compared with were made by the same model."""
+    embedder = await build_knowledge_embedder(settings, stack)
+    index, ingestor, retriever = build_knowledge(settings, embedder)
+    await index.open()
+    stack.push_async_callback(index.close)
+    return index, ingestor, retriever
 
 
 class AuditLogToolSink:
@@ -387,7 +442,13 @@ async def build_tool_layer(
     store = await open_approval_store(
         settings.tools.approvals, data_dir=settings.data_dir, redis_client=redis, stack=stack
     )
-    return build_tools(settings.tools, sources, audit=AuditLogToolSink(audit), approval_store=store)
+    return build_tools(
+        settings.tools,
+        sources,
+        audit=AuditLogToolSink(audit),
+        approval_store=store,
+        capture_content=settings.telemetry.capture_content,
+    )
 
 
 def _mcp_http_client(settings: LaminaSettings) -> Callable[[McpServerSettings], httpx.AsyncClient]:
@@ -465,14 +526,10 @@ def build_planner(
 async def build_services(settings: LaminaSettings) -> Services:
     stack = AsyncExitStack()
     try:
-        index, ingestor, retriever = build_knowledge(settings)
-        await index.open()
-        stack.push_async_callback(index.close)
+        index, ingestor, retriever = await open_knowledge(settings, stack)
 
         conversations = await open_conversation_store(settings, stack)
-        audit = SqliteAuditLog(settings.data_dir / "audit.db")
-        await audit.open()
-        stack.push_async_callback(audit.close)
+        audit = await open_audit_log(settings, stack)
 
         state = await build_gateway_state(settings, stack)
         limiter = RateLimiter(state.limits, settings.limits)
@@ -483,6 +540,7 @@ async def build_services(settings: LaminaSettings) -> Services:
             ledger=state.ledger,
             counter=counter,
             budget=limiter if settings.limits.any_token_limits else None,
+            capture_content=settings.telemetry.capture_content,
         )
         stack.push_async_callback(chat_model.aclose)
         await chat_model.warm_up()
@@ -504,6 +562,8 @@ async def build_services(settings: LaminaSettings) -> Services:
             # A model planning every round writes its own search queries from the history.
             model_rewrites=not _model_plans_every_round(settings, chat_model),
         )
+        quality = QualityMonitor(window_s=settings.telemetry.drift_window_s)
+        quality.expose()
         assistant = Orchestrator(
             retriever=retriever,
             toolset=toolset,
@@ -521,6 +581,8 @@ async def build_services(settings: LaminaSettings) -> Services:
             top_k=settings.knowledge.top_k,
             max_output_tokens=settings.inferencing.max_output_tokens,
             temperature=settings.inferencing.temperature,
+            quality=quality,
+            capture_content=settings.telemetry.capture_content,
         )
         jobs, job_runner, ingest_jobs, agent_tasks = await build_jobs(
             settings, ingestor, assistant, stack

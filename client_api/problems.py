@@ -18,6 +18,7 @@ from client_api.auth.groups import GroupsUnavailable
 from client_api.auth.jwt import AuthenticationError, IdentityProviderUnavailable
 from client_api.edge.caps import CapExceeded
 from client_api.edge.limits import RateLimiter
+from client_api.edge.telemetry import RefusalReason, record_refusal, route_of
 from inferencing.contracts import TokenQuotaExceeded, TokenRateLimited
 from intelligence.contracts import (
     AnswerFailed,
@@ -264,10 +265,35 @@ _ANSWER_FAILED_STATUS = {
 }
 
 
+_REFUSAL_STATUS = {
+    401: RefusalReason.UNAUTHENTICATED,
+    403: RefusalReason.FORBIDDEN,
+    413: RefusalReason.TOO_LARGE,
+    429: RefusalReason.RATE_LIMITED,
+}
+
+
+def refusal_of(problem: Problem, cause: Exception) -> RefusalReason | None:
+    """The refusal a problem reports to its caller, for ``lamina.edge.refusals``: by its
+    status, a used-up quota told from other 403s by its code, and a 422 over a cap
+    counted as too large. Errors from the layers below (a limit that ran out in the
+    middle of a turn) are counted where they happened, not as the edge's refusals."""
+    if isinstance(cause, IntelligenceError | ToolError):
+        return None
+    if problem.status == 403 and problem.extra.get("code") == "quota_exceeded":
+        return RefusalReason.QUOTA_EXCEEDED
+    if problem.status == 422 and "cap" in problem.extra:
+        return RefusalReason.TOO_LARGE
+    return _REFUSAL_STATUS.get(problem.status)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     def handler(to_problem: Callable[[Any], Problem]) -> Callable[..., Awaitable[JSONResponse]]:
         async def handle(request: Request, exc: Exception) -> JSONResponse:
-            return problem_response(to_problem(exc), request)
+            problem = to_problem(exc)
+            if (refusal := refusal_of(problem, exc)) is not None:
+                record_refusal(refusal, route_of(request.scope))
+            return problem_response(problem, request)
 
         return handle
 

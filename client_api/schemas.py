@@ -14,9 +14,16 @@ from intelligence.contracts import (
     Citation,
     Conversation,
     ConversationMessage,
+    ExplainedSource,
+    FeedbackRating,
     MessageStatus,
+    ModelCallRecord,
     Plan,
+    PolicyDecision,
+    RetrievalCounts,
     StepOutcome,
+    StepTiming,
+    TurnExplanation,
 )
 from tools.contracts import ApprovalDecision, ApprovalRequest, ApprovalStatus
 
@@ -77,6 +84,29 @@ class ConversationList(BaseModel):
     next_cursor: str | None = None
 
 
+class RenameConversationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"\S",
+        description="The new title (at least one non-blank character)",
+    )
+
+
+class PassageView(BaseModel):
+    """A cited passage, as the caller may read it."""
+
+    chunk_id: str
+    document_id: str
+    title: str
+    source: str = Field(description="Path of the source document within the ingested corpus")
+    text: str
+    page: int | None = None
+    section: str | None = None
+
+
 class MessageView(BaseModel):
     id: str
     role: str
@@ -101,6 +131,76 @@ class MessageView(BaseModel):
 
 class ConversationDetail(ConversationSummary):
     messages: list[MessageView]
+
+
+class RetrievalView(BaseModel):
+    """The turn's searches as the caller may see them. How many candidates the access
+    rules trimmed is deliberately absent: told to the asker, that count would let them
+    probe, query by query, for documents they may not read (auditors find it in the
+    audit log's ``chat.turn`` entries)."""
+
+    searches: int
+    returned: int
+    indexes: list[str]
+
+    @classmethod
+    def of(cls, counts: RetrievalCounts) -> RetrievalView:
+        return cls(searches=counts.searches, returned=counts.returned, indexes=list(counts.indexes))
+
+
+class TurnExplanationView(BaseModel):
+    """How one answer was produced, as recorded while its turn ran."""
+
+    turn_id: str = Field(description="The answer's message id")
+    conversation_id: str
+    question: str
+    status: MessageStatus
+    started_at: datetime
+    duration_ms: float = Field(description="Running time (a wait for an approval excluded)")
+    trace_id: str | None = Field(description="The turn's trace (32 hex digits), when traced")
+    plan: Plan | None = Field(description="The plan that ran, as streamed, round by round")
+    steps: list[StepTiming] = Field(description="Each step as it ran: start, duration, status")
+    sources: list[ExplainedSource] = Field(
+        description="The passages retrieval returned, with scores, [n] refs and whether cited"
+    )
+    retrieval: RetrievalView = Field(description="Searches and the passages they returned")
+    model_calls: list[ModelCallRecord] = Field(
+        description="Planning and answer calls: deployment, model version, tokens, timing"
+    )
+    prompts: dict[str, str] = Field(description='Prompt versions used, e.g. {"answer": ...}')
+    policy: list[PolicyDecision] = Field(description="Policy checks and outcomes, in order")
+    time_to_first_token_ms: float | None
+    error: str | None = Field(description="The error code the turn ended with, if any")
+
+    @classmethod
+    def of(cls, explanation: TurnExplanation) -> TurnExplanationView:
+        return cls(
+            turn_id=explanation.turn_id,
+            conversation_id=explanation.conversation_id,
+            question=explanation.question,
+            status=explanation.status,
+            started_at=explanation.started_at,
+            duration_ms=explanation.duration_ms,
+            trace_id=explanation.trace_id,
+            plan=explanation.plan,
+            steps=list(explanation.steps),
+            sources=list(explanation.sources),
+            retrieval=RetrievalView.of(explanation.retrieval),
+            model_calls=list(explanation.model_calls),
+            prompts=dict(explanation.prompts),
+            policy=list(explanation.policy),
+            time_to_first_token_ms=explanation.time_to_first_token_ms,
+            error=explanation.error,
+        )
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rating: FeedbackRating = Field(description="positive or negative")
+    comment: str | None = Field(
+        default=None, max_length=1000, description="What was good or wrong about the answer"
+    )
 
 
 class Health(BaseModel):

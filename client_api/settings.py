@@ -21,6 +21,7 @@ from client_api.edge.limits import LimitsSettings
 from inferencing.settings import ContentSafetySettings, InferencingSettings
 from intelligence.settings import (
     AnswerCacheSettings,
+    AuditSettings,
     ConversationSettings,
     IntelligenceSettings,
     JobSettings,
@@ -142,6 +143,58 @@ class ApiSettings(BaseModel):
     )
 
 
+class TelemetrySettings(BaseModel):
+    """OpenTelemetry traces and metrics (``LAMINA_TELEMETRY__*``). Spans and metrics are
+    always recorded when enabled (the trace id is the correlation id); where they go is
+    chosen by ``exporters``, none by default."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Record traces and metrics; off: no spans, and correlation ids are random",
+    )
+    exporters: list[Literal["console", "otlp", "azure_monitor"]] = Field(
+        default_factory=list,
+        description='Where telemetry goes, e.g. ["otlp"]; otlp needs lamina[otlp], '
+        "azure_monitor needs lamina[azure-monitor]",
+    )
+    service_name: str = Field(default="lamina", min_length=1, description="service.name")
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP collector, e.g. http://localhost:4317 (grpc) or "
+        "http://localhost:4318 (http); empty: the OTEL_EXPORTER_OTLP_* variables",
+    )
+    otlp_protocol: Literal["grpc", "http/protobuf"] = Field(
+        default="http/protobuf", description="OTLP transport"
+    )
+    azure_monitor_connection_string: SecretStr | None = Field(
+        default=None,
+        description="Application Insights connection string; empty: "
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    )
+    capture_content: bool = Field(
+        default=False,
+        description="Put prompt and completion text (and the question) in spans; off, spans "
+        "carry sizes and ids only",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of new traces recorded (parent-based)"
+    )
+    trust_incoming_trace: bool = Field(
+        default=False,
+        description="Continue a caller's W3C traceparent (only behind a trusted gateway); "
+        "off: every request starts its own trace",
+    )
+    metric_interval_s: float = Field(
+        default=60.0, ge=1.0, description="How often metrics are exported"
+    )
+    drift_window_s: float = Field(
+        default=3600.0,
+        ge=60.0,
+        description="Window of the drift summaries (retrieval scores, no-answer rate, "
+        "feedback ratio per prompt version)",
+    )
+
+
 TEAMS_SERVICE_URL_HOSTS = (
     "smba.trafficmanager.net",
     "smba.infra.gcc.teams.microsoft.com",
@@ -149,6 +202,56 @@ TEAMS_SERVICE_URL_HOSTS = (
     "smba.infra.dod.teams.microsoft.us",
 )
 """The Bot Connector hosts of Teams: the public cloud, GCC, GCC High and DoD."""
+
+
+class DevUser(BaseModel):
+    """Someone the web page's dev-mode picker lets you act as."""
+
+    id: str = Field(min_length=1, description="User id (X-Lamina-User)")
+    name: str = Field(min_length=1, description="What the picker shows")
+    groups: list[str] = Field(default_factory=list, description="X-Lamina-Groups")
+    roles: list[str] = Field(default_factory=list, description="X-Lamina-Roles")
+
+
+def _sample_dev_users() -> list[DevUser]:
+    """People of the bundled sample corpus (``samples/corpus/acl.yaml``), each seeing a
+    different part of it; every one may file a service-desk ticket (role employee)."""
+    return [
+        DevUser(id="dana", name="Dana (engineering)", groups=["engineering"], roles=["employee"]),
+        DevUser(
+            id="megan.bowen@contoso.com",
+            name="Megan Bowen (finance)",
+            groups=["finance"],
+            roles=["employee"],
+        ),
+        DevUser(id="harper", name="Harper (HR)", groups=["hr"], roles=["employee"]),
+        DevUser(id="guest", name="Guest (product docs only)", groups=[], roles=["employee"]),
+    ]
+
+
+class WebSettings(BaseModel):
+    """The web chat page at ``/`` (``LAMINA_WEB__*``). With LAMINA_AUTH__MODE=jwt the page
+    signs in with MSAL.js as the single-page app registered in Entra ID; in dev mode it
+    offers a picker of ``dev_users`` instead."""
+
+    enabled: bool = Field(default=True, description="Serve the chat page at / and /static")
+    client_id: str | None = Field(
+        default=None, description="jwt mode: application (client) id of the page's SPA app"
+    )
+    authority: str | None = Field(
+        default=None,
+        description="jwt mode: e.g. https://login.microsoftonline.com/<tenant id>",
+    )
+    api_scopes: list[str] = Field(
+        default_factory=list,
+        description="jwt mode: scopes the page requests for this API, e.g. "
+        '["api://<api app id>/Chat"]',
+    )
+    dev_users: list[DevUser] = Field(
+        default_factory=_sample_dev_users,
+        description="dev mode: who the page's picker offers (JSON list of id, name, groups, "
+        "roles); default people of the sample corpus",
+    )
 
 
 class TeamsSettings(BaseModel):
@@ -214,8 +317,8 @@ class TeamsSettings(BaseModel):
     )
     feedback: bool = Field(
         default=True,
-        description="Show like/dislike buttons on every answer; the feedback is audited "
-        "(teams.feedback)",
+        description="Show like/dislike buttons on every answer; a click rates the answer as "
+        "the API's feedback does (chat.feedback)",
     )
 
 
@@ -247,6 +350,7 @@ class LaminaSettings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     api: ApiSettings = ApiSettings()
     teams: TeamsSettings = TeamsSettings()
+    web: WebSettings = WebSettings()
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
     caps: CapsSettings = CapsSettings()
@@ -259,6 +363,8 @@ class LaminaSettings(BaseSettings):
     intelligence: IntelligenceSettings = IntelligenceSettings()
     conversations: ConversationSettings = ConversationSettings()
     jobs: JobSettings = JobSettings()
+    audit: AuditSettings = AuditSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
 
     def knowledge_index_path(self) -> Path:
         return self.knowledge.index_path or self.data_dir / "knowledge.db"

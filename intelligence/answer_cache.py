@@ -12,7 +12,9 @@ default). The scope is a hash of everything else the answer depends on:
   the answer settings) and the embedding model;
 - a hash of the conversation so far (empty for a first turn), never the last
   message alone; follow-up turns are skipped unless ``multi_turn`` is on;
-- with ``tool_turns`` on, the user and their roles (tool results are per caller).
+- with ``tool_turns`` on, for a turn that may call tools, the user and their roles (tool
+  results are per caller). A turn without tools (``TurnRequest.tools`` false) is keyed
+  without them, so it never meets an answer a tool helped to make.
 
 On a hit every source chunk the answer was built from is fetched again with the
 caller's identity and compared with a digest kept in the entry; if one is gone,
@@ -45,6 +47,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
+
 from inferencing.contracts import EmbeddingModel
 from intelligence.contracts import (
     CacheOutcome,
@@ -58,6 +64,16 @@ from intelligence.settings import AnswerCacheSettings
 from knowledge.contracts import AccessScope, Chunk, Retriever
 
 log = logging.getLogger(__name__)
+
+_tracer = trace.get_tracer("lamina.intelligence")
+_lookups = metrics.get_meter("lamina.intelligence").create_counter(
+    "lamina.answer_cache.lookups",
+    unit="{lookup}",
+    description="Answer cache lookups by lamina.cache.outcome (hit, miss, bypass: a turn "
+    "the cache does not answer, such as a follow-up); hit ratio = hit / all lookups",
+)
+_OUTCOMES = {"hit": "hit", "miss": "miss", "skipped": "bypass"}
+"""``lamina.cache.outcome`` of each :class:`CacheOutcome` status."""
 
 Clock = Callable[[], float]
 """Seconds since the epoch (``time.time``); injected so tests can move time."""
@@ -411,12 +427,30 @@ class AnswerCache:
         history: Sequence[ConversationMessage],
         principal: Principal,
         prompt_version: str,
+        tools: bool = True,
+    ) -> CacheLookup:
+        """The cached answer for this caller, or why there is none: a
+        ``lamina.answer_cache.lookup`` span and a count of ``lamina.answer_cache.lookups``
+        by outcome (the question never reaches the span). ``tools``: whether the turn may
+        call tools (false: only answers made without any are looked up, and stored)."""
+        with _tracer.start_as_current_span("lamina.answer_cache.lookup") as span:
+            lookup = await self._lookup_or_miss(question, history, principal, prompt_version, tools)
+            _observe(span, lookup.outcome)
+            return lookup
+
+    async def _lookup_or_miss(
+        self,
+        question: str,
+        history: Sequence[ConversationMessage],
+        principal: Principal,
+        prompt_version: str,
+        tools: bool,
     ) -> CacheLookup:
         if history and not self._settings.multi_turn:
             return CacheLookup(CacheOutcome("skipped", reason="multi_turn"))
         try:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
-                return await self._lookup(question, history, principal, prompt_version)
+                return await self._lookup(question, history, principal, prompt_version, tools)
         except TimeoutError:
             log.warning(
                 "answer cache: lookup slower than %ss, a miss", self._settings.lookup_timeout_s
@@ -435,6 +469,7 @@ class AnswerCache:
         history: Sequence[ConversationMessage],
         principal: Principal,
         prompt_version: str,
+        tools: bool,
     ) -> CacheLookup:
         # Independent round trips (index, embedding model): overlap them.
         access, embedded = await asyncio.gather(
@@ -445,7 +480,8 @@ class AnswerCache:
         vector = unit(raw)
         if not any(vector):
             return CacheLookup(CacheOutcome("miss", reason="no_terms"))
-        key = _Key(self._scope(access, history, principal, prompt_version), access, vector)
+        scope = self._scope(access, history, principal, prompt_version, tools)
+        key = _Key(scope, access, vector)
         now = self._clock()
         threshold = self._settings.similarity_threshold
         nearest = await self._store.nearest(
@@ -486,9 +522,13 @@ class AnswerCache:
         history: Sequence[ConversationMessage],
         principal: Principal,
         prompt_version: str,
+        tools: bool,
     ) -> str:
         # Tool results depend on who calls (roles, the user's own data): per user then.
-        caller = [principal.user_id, sorted(principal.roles)] if self._settings.tool_turns else None
+        # Turns with and without tools never share: an answer made with tools turned off
+        # (lamina-rag) must not stand in for a turn whose planner might have called one.
+        per_caller = self._settings.tool_turns and tools
+        caller = [principal.user_id, sorted(principal.roles)] if per_caller else None
         return _digest(
             [
                 _KEY_VERSION,
@@ -499,6 +539,7 @@ class AnswerCache:
                 prompt_version,
                 self._embedder.name,
                 context_digest(history),
+                "tools" if tools else "no-tools",
                 caller,
             ]
         )
@@ -556,6 +597,17 @@ class AnswerCache:
         except Exception as exc:
             log.warning("answer cache: could not store an answer (%s: %s)", type(exc).__name__, exc)
         return lookup.outcome
+
+
+def _observe(span: Span, outcome: CacheOutcome) -> None:
+    status = _OUTCOMES[outcome.status]
+    attributes: dict[str, AttributeValue] = {"lamina.cache.outcome": status}
+    if outcome.reason is not None:
+        attributes["lamina.cache.reason"] = outcome.reason
+    if outcome.similarity is not None:
+        attributes["lamina.cache.similarity"] = outcome.similarity
+    span.set_attributes(attributes)
+    _lookups.add(1, {"lamina.cache.outcome": status})
 
 
 def answer_variant(prompt_id: str, template: str, settings: Mapping[str, object]) -> str:

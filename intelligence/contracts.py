@@ -173,6 +173,25 @@ class ConversationMessage:
     status: MessageStatus = MessageStatus.COMPLETE
     citations: tuple[Citation, ...] = ()
     plan: Plan | None = None
+    explanation: TurnExplanation | None = None
+    """For an assistant reply that finished running: how it was produced (see
+    :class:`TurnExplanation`; for a reply paused for approval, what ran before the pause);
+    ``None`` for user messages and running replies."""
+    feedback: AnswerRating | None = None
+    """For an assistant reply: its owner's rating (one per reply, the latest given)."""
+
+
+FeedbackRating = Literal["positive", "negative"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerRating:
+    """A user's rating of one of their answers, as stored with it: a new rating of the
+    same answer replaces it, so one person counts once per answer."""
+
+    rating: FeedbackRating
+    comment: str | None
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +281,12 @@ class ConversationStore(Protocol):
 
     async def delete(self, principal: Principal, conversation_id: str) -> bool: ...
 
+    async def rename(self, principal: Principal, conversation_id: str, title: str) -> bool:
+        """Give the caller's conversation a new title; False when it is not theirs (or
+        gone). ``updated_at`` stays: a rename is housekeeping, not activity that reorders
+        the list."""
+        ...
+
     async def finish_message(
         self,
         principal: Principal,
@@ -272,15 +297,26 @@ class ConversationStore(Protocol):
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
         attempt: str | None = None,
+        explanation: TurnExplanation | None = None,
     ) -> bool:
-        """Store the message's final text and status. With ``attempt``, only while that run
-        of its turn owns it (a retry took it over otherwise). Returns whether it was
-        written."""
+        """Store the message's final text and status (and how it was produced). With
+        ``attempt``, only while that run of its turn owns it (a retry took it over
+        otherwise). Returns whether it was written."""
         ...
 
     async def messages(
         self, principal: Principal, conversation_id: str, *, last: int | None = None
     ) -> list[ConversationMessage]: ...
+
+    async def rate(
+        self, principal: Principal, conversation_id: str, message_id: str, rating: AnswerRating
+    ) -> ConversationMessage | None:
+        """Store the caller's rating of their reply ``message_id`` in ``conversation_id``,
+        replacing an earlier one (in one atomic write: of two racing ratings, each sees
+        the other's or none). Returns the reply as it was before, so its ``feedback`` is
+        the rating replaced; ``None``, and nothing written, when it is not the caller's
+        reply in that conversation, or when it is still running or paused for approval."""
+        ...
 
     # --- turns: durable before the model is called, never doubled -------------------
 
@@ -317,7 +353,8 @@ class ConversationStore(Protocol):
     ) -> TurnRecord | None:
         """Claim a turn to run again: a reply that is ``INTERRUPTED`` or ``FAILED``, or
         ``STREAMING`` with a lease ended before ``now``, becomes ``STREAMING`` again,
-        emptied, leased until ``lease_until``, with a new ``attempt``. Of racing claims
+        emptied (its explanation and rating go with the old answer), leased until
+        ``lease_until``, with a new ``attempt``. Of racing claims
         exactly one gets the record; the others (and a reply in any other state) get
         ``None``."""
         ...
@@ -396,7 +433,12 @@ class PersonalDataHolder(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
+    """One event, as a layer hands it to the audit log. Never carries secrets, passage
+    text or what an ACL hid (only how many candidates it hid)."""
+
     event: str
+    """Dotted name: ``chat.turn``, ``tool.call``, ``approval.decided``, ``privacy.erase``,
+    ``admin.key_created`` … (``docs/audit.md`` lists them)."""
     tenant_id: str
     user_id: str
     correlation_id: str | None
@@ -404,10 +446,215 @@ class AuditRecord:
     at: datetime
 
 
-class AuditLog(Protocol):
-    """Append-only record of who asked what, with which plan and sources."""
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """A stored record, linked into its tenant's hash chain."""
 
-    async def append(self, record: AuditRecord) -> None: ...
+    record: AuditRecord
+    seq: int
+    """Position in the tenant's chain, from 1, without gaps."""
+    prev_hash: str
+    """``hash`` of the tenant's previous entry (64 zeros for the first)."""
+    hash: str
+    """SHA-256 over ``prev_hash`` and the record's canonical JSON
+    (:func:`intelligence.audit_chain.entry_hash`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    tenant_id: str
+    """Always one tenant: an auditor sees their own tenant's log only."""
+    event: str | None = None
+    """An exact event name, or a prefix ending in ``.`` (``tool.``)."""
+    user_id: str | None = None
+    correlation_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    after_seq: int = 0
+    """Paging: entries with a larger ``seq`` only."""
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    entries: tuple[AuditEntry, ...]
+    next_after_seq: int | None = None
+    """Pass as ``after_seq`` for the next page; ``None``: this was the last."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainVerification:
+    tenant_id: str
+    entries: int
+    """How many entries were checked."""
+    intact: bool
+    first_bad_seq: int | None = None
+    """The first entry whose hash, link or position does not check out."""
+    problem: str | None = None
+
+
+class AuditLog(Protocol):
+    """Append-only record of who asked what, with which plan and sources; one hash chain
+    per tenant, so a modified, removed or reordered entry is detected by :meth:`verify`.
+
+    Adapters offer no update or delete. Every adapter passes
+    ``tests/intelligence/stores/audit_contract.py``."""
+
+    async def append(self, record: AuditRecord) -> AuditEntry:
+        """Link the record into its tenant's chain and store it. Concurrent appends (from
+        any number of processes or replicas) never fork or break the chain."""
+        ...
+
+    async def query(self, query: AuditQuery) -> AuditPage:
+        """Entries matching the query, in chain order."""
+        ...
+
+    async def verify(self, tenant_id: str) -> ChainVerification:
+        """Recompute the tenant's chain from its first entry."""
+        ...
+
+    async def tenants(self) -> list[str]:
+        """Tenants with at least one entry (for verifying every chain)."""
+        ...
+
+
+# --- explanations ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """One step of a turn's plan as it ran."""
+
+    step_id: str
+    kind: StepKind
+    description: str
+    started_at: datetime
+    duration_ms: float | None
+    """``None``: the step never finished (the turn paused, failed or was cut off)."""
+    status: StepStatus | None = None
+    summary: str = ""
+    query: str | None = None
+    tool: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainedSource:
+    """A passage retrieval returned for this turn (never one the caller may not see)."""
+
+    chunk_id: str
+    document_id: str
+    source: str
+    title: str
+    score: float | None
+    """On the index's own scale; ``None`` for a cached answer's source (not searched)."""
+    index: str | None
+    """The index that returned it; ``None`` for a cached answer's source."""
+    page: int | None = None
+    ref: int | None = None
+    """Its ``[n]`` number in the answer's sources; ``None``: not shown to the model."""
+    cited: bool = False
+    step_id: str | None = None
+    """The retrieve step that found it (``None``: a cached answer's sources)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalCounts:
+    """Summed over the turn's searches."""
+
+    searches: int = 0
+    candidates: int = 0
+    """Matches before the ACL filter: ``returned + trimmed`` where the index can tell."""
+    trimmed: int = 0
+    """Candidates the caller may not see: counted, never named."""
+    returned: int = 0
+    indexes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCallRecord:
+    """One model call of the turn, as the gateway routed it."""
+
+    purpose: Literal["plan", "answer", "summary", "replay"]
+    deployment: str | None
+    model: str | None
+    model_version: str | None
+    duration_ms: float
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    time_to_first_token_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """A check the turn passed or failed, in the order they happened."""
+
+    check: str
+    """``input_safety``, ``answer_cache``, ``tool_policy``, ``approval``,
+    ``output_safety``, ``context_safety`` …"""
+    outcome: str
+    """``allowed``, ``refused``, ``redacted``, ``flagged``, ``hit``, ``miss`` …"""
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnExplanation:
+    """What a turn actually did, recorded as it ran and stored with its reply:
+    ``GET /v1/conversations/{id}/turns/{turn}/explain`` returns it and ``lamina replay``
+    replays the answer against the same sources."""
+
+    turn_id: str
+    """The reply's message id."""
+    conversation_id: str
+    question: str
+    status: MessageStatus
+    """The reply's status as it is now (a run whose process died is marked
+    ``INTERRUPTED`` by the sweep, after it stored its explanation or before it stored any)."""
+    started_at: datetime
+    duration_ms: float
+    """Running time; 0 for a run that died before it recorded anything (its explanation
+    is then only what the reply itself tells: question, status, plan)."""
+    trace_id: str | None = None
+    """The OpenTelemetry trace of the run (also the correlation id), when traced."""
+    plan: Plan | None = None
+    steps: tuple[StepTiming, ...] = ()
+    sources: tuple[ExplainedSource, ...] = ()
+    retrieval: RetrievalCounts = field(default_factory=RetrievalCounts)
+    model_calls: tuple[ModelCallRecord, ...] = ()
+    prompts: Mapping[str, str] = field(default_factory=dict)
+    """Prompt role to its versioned id: ``{"answer": "grounded_answer@v1", …}``."""
+    policy: tuple[PolicyDecision, ...] = ()
+    time_to_first_token_ms: float | None = None
+    """From the start of the run to the first answer text sent."""
+    error: str | None = None
+    """The error code the turn ended with, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayedTurn:
+    """A stored turn's answer produced again from the same sources (those the owner may
+    still see), with the recorded answer prompt, through today's model route."""
+
+    original: TurnExplanation
+    original_answer: str
+    original_citations: tuple[Citation, ...]
+    answer: str
+    citations: tuple[Citation, ...]
+    missing_sources: tuple[str, ...]
+    """Chunk ids the turn used that are gone, or no longer visible to its owner."""
+    model_call: ModelCallRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFeedback:
+    """A user's rating of one of their answers."""
+
+    conversation_id: str
+    turn_id: str
+    """The rated reply's message id."""
+    rating: FeedbackRating
+    comment: str | None = None
+    correlation_id: str | None = None
 
 
 # --- turns ----------------------------------------------------------------------
@@ -421,6 +668,9 @@ class TurnRequest:
     idempotency_key: str | None = None
     """The client's key for this request: sent again (a retry), it never starts a second
     turn (see :meth:`Assistant.start_turn`)."""
+    tools: bool = True
+    """False: a grounded turn only. Rules plan it (search, then answer with citations) and
+    no tool is offered or called, whatever the caller may use (``lamina-rag``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,6 +839,40 @@ class Assistant(Protocol):
         Raises the tools layer's ``ApprovalNotFound``, ``ApprovalConflict`` or
         ``InvalidToolArguments`` (for edited arguments) before anything streams, and
         :class:`ApprovalsUnavailable` when no approval gate is configured."""
+        ...
+
+    async def explain(
+        self, principal: Principal, conversation_id: str, turn_id: str
+    ) -> TurnExplanation | None:
+        """The recorded explanation of the caller's own turn (``turn_id``: the reply's
+        message id; a turn paused for approval: what ran before the pause), with the
+        reply's current status; for a turn whose run died before it recorded one, what
+        the reply tells (question, status, plan). ``None`` when there is no such turn, it
+        is someone else's, or it is still running."""
+        ...
+
+    async def replay(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        actor: str,
+        correlation_id: str | None = None,
+    ) -> ReplayedTurn:
+        """Answer the turn of ``principal`` (its owner) again from its recorded sources
+        and prompt, and audit it (``chat.replay``) as done by ``actor``, who asked for it
+        (an operator, ``cli:<login>``). Raises :class:`ConversationNotFound` when there is
+        no such finished turn with a recorded explanation, and :class:`ReplayUnavailable`
+        when its answer prompt version is no longer installed."""
+        ...
+
+    async def feedback(self, feedback: TurnFeedback, principal: Principal) -> bool:
+        """Store the caller's rating of their own finished answer, replacing an earlier
+        one. A new rating or comment is audited (``chat.feedback``), a new rating counts
+        in the quality metrics of the answer's prompt; the same rating again records
+        nothing. False, and nothing stored, when there is no such finished answer of the
+        caller's."""
         ...
 
 
@@ -855,6 +1139,10 @@ class TurnInProgress(IntelligenceError):
 
 class ApprovalsUnavailable(IntelligenceError):
     """This deployment has no approval gate: high-risk tools cannot run at all."""
+
+
+class ReplayUnavailable(IntelligenceError):
+    """A stored turn cannot be replayed as it ran (its answer prompt version is gone)."""
 
 
 @dataclass

@@ -9,17 +9,17 @@ complete, interrupted or failed, and never silently dropped.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from inferencing.contracts import (
-    ChatDelta,
     ChatMessage,
     ChatModel,
     ChatRequest,
@@ -34,6 +34,8 @@ from inferencing.contracts import (
 from intelligence.answer_cache import AnswerCache, CacheHit, CacheLookup, answer_variant
 from intelligence.contracts import (
     AnswerDelta,
+    AnswerFailed,
+    AnswerRating,
     ApprovalDecisionRequest,
     ApprovalRequiredEvent,
     ApprovalsUnavailable,
@@ -50,12 +52,16 @@ from intelligence.contracts import (
     IdempotencyKeyReused,
     InputRejected,
     MessageStatus,
+    ModelCallRecord,
     NewTurn,
     Plan,
     PlanEvent,
     Planner,
     PlanStep,
+    PolicyDecision,
     Principal,
+    ReplayedTurn,
+    ReplayUnavailable,
     ResumedTurn,
     StartedTurn,
     StepEvent,
@@ -64,16 +70,22 @@ from intelligence.contracts import (
     StepResult,
     StepStatus,
     TurnEvent,
+    TurnExplanation,
+    TurnFeedback,
     TurnInProgress,
     TurnRecord,
     TurnRequest,
     TurnResult,
+    UnsafeInput,
     collect_turn,
 )
+from intelligence.explanations import ModelCallTimer, TurnRecorder, TurnRun
 from intelligence.idempotency import RunningTurns, request_hash, stored_answer
 from intelligence.memory import ConversationMemory
-from intelligence.prompts import Prompt, PromptLibrary
-from intelligence.safety import AnswerStopped, SafetyPolicy, TurnScope
+from intelligence.planning.deterministic import DeterministicPlanner
+from intelligence.prompts import Prompt, PromptError, PromptLibrary
+from intelligence.quality import QualityMonitor, TurnOutcome, turn_outcome
+from intelligence.safety import AnswerGuard, AnswerStopped, SafetyPolicy, TurnScope
 from intelligence.settings import IntelligenceSettings
 from intelligence.turn_state import (
     BudgetExceeded,
@@ -104,6 +116,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _CITATION = re.compile(r"\[(\d{1,3})\]")
+_GROUNDED = DeterministicPlanner()
+"""Plans a turn without tools (:attr:`TurnRequest.tools` false): search, then answer."""
 _SNIPPET_CHARS = 280
 
 
@@ -127,6 +141,33 @@ async def _closing(stream: AsyncIterator[_T]) -> AsyncIterator[AsyncIterator[_T]
         close = getattr(stream, "aclose", None)
         if close is not None:
             await close()
+
+
+async def _in_own_context(events: AsyncGenerator[_T, None]) -> AsyncGenerator[_T, None]:
+    """``events``, each step of it run as a task in one copy of the consumer's context.
+
+    A turn's run keeps its spans current across its yields (so that searches, tool calls
+    and model calls nest under the step that makes them). In the consumer's own context
+    that would leak: a span left current while the consumer handles an event would adopt
+    the consumer's work, and unwinding it out of order breaks the consumer's context. In
+    a context of its own, the run's spans open and close in the order its code nests."""
+    context = contextvars.copy_context()
+
+    async def step() -> _T:
+        return await anext(events)
+
+    async def close() -> None:
+        await events.aclose()
+
+    try:
+        while True:
+            try:
+                event = await asyncio.create_task(step(), context=context)
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        await asyncio.create_task(close(), context=context)
 
 
 class Orchestrator:
@@ -159,7 +200,11 @@ class Orchestrator:
         approvals: ApprovalGate | None = None,
         turn_lease_s: float = 30.0,
         memory: ConversationMemory | None = None,
+        quality: QualityMonitor | None = None,
+        capture_content: bool = False,
     ) -> None:
+        """``quality`` is fed every finished turn and rating (drift metrics);
+        ``capture_content`` lets the question into the turn's span (never by default)."""
         self._retriever = retriever
         self._toolset = toolset
         self._model = chat_model
@@ -176,8 +221,14 @@ class Orchestrator:
         self._approvals = approvals
         self._turn_lease_s = turn_lease_s
         self._memory = memory
+        self._quality = quality
+        self._capture_content = capture_content
         self._running = RunningTurns()
         self._answer_prompt: Prompt = prompts.get(settings.answer_prompt)
+        try:
+            self._planner_prompt: str | None = prompts.get(settings.planner_prompt).id
+        except PromptError:  # a deployment planning by rules alone may ship no planner prompt
+            self._planner_prompt = None
         self._answer_cache = answer_cache
         # Everything besides model, sources and question that shapes an answer: a change
         # to any of it (even a prompt edited without a new version) must not replay old ones.
@@ -213,9 +264,16 @@ class Orchestrator:
                 return await self._again(earlier, digest, request, principal)
         if self._safety is not None:
             # Before anything is stored: a refused message leaves nothing but its audit record.
-            await self._safety.check_input(
-                question, TurnScope(principal, request.correlation_id, request.conversation_id)
-            )
+            try:
+                await self._safety.check_input(
+                    question, TurnScope(principal, request.correlation_id, request.conversation_id)
+                )
+            except UnsafeInput as exc:
+                if self._quality is not None:
+                    refused = exc.code == "prompt_injection"
+                    outcome: TurnOutcome = "refused" if refused else "failed"
+                    self._quality.record_turn(self._answer_prompt.id, outcome, None)
+                raise
         history: list[ConversationMessage] = []
         if request.conversation_id is not None:
             if await self._conversations.get(principal, request.conversation_id) is None:
@@ -242,7 +300,10 @@ class Orchestrator:
             raise ConversationNotFound("No such conversation.") from None
         if not record.created:  # a concurrent request with the same key won
             return await self._again(record, digest, request, principal)
-        turn = await self._new_turn(record, question, history, principal, request.correlation_id)
+        turn = await self._new_turn(
+            record, question, history, principal, request.correlation_id, "new"
+        )
+        turn.tools = request.tools
         return StartedTurn(
             record.conversation.id,
             record.user_message.id,
@@ -299,7 +360,9 @@ class Orchestrator:
             earlier[-last:] if last else [],
             principal,
             request.correlation_id,
+            "retried",
         )
+        turn.tools = request.tools
         return StartedTurn(conversation_id, user_message_id, self._leased(turn, key), "retried")
 
     async def _new_turn(
@@ -309,7 +372,12 @@ class Orchestrator:
         history: Sequence[ConversationMessage],
         principal: Principal,
         correlation_id: str | None,
+        run: TurnRun,
     ) -> Turn:
+        recorder = self._recorder(record.conversation.id, record.reply.id, question, principal, run)
+        if self._safety is not None:
+            # Checked in start_turn, when the request was first accepted.
+            recorder.decided("input_safety", "passed")
         turn = Turn(
             record.conversation.id,
             record.reply.id,
@@ -318,6 +386,7 @@ class Orchestrator:
             principal,
             correlation_id,
             TurnBudget(self._settings),
+            recorder,
             attempt=record.attempt,
         )
         if self._memory is not None:
@@ -327,6 +396,26 @@ class Orchestrator:
                 record.conversation, history, question, principal
             )
         return turn
+
+    def _recorder(
+        self,
+        conversation_id: str,
+        reply_id: str,
+        question: str,
+        principal: Principal,
+        run: TurnRun,
+        prior: TurnExplanation | None = None,
+    ) -> TurnRecorder:
+        return TurnRecorder(
+            conversation_id=conversation_id,
+            turn_id=reply_id,
+            question=question,
+            tenant_id=principal.tenant_id,
+            prompts={"answer": self._answer_prompt.id},
+            run=run,
+            capture_content=self._capture_content,
+            prior=prior,
+        )
 
     def _lease_until(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=self._turn_lease_s)
@@ -343,7 +432,7 @@ class Orchestrator:
         channel = self._running.open(turn.principal, key) if key else None
         heartbeat = asyncio.create_task(self._heartbeat(turn))
         try:
-            async with _closing(self._run(turn, resume)) as events:
+            async with _closing(_in_own_context(self._traced(turn, resume))) as events:
                 async for event in events:
                     if channel is not None:
                         channel.publish(event)
@@ -408,8 +497,22 @@ class Orchestrator:
         except ApprovalConflict as exc:
             if exc.status is ApprovalStatus.EXPIRED:
                 # Nobody can resume it now: the paused answer ends as failed, not waiting.
+                explanation = reply.explanation
+                if explanation is not None:
+                    expired = PolicyDecision("approval", "expired", seen.tool)
+                    explanation = replace(
+                        explanation,
+                        status=MessageStatus.FAILED,
+                        error="approval_expired",
+                        policy=(*explanation.policy, expired),
+                    )
                 await self._conversations.finish_message(
-                    owner, reply.id, "", MessageStatus.FAILED, plan=suspension.plan
+                    owner,
+                    reply.id,
+                    "",
+                    MessageStatus.FAILED,
+                    plan=suspension.plan,
+                    explanation=explanation,
                 )
             raise
         # The decision won the approval: now the turn is running again, leased like any
@@ -429,6 +532,14 @@ class Orchestrator:
             owner,
             request.correlation_id or suspension.correlation_id,
             TurnBudget(self._settings, suspension.elapsed_s),
+            self._recorder(
+                suspension.conversation_id,
+                suspension.reply_id,
+                suspension.question,
+                owner,
+                "resumed",
+                prior=reply.explanation,
+            ),
             plan=suspension.plan,
             waiting=list(suspension.waiting),
             replan=suspension.replan,
@@ -456,12 +567,199 @@ class Orchestrator:
                 return (earlier[-last:] if last else []), message
         return [], None
 
+    # --- explanations, replay and feedback ---------------------------------------
+
+    async def explain(
+        self, principal: Principal, conversation_id: str, turn_id: str
+    ) -> TurnExplanation | None:
+        found = await self._finished_reply(principal, conversation_id, turn_id)
+        if found is None:
+            return None
+        recorded = _as_it_is(found.reply)
+        if recorded is not None:
+            return recorded
+        # The run died before it stored an explanation (the sweep marked it interrupted):
+        # what the reply itself tells.
+        reply = found.reply
+        return TurnExplanation(
+            turn_id=reply.id,
+            conversation_id=reply.conversation_id,
+            question=found.question,
+            status=reply.status,
+            started_at=reply.created_at,
+            duration_ms=0.0,
+            plan=reply.plan,
+        )
+
+    async def replay(
+        self,
+        principal: Principal,
+        conversation_id: str,
+        turn_id: str,
+        *,
+        actor: str,
+        correlation_id: str | None = None,
+    ) -> ReplayedTurn:
+        found = await self._finished_reply(principal, conversation_id, turn_id)
+        explanation = _as_it_is(found.reply) if found is not None else None
+        if (
+            found is None
+            or explanation is None
+            or explanation.status is MessageStatus.AWAITING_APPROVAL
+        ):
+            raise ConversationNotFound("No such finished turn with a recorded explanation.")
+        earlier, reply = found.earlier, found.reply
+        prompt = self._recorded_prompt(explanation)
+        # The passages the model was shown, in their [n] order, as the owner may see them now.
+        shown = sorted(
+            (s for s in explanation.sources if s.ref is not None), key=lambda s: s.ref or 0
+        )
+        chunks = await asyncio.gather(
+            *(self._retriever.get_chunk(s.chunk_id, principal) for s in shown)
+        )
+        sources = [
+            (source.ref, RetrievedPassage(chunk, source.score or 0.0))
+            for source, chunk in zip(shown, chunks, strict=True)
+            if source.ref is not None and chunk is not None
+        ]
+        missing = tuple(s.chunk_id for s, c in zip(shown, chunks, strict=True) if c is None)
+        last = self._settings.history_turns
+        history = _history_messages(earlier[-last:] if last else [])
+        request = self._grounded_request(
+            prompt, principal, history, explanation.question, sources, ()
+        )
+        answer, call = await self._answer_again(request, principal, conversation_id, turn_id)
+        await self._audit.append(
+            AuditRecord(
+                event="chat.replay",
+                tenant_id=principal.tenant_id,
+                user_id=actor,
+                correlation_id=correlation_id,
+                at=datetime.now(UTC),
+                data={
+                    "owner": principal.user_id,
+                    "conversation_id": conversation_id,
+                    "message_id": turn_id,
+                    "prompt": prompt.id,
+                    "sources": [passage.chunk.chunk_id for _, passage in sources],
+                    "missing": list(missing),
+                    "deployment": call.deployment,
+                },
+            )
+        )
+        return ReplayedTurn(
+            original=explanation,
+            original_answer=reply.content,
+            original_citations=reply.citations,
+            answer=answer,
+            citations=_cited(answer, sources),
+            missing_sources=missing,
+            model_call=call,
+        )
+
+    async def _answer_again(
+        self, request: ChatRequest, principal: Principal, conversation_id: str, turn_id: str
+    ) -> tuple[str, ModelCallRecord]:
+        """A replay's answer, through the same output guard as any answer."""
+        scope = TurnScope(principal, None, conversation_id, turn_id)
+        guard = _Guarded(self._safety.answer_guard(scope) if self._safety else None)
+        timer = ModelCallTimer("replay")
+        parts: list[str] = []
+        try:
+            async with _closing(self._model.stream(request, principal)) as deltas:
+                async for delta in deltas:
+                    timer.saw(delta)
+                    parts += await guard.feed(delta.content)
+            parts += await guard.finish()
+        except AnswerStopped as exc:
+            raise AnswerFailed(exc.event.message, exc.event.code) from None
+        except InferenceError as exc:
+            raise AnswerFailed(exc.message, "model_unavailable") from None
+        return "".join(parts), timer.record(self._model.name)
+
+    def _recorded_prompt(self, explanation: TurnExplanation) -> Prompt:
+        """The answer prompt version the turn was answered with, if still installed."""
+        prompt_id = explanation.prompts.get("answer", "")
+        name, _, version = prompt_id.rpartition("@v")
+        try:
+            return self._prompts.get(name, int(version))
+        except (ValueError, PromptError):
+            raise ReplayUnavailable(
+                f"The turn was answered with the prompt {prompt_id!r}, which is no longer "
+                "installed: it cannot be replayed as it ran."
+            ) from None
+
+    async def feedback(self, feedback: TurnFeedback, principal: Principal) -> bool:
+        rating = AnswerRating(feedback.rating, feedback.comment, datetime.now(UTC))
+        reply = await self._conversations.rate(
+            principal, feedback.conversation_id, feedback.turn_id, rating
+        )
+        if reply is None:
+            return False
+        previous = reply.feedback
+        if previous is not None and (previous.rating, previous.comment) == (
+            rating.rating,
+            rating.comment,
+        ):
+            return True  # said before: one person's rating counts once per answer
+        prompt = self._answer_prompt_of(reply)
+        await self._audit.append(
+            AuditRecord(
+                event="chat.feedback",
+                tenant_id=principal.tenant_id,
+                user_id=principal.user_id,
+                correlation_id=feedback.correlation_id,
+                at=datetime.now(UTC),
+                data={
+                    "conversation_id": feedback.conversation_id,
+                    "message_id": feedback.turn_id,
+                    "rating": feedback.rating,
+                    "comment": feedback.comment,
+                    "previous": previous.rating if previous is not None else None,
+                    "prompt": prompt,
+                },
+            )
+        )
+        if self._quality is not None and (previous is None or previous.rating != rating.rating):
+            self._quality.record_feedback(prompt, rating.rating, turn_id=feedback.turn_id)
+        return True
+
+    def _answer_prompt_of(self, reply: ConversationMessage) -> str:
+        """The answer prompt version a reply was given with (recorded in its explanation;
+        a reply stored without one: this deployment's)."""
+        recorded = reply.explanation.prompts.get("answer") if reply.explanation else None
+        return recorded or self._answer_prompt.id
+
+    async def _finished_reply(
+        self, principal: Principal, conversation_id: str, turn_id: str
+    ) -> _FinishedReply | None:
+        """The caller's reply ``turn_id`` once it is no longer running, with its question
+        and the messages before it; ``None`` for anything else (another caller's included)."""
+        messages = await self._conversations.messages(principal, conversation_id)
+        for index, message in enumerate(messages):
+            if message.id == turn_id:
+                if message.role != "assistant" or message.status is MessageStatus.STREAMING:
+                    return None
+                asked = messages[index - 1] if index else None
+                question = asked.content if asked is not None and asked.role == "user" else ""
+                return _FinishedReply(messages[: max(index - 1, 0)], question, message)
+        return None
+
     # --- the turn --------------------------------------------------------------
+
+    async def _traced(
+        self, turn: Turn, resume: tuple[ApprovalRequest, PlanStep] | None
+    ) -> AsyncGenerator[TurnEvent, None]:
+        """The run under its ``lamina.turn`` span."""
+        with turn.recorder.running():
+            async with _closing(self._run(turn, resume)) as events:
+                async for event in events:
+                    yield event
 
     async def _run(
         self, turn: Turn, resume: tuple[ApprovalRequest, PlanStep] | None = None
     ) -> AsyncGenerator[TurnEvent, None]:
-        principal, execution = turn.principal, turn.execution
+        principal, execution, recorder = turn.principal, turn.execution, turn.recorder
         lookup: CacheLookup | None = None
         try:
             if resume is None:
@@ -496,39 +794,55 @@ class Orchestrator:
             if self._safety is not None:
                 # Passages may carry instructions planted for the model.
                 screened = await self._safety.screen_context(sources, [], [], scope)
+                if screened.flagged:
+                    dropped = len(sources) - len(screened.citable)
+                    recorder.decided(
+                        "context_safety",
+                        "dropped" if dropped else "fenced",
+                        f"{screened.flagged} passage(s) flagged",
+                    )
                 sources, model_sources = screened.citable, screened.sources
             tool_results = [message for _, message in execution.round_trips()]
             answer_step = next(s for s in turn.plan.steps if s.kind is StepKind.ANSWER)
+            planner = turn.plan.planner
             yield StepEvent(answer_step)
-            usage: Usage | None = None
-            request = self._answer_request(
-                turn, model_sources, tool_messages(execution.rounds, tool_results)
-            )
-            guard = self._safety.answer_guard(scope) if self._safety is not None else None
-            async with _closing(self._model.stream(request, principal)) as deltas:
-                async for delta in deltas:
-                    if delta.content:
-                        # The guard redacts PII and holds text back until it is safe to send.
-                        for text in await guard.feed(delta.content) if guard else [delta.content]:
-                            turn.answer.append(text)
-                            yield AnswerDelta(text)
-                    usage = _last_usage(delta, usage)
-                    turn.route = delta.route or turn.route
-            for text in await guard.finish() if guard else []:
-                turn.answer.append(text)
-                yield AnswerDelta(text)
-            turn.citations = _cited("".join(turn.answer), sources)
-            outcome = StepOutcome(
-                answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
-            )
-            execution.outcomes.append(outcome)
-            turn.status = MessageStatus.COMPLETE
-            # "done" promises a stored answer: store it first, whatever happens to us meanwhile.
-            await asyncio.shield(self._store(turn))
+            with recorder.step(answer_step) as answering:
+                recorder.shown(model_sources)
+                request = self._answer_request(
+                    turn, model_sources, tool_messages(execution.rounds, tool_results)
+                )
+                guard = _Guarded(self._safety.answer_guard(scope) if self._safety else None)
+                call = ModelCallTimer("answer")
+                try:
+                    async with _closing(self._model.stream(request, principal)) as deltas:
+                        async for delta in deltas:
+                            call.saw(delta)
+                            # The guard redacts PII and holds text back until it is safe.
+                            for text in await guard.feed(delta.content):
+                                recorder.first_text(planner)
+                                turn.answer.append(text)
+                                yield AnswerDelta(text)
+                    recorder.model_call(call.record(self._model.name))
+                    turn.route = call.route or turn.route
+                    for text in await guard.finish():
+                        recorder.first_text(planner)
+                        turn.answer.append(text)
+                        yield AnswerDelta(text)
+                finally:
+                    guard.decide(recorder)
+                turn.citations = _cited("".join(turn.answer), sources)
+                outcome = StepOutcome(
+                    answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
+                )
+                answering.finish(outcome)
+                execution.outcomes.append(outcome)
+                turn.status = MessageStatus.COMPLETE
+                # "done" promises a stored answer: store it first, whatever happens meanwhile.
+                await asyncio.shield(self._store(turn))
             yield StepEvent(answer_step, outcome)
             yield CitationsEvent(turn.citations)
             await self._remember_answer(turn, lookup)
-            yield DoneEvent(turn.conversation_id, turn.reply_id, usage, turn.route, turn.cache)
+            yield DoneEvent(turn.conversation_id, turn.reply_id, call.usage, turn.route, turn.cache)
             return
         except TurnSuperseded:
             log.warning(
@@ -574,6 +888,10 @@ class Orchestrator:
             yield turn.error
 
     async def _store(self, turn: Turn) -> None:
+        error = turn.error.code if turn.error is not None else None
+        explanation = turn.recorder.explanation(
+            status=turn.status, error=error, plan=turn.plan, citations=turn.citations
+        )
         written = await self._conversations.finish_message(
             turn.principal,
             turn.reply_id,
@@ -582,15 +900,33 @@ class Orchestrator:
             citations=turn.citations,
             plan=turn.plan,
             attempt=turn.attempt,
+            explanation=explanation,
         )
         turn.stored = True
         if not written and turn.attempt is not None:
             raise TurnSuperseded(turn.reply_id)
+        self._judge(turn, error)
         try:
             await self._audit.append(self._audit_record(turn))
         except Exception:
             # The answer is stored; a failing audit sink must not turn it into an error.
             log.exception("could not append the audit record of turn %s", turn.reply_id)
+
+    def _judge(self, turn: Turn, error: str | None) -> None:
+        """Feed the quality monitor a stored turn's outcome (once it has one)."""
+        if self._quality is None:
+            return
+        tool_results = sum(
+            result.step.kind is StepKind.CALL_TOOL and result.outcome.status is StepStatus.OK
+            for results in turn.execution.rounds
+            for result in results
+        )
+        outcome = turn_outcome(
+            turn.status, error, "".join(turn.answer), turn.citations, tool_results=tool_results
+        )
+        prompt = turn.recorder.answer_prompt
+        if outcome is not None and prompt is not None:
+            self._quality.record_turn(prompt, outcome, turn.recorder.top_score)
 
     def _audit_record(self, turn: Turn) -> AuditRecord:
         execution = turn.execution
@@ -633,8 +969,13 @@ class Orchestrator:
             history=turn.history,
             principal=turn.principal,
             prompt_version=self._answer_variant,
+            tools=turn.tools,
         )
-        turn.cache = lookup.outcome
+        turn.cache = outcome = lookup.outcome
+        detail = outcome.reason or (
+            f"similarity {outcome.similarity:.4f}" if outcome.similarity is not None else ""
+        )
+        turn.recorder.decided("answer_cache", outcome.status, detail)
         return lookup
 
     async def _replay(self, turn: Turn, hit: CacheHit) -> AsyncIterator[TurnEvent]:
@@ -651,21 +992,34 @@ class Orchestrator:
         )
         # The sources were fetched again with the caller's identity: audit them as read.
         turn.execution.passages.extend(RetrievedPassage(chunk, 0.0) for chunk in hit.chunks)
+        recorder = turn.recorder
+        recorder.cached_sources(hit.chunks)
+        recorder.shown_citations(hit.citations)
         yield PlanEvent(turn.plan)
         yield StepEvent(step)
-        # The output check runs on every answer sent, cached or not: its rules may have
-        # changed since the answer was stored.
-        scope = TurnScope(turn.principal, turn.correlation_id, turn.conversation_id, turn.reply_id)
-        guard = self._safety.answer_guard(scope) if self._safety is not None else None
-        texts = [*await guard.feed(hit.answer), *await guard.finish()] if guard else [hit.answer]
-        for text in texts:
-            turn.answer.append(text)
-            yield AnswerDelta(text)
-        turn.citations = hit.citations
-        outcome = StepOutcome(step.id, StepStatus.OK, f"{len(hit.citations)} citation(s), cached")
-        turn.execution.outcomes.append(outcome)
-        turn.status = MessageStatus.COMPLETE
-        await asyncio.shield(self._store(turn))
+        with recorder.step(step) as answering:
+            # The output check runs on every answer sent, cached or not: its rules may have
+            # changed since the answer was stored.
+            scope = TurnScope(
+                turn.principal, turn.correlation_id, turn.conversation_id, turn.reply_id
+            )
+            guard = _Guarded(self._safety.answer_guard(scope) if self._safety else None)
+            try:
+                texts = [*await guard.feed(hit.answer), *await guard.finish()]
+            finally:
+                guard.decide(recorder)
+            for text in texts:
+                recorder.first_text(turn.plan.planner)
+                turn.answer.append(text)
+                yield AnswerDelta(text)
+            turn.citations = hit.citations
+            outcome = StepOutcome(
+                step.id, StepStatus.OK, f"{len(hit.citations)} citation(s), cached"
+            )
+            answering.finish(outcome)
+            turn.execution.outcomes.append(outcome)
+            turn.status = MessageStatus.COMPLETE
+            await asyncio.shield(self._store(turn))
         yield StepEvent(step, outcome)
         yield CitationsEvent(turn.citations)
         yield DoneEvent(turn.conversation_id, turn.reply_id, cache=turn.cache)
@@ -700,13 +1054,17 @@ class Orchestrator:
                 execution.passages,
                 memory.search_query if memory is not None else turn.question,
             )
-            async with asyncio.timeout(turn.budget.remaining_s()) as deadline:
-                try:
-                    plan = await self._planner.plan(context)
-                except TimeoutError:
-                    if deadline.expired():
-                        raise turn.budget.out_of_time() from None
-                    raise
+            with turn.recorder.planning() as planning:
+                async with asyncio.timeout(turn.budget.remaining_s()) as deadline:
+                    try:
+                        plan = await (self._planner if turn.tools else _GROUNDED).plan(context)
+                    except TimeoutError:
+                        if deadline.expired():
+                            raise turn.budget.out_of_time() from None
+                        raise
+                planning.made(plan)
+            if "model:" in plan.planner and self._planner_prompt is not None:
+                turn.recorder.used_prompt("planner", self._planner_prompt)
             turn.plan = _extend(turn.plan, plan)
             yield PlanEvent(turn.plan)
             turn.budget.admit_tokens(turn.plan.usage)
@@ -741,6 +1099,10 @@ class Orchestrator:
         screened = await self._safety.screen_context(
             [], [m for _, m in round_trips], [c for c, _ in round_trips], scope
         )
+        if screened.flagged:
+            turn.recorder.decided(
+                "context_safety", "fenced", f"{screened.flagged} tool result(s) flagged"
+            )
         contents = {
             result.step.tool_call_id: message.content or ""
             for result, message in zip(fresh, screened.tool_results, strict=True)
@@ -795,23 +1157,33 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run_step(self, step: PlanStep, turn: Turn) -> tuple[PlanStep, StepOutcome, str]:
+        # Under the step's span: the search's or the tool's own span nests under it.
+        with turn.recorder.step(step) as running:
+            outcome, content = await self._step_outcome(step, turn)
+            running.finish(outcome)
+        return step, outcome, content
+
+    async def _step_outcome(self, step: PlanStep, turn: Turn) -> tuple[StepOutcome, str]:
         if step.kind is StepKind.RETRIEVE:
             passages = await self._retrieve(step, turn)
             outcome = StepOutcome(step.id, StepStatus.OK, f"{len(passages)} passage(s) found")
-            return step, outcome, _passages_for_model(passages)
+            return outcome, _passages_for_model(passages)
         name = step.tool or ""
         try:
             result = await self._toolset.call(name, step.arguments or {}, turn.principal)
         except ToolError as exc:
+            turn.recorder.decided("tool_policy", _policy_outcome(exc), name)
             outcome = _refusal(step, exc)
-            return step, outcome, _as_error(outcome)
+            return outcome, _as_error(outcome)
+        turn.recorder.decided("tool_policy", "allowed", name)
         outcome = StepOutcome(step.id, StepStatus.OK, f"{name} returned a result")
-        return step, outcome, json.dumps(result.output, default=str)
+        return outcome, json.dumps(result.output, default=str)
 
     async def _retrieve(self, step: PlanStep, turn: Turn) -> list[RetrievedPassage]:
         result = await self._retriever.retrieve(
             RetrievalQuery(step.query or "", top_k=self._top_k), turn.principal
         )
+        turn.recorder.retrieved(step.id, result)
         execution = turn.execution
         execution.passages.extend(result.passages)
         execution.trimmed += result.trimmed_count
@@ -825,6 +1197,7 @@ class Orchestrator:
             for result in results
             if result.step.kind is StepKind.RETRIEVE
         ]
+        turn.recorder.searched_again()
         await asyncio.gather(*(self._retrieve(step, turn) for step in searches))
 
     # --- approval ------------------------------------------------------------------
@@ -832,8 +1205,10 @@ class Orchestrator:
     async def _ask_for_approvals(self, turn: Turn) -> AsyncIterator[TurnEvent]:
         """Put the round's waiting high-risk calls to a person: the first one that a
         person must decide pauses the turn (``turn.pending``)."""
+        recorder = turn.recorder
         while turn.waiting:
             step = turn.waiting.pop(0)
+            tool = step.tool or ""
             yield StepEvent(step)
             if self._approvals is None:
                 outcome = StepOutcome(
@@ -842,24 +1217,19 @@ class Orchestrator:
                     "This action needs a person's approval, and this service has no way to "
                     "ask for one; it was not run.",
                 )
+                with recorder.step(step) as running:
+                    recorder.decided("approval", "unavailable", tool)
+                    running.finish(outcome)
                 turn.execution.record(step, outcome, f"Error (not run): {outcome.summary}")
                 yield StepEvent(step, outcome)
                 continue
-            try:
-                approval = await self._approvals.request(
-                    step.tool or "",
-                    step.arguments or {},
-                    turn.principal,
-                    resume=suspend(turn, step),
-                )
-            except ToolError as exc:
-                outcome = _refusal(step, exc)
+            with recorder.step(step) as running:
+                approval, outcome = await self._request_approval(turn, step)
+                running.finish(outcome)
+            if approval is None:
                 turn.execution.record(step, outcome, _as_error(outcome))
                 yield StepEvent(step, outcome)
                 continue
-            outcome = StepOutcome(
-                step.id, StepStatus.NEEDS_APPROVAL, f"Waiting for approval: {approval.summary}"
-            )
             turn.execution.outcomes.append(outcome)
             yield StepEvent(step, outcome)
             turn.pending = ApprovalRequiredEvent(
@@ -874,35 +1244,69 @@ class Orchestrator:
             )
             return
 
+    async def _request_approval(
+        self, turn: Turn, step: PlanStep
+    ) -> tuple[ApprovalRequest | None, StepOutcome]:
+        """Put a high-risk call to a person: the pending approval, or none when the tools
+        layer refused the call outright."""
+        assert self._approvals is not None
+        tool = step.tool or ""
+        try:
+            approval = await self._approvals.request(
+                tool, step.arguments or {}, turn.principal, resume=suspend(turn, step)
+            )
+        except ToolError as exc:
+            turn.recorder.decided("tool_policy", _policy_outcome(exc), tool)
+            return None, _refusal(step, exc)
+        turn.recorder.decided("approval", "requested", f"{tool}: {approval.id}")
+        summary = f"Waiting for approval: {approval.summary}"
+        return approval, StepOutcome(step.id, StepStatus.NEEDS_APPROVAL, summary)
+
     async def _resume_step(
         self, turn: Turn, approval: ApprovalRequest, step: PlanStep
     ) -> AsyncIterator[TurnEvent]:
         """Finish the step a person decided, then the rest of its round."""
         assert self._approvals is not None
+        recorder = turn.recorder
         yield StepEvent(step)
-        if approval.status is ApprovalStatus.REJECTED:
-            reason = f" Their reason: {approval.reason}" if approval.reason else ""
-            summary = f"A person rejected this action; it was not run.{reason}"
-            outcome = StepOutcome(step.id, StepStatus.REFUSED, summary)
-            content = f"The user rejected this call; do not retry it.{reason}"
-        else:
-            try:
-                result = await self._approvals.execute(approval.id, turn.principal)
-            except ApprovalConflict as exc:
-                outcome = StepOutcome(step.id, StepStatus.FAILED, exc.message)
-                content = f"Error (not run again): {exc.message}"
-            except ToolError as exc:
-                outcome = _refusal(step, exc)
-                content = _as_error(outcome)
+        with recorder.step(step) as running:
+            if approval.status is ApprovalStatus.REJECTED:
+                decided = "rejected"
             else:
-                edited = " with arguments a person chose" if approval.requested_arguments else ""
-                outcome = StepOutcome(step.id, StepStatus.OK, f"{result.tool} ran{edited}")
-                content = json.dumps(result.output, default=str)
+                decided = "edited" if approval.requested_arguments else "approved"
+            recorder.decided("approval", decided, f"{approval.tool}: {approval.id}")
+            outcome, content = await self._decided_call(turn, approval, step)
+            running.finish(outcome)
         turn.execution.record(step, outcome, content)
         yield StepEvent(step, outcome)
         async with _closing(self._ask_for_approvals(turn)) as events:
             async for event in events:
                 yield event
+
+    async def _decided_call(
+        self, turn: Turn, approval: ApprovalRequest, step: PlanStep
+    ) -> tuple[StepOutcome, str]:
+        """The outcome of a high-risk call a person decided, and what the model is told."""
+        assert self._approvals is not None
+        if approval.status is ApprovalStatus.REJECTED:
+            reason = f" Their reason: {approval.reason}" if approval.reason else ""
+            summary = f"A person rejected this action; it was not run.{reason}"
+            return (
+                StepOutcome(step.id, StepStatus.REFUSED, summary),
+                f"The user rejected this call; do not retry it.{reason}",
+            )
+        try:
+            result = await self._approvals.execute(approval.id, turn.principal)
+        except ApprovalConflict as exc:
+            outcome = StepOutcome(step.id, StepStatus.FAILED, exc.message)
+            return outcome, f"Error (not run again): {exc.message}"
+        except ToolError as exc:
+            turn.recorder.decided("tool_policy", _policy_outcome(exc), approval.tool)
+            outcome = _refusal(step, exc)
+            return outcome, _as_error(outcome)
+        edited = " with arguments a person chose" if approval.requested_arguments else ""
+        outcome = StepOutcome(step.id, StepStatus.OK, f"{result.tool} ran{edited}")
+        return outcome, json.dumps(result.output, default=str)
 
     # --- the answer --------------------------------------------------------------
 
@@ -912,10 +1316,28 @@ class Orchestrator:
         sources: Sequence[tuple[int, RetrievedPassage]],
         round_trips: Sequence[ChatMessage],
     ) -> ChatRequest:
+        if turn.context is not None:
+            # The running summary, then the recent messages within the history budget.
+            history = turn.context.chat_messages()
+        else:
+            history = _history_messages(turn.history)
+        return self._grounded_request(
+            self._answer_prompt, turn.principal, history, turn.question, sources, round_trips
+        )
+
+    def _grounded_request(
+        self,
+        prompt: Prompt,
+        principal: Principal,
+        history: Sequence[ChatMessage],
+        question: str,
+        sources: Sequence[tuple[int, RetrievedPassage]],
+        round_trips: Sequence[ChatMessage],
+    ) -> ChatRequest:
         system = self._prompts.render(
-            self._answer_prompt,
+            prompt,
             assistant_name=self._assistant_name,
-            tenant=turn.principal.tenant_id,
+            tenant=principal.tenant_id,
             today=datetime.now(UTC).date().isoformat(),
             sources=[
                 {
@@ -928,17 +1350,8 @@ class Orchestrator:
                 for ref, p in sources
             ],
         )
-        messages = [ChatMessage(Role.SYSTEM, system)]
-        if turn.context is not None:
-            # The running summary, then the recent messages within the history budget.
-            messages += turn.context.chat_messages()
-        else:
-            messages += [
-                ChatMessage(Role(m.role), m.content)
-                for m in turn.history
-                if m.content and m.status is MessageStatus.COMPLETE
-            ]
-        messages.append(ChatMessage(Role.USER, turn.question))
+        messages = [ChatMessage(Role.SYSTEM, system), *history]
+        messages.append(ChatMessage(Role.USER, question))
         messages += round_trips
         documents = [GroundingDocument(ref, p.chunk.title, p.chunk.text) for ref, p in sources]
         return ChatRequest(
@@ -946,8 +1359,26 @@ class Orchestrator:
             documents=documents,
             max_tokens=self._max_output_tokens,
             temperature=self._temperature,
-            prompt_version=self._answer_prompt.id,
+            prompt_version=prompt.id,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _FinishedReply:
+    earlier: list[ConversationMessage]
+    """The conversation before the reply's question."""
+    question: str
+    reply: ConversationMessage
+
+
+def _as_it_is(reply: ConversationMessage) -> TurnExplanation | None:
+    """The reply's stored explanation with the reply's status now: the sweep marks a run
+    whose process died interrupted without touching its explanation (a resumed run's
+    still says ``awaiting_approval``, from the pause)."""
+    recorded = reply.explanation
+    if recorded is None or recorded.status is reply.status:
+        return recorded
+    return replace(recorded, status=reply.status)
 
 
 def _extend(plan: Plan | None, following: Plan) -> Plan:
@@ -1051,8 +1482,67 @@ def _citation(ref: int, passage: RetrievedPassage) -> Citation:
     )
 
 
-def _last_usage(delta: ChatDelta, previous: Usage | None) -> Usage | None:
-    return delta.usage if delta.usage is not None else previous
+def _history_messages(history: Sequence[ConversationMessage]) -> list[ChatMessage]:
+    """Earlier messages as a model sees them: the finished ones with text."""
+    return [
+        ChatMessage(Role(m.role), m.content)
+        for m in history
+        if m.content and m.status is MessageStatus.COMPLETE
+    ]
+
+
+def _policy_outcome(error: ToolError) -> str:
+    """What the tools layer's policy decided about a call that raised ``error``: a refusal
+    of its own, or ``allowed`` (the call was let through and then failed)."""
+    if isinstance(error, ToolPermissionDenied | UnknownTool):
+        return "refused"
+    if isinstance(error, InvalidToolArguments):
+        return "invalid_arguments"
+    if isinstance(error, ToolApprovalRequired):
+        return "needs_approval"
+    return "allowed"
+
+
+@dataclass
+class _Guarded:
+    """The answer guard, when safety is on, and what it did to the answer: passed it,
+    redacted it, or stopped it (for the turn's policy decisions)."""
+
+    guard: AnswerGuard | None
+    fed: list[str] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    stopped: str | None = None
+    finished: bool = False
+
+    async def feed(self, text: str) -> list[str]:
+        if not text:
+            return []
+        self.fed.append(text)
+        released = await self._through(self.guard.feed(text)) if self.guard else [text]
+        self.sent.extend(released)
+        return released
+
+    async def finish(self) -> list[str]:
+        released = await self._through(self.guard.finish()) if self.guard else []
+        self.sent.extend(released)
+        self.finished = True
+        return released
+
+    async def _through(self, released: Awaitable[list[str]]) -> list[str]:
+        try:
+            return await released
+        except AnswerStopped as exc:
+            self.stopped = exc.event.code
+            raise
+
+    def decide(self, recorder: TurnRecorder) -> None:
+        if self.guard is None:
+            return
+        if self.stopped is not None:
+            recorder.decided("output_safety", "refused", self.stopped)
+        elif self.finished:
+            redacted = "".join(self.sent) != "".join(self.fed)
+            recorder.decided("output_safety", "redacted" if redacted else "passed")
 
 
 def _plan_summary(plan: Plan | None) -> dict[str, object] | None:

@@ -293,3 +293,22 @@ class JobSettings(BaseModel):
     max_upload_files: int = Field(
         default=500, ge=1, le=10_000, description="Most files in one ingestion upload (else 422)"
     )
+
+
+class AuditCosmosSettings(CosmosSettings):
+    """The audit log in Azure Cosmos DB (``LAMINA_AUDIT__COSMOS__*``): one container
+    partitioned by ``/tenantId``, one hash chain per tenant."""
+
+    container: str = Field(default="audit", min_length=1, description="Container name")
+
+
+class AuditSettings(BaseModel):
+    """Where the append-only, hash-chained audit log lives (``LAMINA_AUDIT__*``)."""
+
+    backend: Literal["sqlite", "cosmos"] = Field(
+        default="sqlite", description="sqlite (embedded, <data_dir>/audit.db) or cosmos"
+    )
+    path: Path | None = Field(
+        default=None, description="SQLite audit log; default <data_dir>/audit.db"
+    )
+    cosmos: AuditCosmosSettings = Field(default_factory=AuditCosmosSettings)

@@ -31,6 +31,7 @@ from intelligence.contracts import (
     StepOutcome,
     StepResult,
 )
+from intelligence.explanations import TurnRecorder
 from intelligence.memory import TurnContext
 from intelligence.settings import IntelligenceSettings
 from knowledge.contracts import RetrievedPassage
@@ -186,6 +187,8 @@ class Turn:
     principal: Principal
     correlation_id: str | None
     budget: TurnBudget
+    recorder: TurnRecorder
+    """Records what this run does, for the turn's explanation and its spans."""
     answer: list[str] = field(default_factory=list)
     plan: Plan | None = None
     citations: tuple[Citation, ...] = ()
@@ -207,6 +210,8 @@ class Turn:
     context: TurnContext | None = None
     """The budgeted history, running summary and search query its models see (from
     :class:`~intelligence.memory.ConversationMemory`); ``None``: the history as loaded."""
+    tools: bool = True
+    """False: planned by rules alone, no tool offered (:attr:`TurnRequest.tools`)."""
 
     def fail(self, error: ErrorEvent) -> None:
         self.error = error

@@ -18,7 +18,17 @@ from inferencing.contracts import (
     Role,
     Usage,
 )
-from intelligence.contracts import AuditRecord, Plan, PlanningContext, StepKind
+from intelligence.audit_chain import GENESIS, event_bounds, link, verify_entries
+from intelligence.contracts import (
+    AuditEntry,
+    AuditPage,
+    AuditQuery,
+    AuditRecord,
+    ChainVerification,
+    Plan,
+    PlanningContext,
+    StepKind,
+)
 from knowledge.contracts import (
     AccessControl,
     AccessFilter,
@@ -184,10 +194,47 @@ def _permitted(spec: ToolSpec, caller: ToolCaller) -> bool:
 
 @dataclass
 class InMemoryAuditLog:
-    records: list[AuditRecord] = field(default_factory=list)
+    """An :class:`~intelligence.contracts.AuditLog` in memory, chained as the adapters
+    chain (:mod:`intelligence.audit_chain`); it passes the audit contract suite.
+    ``records`` keeps each record exactly as it was appended, for assertions."""
 
-    async def append(self, record: AuditRecord) -> None:
+    records: list[AuditRecord] = field(default_factory=list)
+    chains: dict[str, list[AuditEntry]] = field(default_factory=dict)
+
+    async def append(self, record: AuditRecord) -> AuditEntry:
+        chain = self.chains.setdefault(record.tenant_id, [])
+        entry = link(record, len(chain) + 1, chain[-1].hash if chain else GENESIS)
+        chain.append(entry)
         self.records.append(record)
+        return entry
+
+    async def query(self, query: AuditQuery) -> AuditPage:
+        found = [e for e in self.chains.get(query.tenant_id, []) if _audit_matches(query, e)]
+        limit = max(1, query.limit)
+        entries = tuple(found[:limit])
+        return AuditPage(entries, entries[-1].seq if len(found) > limit else None)
+
+    async def verify(self, tenant_id: str) -> ChainVerification:
+        return verify_entries(tenant_id, self.chains.get(tenant_id, []))
+
+    async def tenants(self) -> list[str]:
+        return sorted(tenant for tenant, chain in self.chains.items() if chain)
+
+
+def _audit_matches(query: AuditQuery, entry: AuditEntry) -> bool:
+    record = entry.record
+    bounds = event_bounds(query.event) if query.event is not None else None
+    if bounds is not None and not bounds[0] <= record.event < bounds[1]:
+        return False
+    if bounds is None and query.event not in (None, record.event):
+        return False
+    return (
+        entry.seq > query.after_seq
+        and query.user_id in (None, record.user_id)
+        and query.correlation_id in (None, record.correlation_id)
+        and (query.since is None or record.at >= query.since)
+        and (query.until is None or record.at < query.until)
+    )
 
 
 class FixedPlanner:

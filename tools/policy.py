@@ -19,7 +19,9 @@ through it. :class:`PolicyEnforcedToolset` takes the raw tools from a sealed
 7. caps the output at ``max_output_chars`` of JSON;
 8. audits the call, whatever its outcome: a line on the ``tools.audit`` logger
    and, given a sink, a :class:`~tools.contracts.ToolAuditRecord` with the
-   arguments redacted (:func:`tools.audit.redact_arguments`).
+   arguments redacted (:func:`tools.audit.redact_arguments`);
+9. traces and counts the call, whatever its outcome: an ``execute_tool`` span and
+   ``lamina.tool.calls`` (:mod:`tools.telemetry`).
 
 :class:`TenantEnabledToolset` hides tools per tenant (``ToolsSettings.tenants``),
 :class:`FilteredToolset` by name (``ToolsSettings.enabled``); a hidden tool is an
@@ -37,6 +39,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NoReturn, Protocol
@@ -68,6 +71,7 @@ from tools.contracts import (
 from tools.plugins import Tool
 from tools.registry import PluginLoadError, ToolRegistry
 from tools.settings import TenantToolSettings, ToolsSettings
+from tools.telemetry import ToolExecution, executing
 
 logger = logging.getLogger(__name__)
 audit_logger = logging.getLogger("tools.audit")
@@ -226,6 +230,8 @@ class PolicyEnforcedToolset:
         audit: where every call's :class:`~tools.contracts.ToolAuditRecord` goes; a
             failing sink is logged and never fails the call.
         clock: the time stamped on audit records.
+        capture_content: put each call's arguments and result in its span
+            (``LAMINA_TELEMETRY__CAPTURE_CONTENT``); off, spans carry neither.
     """
 
     def __init__(
@@ -235,10 +241,12 @@ class PolicyEnforcedToolset:
         *,
         audit: ToolAuditSink | None = None,
         clock: Callable[[], datetime] = utc_now,
+        capture_content: bool = False,
     ) -> None:
         self._max_output_chars = settings.max_output_chars
         self._audit_sink = audit
         self._clock = clock
+        self._capture_content = capture_content
         self._tools: dict[str, _GuardedTool] = {}
         for name, tool in registry.seal().items():
             timeout_s = settings.default_timeout_s if tool.timeout_s is None else tool.timeout_s
@@ -306,10 +314,27 @@ class PolicyEnforcedToolset:
         approval_id: str | None = None,
     ) -> NoReturn:
         """Audit a call a wrapper refused before it got here, then raise ``error``."""
-        await self._audit(
-            name, arguments, caller, type(error).__name__, time.perf_counter(), approval_id
+        with self._execution(name, arguments, caller, approval_id):
+            await self._audit(
+                name, arguments, caller, type(error).__name__, time.perf_counter(), approval_id
+            )
+            raise error
+
+    def _execution(
+        self,
+        name: str,
+        arguments: Mapping[str, Any],
+        caller: ToolCaller,
+        approval_id: str | None,
+    ) -> AbstractContextManager[ToolExecution]:
+        guarded = self._tools.get(name)
+        return executing(
+            name if guarded is not None else None,
+            risk=guarded.spec.risk if guarded is not None else None,
+            tenant_id=caller.tenant_id,
+            arguments=arguments if self._capture_content else None,
+            approval_id=approval_id,
         )
-        raise error
 
     async def _audited_call(
         self,
@@ -321,16 +346,18 @@ class PolicyEnforcedToolset:
         approval_id: str | None,
     ) -> ToolResult:
         started = time.perf_counter()
-        try:
-            output = await self._checked_call(name, arguments, caller, approved=approved)
-        except ToolError as exc:
-            await self._audit(name, arguments, caller, type(exc).__name__, started, approval_id)
-            raise
-        except asyncio.CancelledError:
-            await self._audit(name, arguments, caller, "cancelled", started, approval_id)
-            raise
-        await self._audit(name, arguments, caller, "ok", started, approval_id)
-        return ToolResult(tool=name, output=output)
+        with self._execution(name, arguments, caller, approval_id) as execution:
+            try:
+                output = await self._checked_call(name, arguments, caller, approved=approved)
+            except ToolError as exc:
+                await self._audit(name, arguments, caller, type(exc).__name__, started, approval_id)
+                raise
+            except asyncio.CancelledError:
+                await self._audit(name, arguments, caller, "cancelled", started, approval_id)
+                raise
+            await self._audit(name, arguments, caller, "ok", started, approval_id)
+            execution.returned(output)
+            return ToolResult(tool=name, output=output)
 
     def _admit(
         self,
@@ -540,6 +567,7 @@ def build_tools(
     audit: ToolAuditSink | None = None,
     approval_store: ApprovalStore | None = None,
     clock: Callable[[], datetime] = utc_now,
+    capture_content: bool = False,
 ) -> BuiltTools:
     """Assemble the tools layer a deployment hands out.
 
@@ -554,13 +582,16 @@ def build_tools(
         approval_store: where approvals are kept (opened by the caller); without
             one there is no approval gate, and high-risk tools never run.
         clock: the time of audit records and approvals.
+        capture_content: put the calls' arguments and results in their spans.
     """
     registry = ToolRegistry()
     for source in extra:
         registry.add(source)
     if settings.load_entry_points:
         registry.discover()
-    policy = PolicyEnforcedToolset(registry, settings, audit=audit, clock=clock)
+    policy = PolicyEnforcedToolset(
+        registry, settings, audit=audit, clock=clock, capture_content=capture_content
+    )
     known = {spec.name for spec in policy.specs()}
     toolset: GuardedToolset = policy
     if settings.tenants:

@@ -13,11 +13,13 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from opentelemetry.trace import Span
 
 from client_api.auth.api_keys import looks_like_api_key
 from client_api.auth.jwt import AuthenticationError, JwtValidator
 from client_api.auth.permissions import Permission, PermissionDenied, PermissionPolicy
 from client_api.edge.admission import admit
+from client_api.edge.telemetry import AUTH_METHOD, TENANT_ID, RefusalReason, authentication_span
 from client_api.problems import Problem
 from client_api.settings import AuthSettings
 from intelligence.contracts import Principal
@@ -72,11 +74,20 @@ class Authenticator:
             log.warning(DEV_MODE_WARNING)
 
     async def authenticate(self, request: Request, bearer: str | None) -> Principal:
+        with authentication_span(_unauthenticated) as span:
+            principal = await self._authenticate(request, bearer, span)
+            span.set_attribute(TENANT_ID, principal.tenant_id)
+            return principal
+
+    async def _authenticate(self, request: Request, bearer: str | None, span: Span) -> Principal:
         key = _presented_api_key(request, bearer)
         if key is not None:
+            span.set_attribute(AUTH_METHOD, "api_key")
             return await self._api_key_principal(key)
         if self._settings.mode == "dev":
+            span.set_attribute(AUTH_METHOD, "dev")
             return self._dev_principal(request)
+        span.set_attribute(AUTH_METHOD, "jwt")
         if not bearer:
             raise AuthenticationError(
                 "A bearer token or an API key is required."
@@ -110,6 +121,10 @@ class Authenticator:
             roles=_csv(request.headers.get("X-Lamina-Roles")),
             auth_method="dev",
         )
+
+
+def _unauthenticated(exc: Exception) -> RefusalReason | None:
+    return RefusalReason.UNAUTHENTICATED if isinstance(exc, AuthenticationError) else None
 
 
 def _presented_api_key(request: Request, bearer: str | None) -> str | None:

@@ -156,7 +156,7 @@ class GraphGroupResolver:
         pages = 0
         while url is not None:
             if pages == _MAX_PAGES:
-                raise GroupsUnavailable(f"more than {_MAX_PAGES} pages of groups for {user_id}")
+                raise GroupsUnavailable(f"more than {_MAX_PAGES} pages of groups")
             page = await self._page(url, headers)
             pages += 1
             groups.update(_group_ids(page.get("value")))
@@ -170,8 +170,9 @@ class GraphGroupResolver:
         except httpx.HTTPError as exc:
             raise GroupsUnavailable(f"Graph unreachable: {exc!r}") from exc
         if response.status_code != 200:
+            # Not the URL: its path names the user, and the error is recorded in spans.
             raise GroupsUnavailable(
-                f"Graph answered {response.status_code} to {url.path}",
+                f"Graph answered {response.status_code} to a group look-up",
                 retry_after_s=_retry_after(response),
             )
         try:

@@ -42,16 +42,21 @@ class Permission(StrEnum):
     """Create, list and revoke API keys."""
     INGEST = "ingest"
     """POST /v1/jobs/ingest: put uploaded documents into the tenant's knowledge index."""
+    AUDIT_READ = "audit.read"
+    """GET /v1/audit: read and verify the tenant's audit log."""
 
 
 ADMIN_ROLE = "Lamina.Admin"
 USER_ROLE = "Lamina.User"
 CONTENT_OWNER_ROLE = "Lamina.ContentOwner"
+AUDITOR_ROLE = "Lamina.Auditor"
 
 _USER_PERMISSIONS = (Permission.CHAT, Permission.CONVERSATIONS, Permission.MODELS)
 
 ROLE_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
-    ADMIN_ROLE: tuple(Permission),
+    # Separation of duties: administrators do not read the audit log of their own actions.
+    ADMIN_ROLE: tuple(p for p in Permission if p is not Permission.AUDIT_READ),
+    AUDITOR_ROLE: (Permission.AUDIT_READ,),
     USER_ROLE: _USER_PERMISSIONS,
     # A content owner is a user too: holding only this role must not lock them out of chat.
     CONTENT_OWNER_ROLE: (Permission.INGEST, *_USER_PERMISSIONS),

@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from client_api.edge.caps import RequestCaps
+from client_api.edge.caps import CapExceeded, RequestCaps
 from client_api.edge.limits import RateLimited, RateLimiter
+from client_api.edge.telemetry import AdmissionCheck, RefusalReason, admission_span, record_refusal
 from client_api.problems import Problem
+from inferencing.contracts import LimitState, TokenQuotaExceeded, TokenRateLimited
 from intelligence.contracts import Principal
 
 _STATE_KEY = "rate_limit_headers"
@@ -30,7 +32,7 @@ async def admit(request: Request, principal: Principal) -> None:
         return
     limiter: RateLimiter = services.limiter
     try:
-        states = await limiter.admit(principal)
+        states = await _requests(limiter, principal)
     except RateLimited as refused:
         headers = RateLimiter.headers(refused.states, retry_after_s=refused.retry_after_s)
         raise Problem(429, "Too many requests", refused.message, headers=headers) from None
@@ -42,23 +44,64 @@ async def check_tokens(request: Request, principal: Principal) -> None:
     """Refuse a chat turn up front when a token limit or quota has nothing left; raises
     the inferencing layer's ``TokenRateLimited`` / ``TokenQuotaExceeded``."""
     limiter: RateLimiter = request.app.state.services.limiter
-    states = await limiter.check_tokens(principal)
+    states = await _tokens(limiter, principal)
     if states:
         _remember(request, RateLimiter.headers(states))
 
 
 async def admit_turn(
-    limiter: RateLimiter, caps: RequestCaps, principal: Principal, message: str
+    limiter: RateLimiter,
+    caps: RequestCaps,
+    principal: Principal,
+    message: str,
+    *,
+    route: str = "/api/messages",
 ) -> None:
     """The edge's policies for a chat turn that arrives without a request of its own to
     answer (a Teams message, acknowledged before it runs), in the order the chat routes
     apply them: requests per minute, caps, then the token budget.
 
+    No problem response reports a refusal here, so it is counted here, under ``route``
+    (the Teams bot's by default).
+
     Raises :class:`RateLimited`, :class:`~client_api.edge.caps.CapExceeded`, or the
     inferencing layer's ``TokenRateLimited`` / ``TokenQuotaExceeded``."""
-    await limiter.admit(principal)
-    await caps.check_message(message)
-    await limiter.check_tokens(principal)
+    try:
+        await _requests(limiter, principal)
+        await caps.check_message(message)
+        await _tokens(limiter, principal)
+    except Exception as exc:
+        if (reason := refusal_reason(exc)) is not None:
+            record_refusal(reason, route)
+        raise
+
+
+def refusal_reason(exc: Exception) -> RefusalReason | None:
+    """The refusal an admission error stands for; ``None`` for anything else. A token
+    request larger than a whole minute's budget is too large, not rate limited: waiting
+    cannot help it."""
+    match exc:
+        case RateLimited():
+            return RefusalReason.RATE_LIMITED
+        case CapExceeded():
+            return RefusalReason.TOO_LARGE
+        case TokenRateLimited(retryable=True):
+            return RefusalReason.RATE_LIMITED
+        case TokenRateLimited():
+            return RefusalReason.TOO_LARGE
+        case TokenQuotaExceeded():
+            return RefusalReason.QUOTA_EXCEEDED
+    return None
+
+
+async def _requests(limiter: RateLimiter, principal: Principal) -> list[LimitState]:
+    with admission_span(AdmissionCheck.REQUESTS, refusal_reason):
+        return await limiter.admit(principal)
+
+
+async def _tokens(limiter: RateLimiter, principal: Principal) -> list[LimitState]:
+    with admission_span(AdmissionCheck.TOKENS, refusal_reason):
+        return await limiter.check_tokens(principal)
 
 
 def _remember(request: Request, headers: Mapping[str, str]) -> None:

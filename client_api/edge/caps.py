@@ -10,11 +10,20 @@ the cap and the setting that controls it.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping, Sequence
 
+from asgi_correlation_id import correlation_id
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from client_api.edge.telemetry import (
+    AdmissionCheck,
+    RefusalReason,
+    admission_span,
+    record_refusal,
+    route_of,
+)
 from inferencing.contracts import ChatMessage, Role, ToolDefinition
 from inferencing.tokens import TokenCounter
 
@@ -58,6 +67,10 @@ class CapExceeded(Exception):
         self.measured, self.limit = measured, limit
 
 
+def _cap_refusal(exc: Exception) -> RefusalReason | None:
+    return RefusalReason.TOO_LARGE if isinstance(exc, CapExceeded) else None
+
+
 class RequestCaps:
     """Checks requests against :class:`CapsSettings` with the gateway's token counter."""
 
@@ -71,7 +84,8 @@ class RequestCaps:
 
     async def check_message(self, text: str) -> None:
         """A chat API question: its tokens against the prompt cap."""
-        await self._check_prompt(len(text), lambda: self._counter.count(text))
+        with admission_span(AdmissionCheck.CAPS, _cap_refusal):
+            await self._check_prompt(len(text), lambda: self._counter.count(text))
 
     async def check_completion(
         self,
@@ -80,6 +94,15 @@ class RequestCaps:
         max_tokens: int | None,
     ) -> None:
         """An OpenAI-style completion: output tokens, history turns, then prompt tokens."""
+        with admission_span(AdmissionCheck.CAPS, _cap_refusal):
+            await self._check_completion(messages, tools, max_tokens)
+
+    async def _check_completion(
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolDefinition],
+        max_tokens: int | None,
+    ) -> None:
         caps = self._settings
         if max_tokens is not None and max_tokens > caps.max_output_tokens:
             raise CapExceeded(
@@ -149,7 +172,7 @@ class BodySizeLimit:
         length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if length is not None:
             if length.isdigit() and int(length) > limit:
-                await self._refuse(send, limit, setting)
+                await self._refuse(scope, send, limit, setting)
                 return
             await self._app(scope, receive, send)
             return
@@ -163,7 +186,7 @@ class BodySizeLimit:
             size += len(chunk)
             if size > limit:
                 await self._drain(receive, message, limit)
-                await self._refuse(send, limit, setting)
+                await self._refuse(scope, send, limit, setting)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -190,15 +213,17 @@ class BodySizeLimit:
                 return
             drained += len(message.get("body", b""))
 
-    async def _refuse(self, send: Send, limit: int, setting: str) -> None:
-        body = (
-            b'{"type":"about:blank","title":"Request too large","status":413,'
-            b'"detail":"The request body is over '
-            + str(limit).encode()
-            + b" bytes ("
-            + setting.encode()
-            + b')."}'
-        )
+    async def _refuse(self, scope: Scope, send: Send, limit: int, setting: str) -> None:
+        # Refused before the problem handlers could see it: counted here.
+        record_refusal(RefusalReason.TOO_LARGE, route_of(scope))
+        problem = {
+            "type": "about:blank",
+            "title": "Request too large",
+            "status": 413,
+            "correlation_id": correlation_id.get(),
+            "detail": f"The request body is over {limit} bytes ({setting}).",
+        }
+        body = json.dumps(problem).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Query, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from client_api.audit_events import record_action
 from client_api.auth.dependencies import ChatCaller, CurrentPrincipal, require
 from client_api.auth.permissions import Permission
 from client_api.edge.admission import admit, check_tokens
@@ -153,6 +154,12 @@ async def ingest(
         [(upload.filename or "", upload.file) for upload in files],
         acl.file if acl is not None else None,
     )
+    await record_action(
+        services.audit,
+        "ingest.submitted",
+        principal,
+        {"job_id": job.id, "files": job.input["files"], "acl": job.input["acl"], "bytes": size},
+    )
     return _accepted(job, response)
 
 
@@ -220,4 +227,6 @@ async def cancel_job(job_id: str, principal: JobOwner, services: ServicesDep) ->
         ) from None
     if job is None:
         raise _NOT_FOUND
+    event = "ingest.cancelled" if job.kind == "ingest" else "task.cancelled"
+    await record_action(services.audit, event, principal, {"job_id": job.id})
     return JobView.of(job)

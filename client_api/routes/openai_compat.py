@@ -1,19 +1,31 @@
-"""OpenAI-compatible gateway passthrough: ``POST /v1/chat/completions``, ``GET /v1/models``.
+"""OpenAI-compatible facade: ``POST /v1/chat/completions``, ``GET /v1/models``.
 
-Existing OpenAI clients and SDKs point their ``base_url`` at Lamina. ``model`` names
-a deployment of the model registry (its failover chain applies) or ``auto`` (the
-router chooses). Calls go through the inferencing gateway with the caller's
-identity, so they are authenticated, routed, retried, failed over and metered.
-Errors use OpenAI's error shape, which those clients parse, with the correlation
-id in the message. The route taken is returned in a ``lamina`` extension field
-and in ``X-Lamina-*`` headers, which plain clients ignore.
+Existing OpenAI clients and SDKs point their ``base_url`` at Lamina, and ``model``
+chooses what answers:
+
+- a **logical model** (``lamina-rag``, ``lamina-agent``): the assistant answers, with
+  retrieval under the caller's identity, citations, and (for ``lamina-agent``) tools
+  behind their policy and approvals. The last message is the question; the
+  conversation continues when the request names it (``lamina.conversation_id``).
+  Citations and ids come back in the ``lamina`` extension field.
+- a **deployment** of the model registry (its failover chain applies) or ``auto``
+  (the router chooses): a gateway passthrough. The messages go to the model as sent,
+  through the inferencing gateway with the caller's identity, so they are
+  authenticated, routed, retried, failed over and metered. The route taken is
+  returned in the ``lamina`` extension field and in ``X-Lamina-*`` headers.
+
+Plain clients ignore the extension fields. Errors use OpenAI's error shape, which those
+clients parse, with the correlation id in the message. ``docs/protocols.md`` describes
+both paths.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -24,6 +36,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from client_api.auth.dependencies import ModelsCaller
+from client_api.auth.permissions import Permission, PermissionDenied
+from client_api.composition import Services
+from client_api.edge.admission import check_tokens
 from client_api.problems import OPENAI_COMPATIBLE_TAG
 from client_api.routes.deps import ServicesDep
 from inferencing.contracts import (
@@ -46,10 +61,53 @@ from inferencing.contracts import (
     UnknownDeployment,
 )
 from inferencing.providers.openai_wire import wire_tool_call
+from intelligence.contracts import (
+    AnswerDelta,
+    ApprovalRequiredEvent,
+    Citation,
+    CitationsEvent,
+    DoneEvent,
+    ErrorEvent,
+    Principal,
+    TurnEvent,
+    TurnRequest,
+    TurnResult,
+    collect_turn,
+)
 
 router = APIRouter(tags=[OPENAI_COMPATIBLE_TAG])
 
 AUTO = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class LogicalModel:
+    """A ``model`` name that the assistant answers, rather than a deployment."""
+
+    id: str
+    description: str
+    tools: bool
+    """Whether the assistant may plan tool calls (under their policy and approvals)."""
+
+
+LOGICAL_MODELS: dict[str, LogicalModel] = {
+    model.id: model
+    for model in (
+        LogicalModel(
+            "lamina-rag",
+            "Grounded answers: search the documents the caller may read, answer with "
+            "citations; no tools",
+            tools=False,
+        ),
+        LogicalModel(
+            "lamina-agent",
+            "The full assistant: retrieval and the tools the caller may use, under their "
+            "policy and approvals",
+            tools=True,
+        ),
+    )
+}
+"""Listed first by ``GET /v1/models``; they need the ``chat`` permission besides ``models``."""
 
 
 class _Function(BaseModel):
@@ -103,12 +161,28 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class LaminaOptions(BaseModel):
+    """The ``lamina`` extension of a request (``extra_body`` in the OpenAI SDKs)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    conversation_id: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Logical models: continue this conversation of the caller's (its stored "
+        "history is what the assistant sees); absent: each request starts a new one",
+    )
+
+
 class ChatCompletionsBody(BaseModel):
     """The subset of OpenAI's chat completion request that Lamina serves."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(description="A deployment name from GET /v1/models, or 'auto'")
+    model: str = Field(
+        description="A logical model (lamina-rag, lamina-agent), a deployment name from "
+        "GET /v1/models, or 'auto'"
+    )
     messages: list[_Message] = Field(min_length=1)
     tools: list[_Tool] = Field(default_factory=list)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -117,6 +191,7 @@ class ChatCompletionsBody(BaseModel):
     response_format: _ResponseFormat | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
+    lamina: LaminaOptions | None = None
 
 
 class OpenAIError(Exception):
@@ -158,6 +233,12 @@ async def chat_completions(
     principal: ModelsCaller,
     services: ServicesDep,
 ) -> Response:
+    logical = LOGICAL_MODELS.get(body.model)
+    if logical is not None:
+        try:
+            return await _assistant_completion(logical, body, request, principal, services)
+        except OpenAIError as exc:
+            return exc.response()
     gateway = services.gateway
     try:
         typed = _request(body)
@@ -174,9 +255,9 @@ async def chat_completions(
             )
         # The body goes on as the client sent it (parameters Lamina does not model
         # included); FastAPI has validated it and Starlette keeps the bytes.
-        completion, route = await gateway.forward(
-            orjson.loads(await request.body()), typed, principal
-        )
+        sent = orjson.loads(await request.body())
+        sent.pop("lamina", None)  # Lamina's own extension is not the provider's business
+        completion, route = await gateway.forward(sent, typed, principal)
     except OpenAIError as exc:
         return exc.response()
     except (TokenRateLimited, TokenQuotaExceeded):
@@ -189,16 +270,197 @@ async def chat_completions(
     )
 
 
-@router.get("/v1/models", summary="Deployments the caller may name as 'model'")
-async def models(principal: ModelsCaller, services: ServicesDep) -> dict[str, Any]:
+@router.get(
+    "/v1/models",
+    summary="What the caller may name as 'model': logical models first, then deployments",
+)
+async def models(
+    request: Request, principal: ModelsCaller, services: ServicesDep
+) -> dict[str, Any]:
     today = datetime.now(UTC).date()
-    data = [{"id": AUTO, "object": "model", "created": 0, "owned_by": "lamina"}]
+    data: list[dict[str, Any]] = []
+    if _may_chat(request, principal):
+        data += [
+            _model_entry(model.id) | {"lamina": {"description": model.description}}
+            for model in LOGICAL_MODELS.values()
+        ]
+    data.append(_model_entry(AUTO))
     for deployment in services.gateway.deployments:
         retires = deployment.settings.retires_on
         if retires is not None and today >= retires:
             continue
-        data.append({"id": deployment.name, "object": "model", "created": 0, "owned_by": "lamina"})
+        data.append(_model_entry(deployment.name))
     return {"object": "list", "data": data}
+
+
+def _model_entry(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "lamina"}
+
+
+# --- logical models: the assistant answers ------------------------------------------
+
+
+async def _assistant_completion(
+    model: LogicalModel,
+    body: ChatCompletionsBody,
+    request: Request,
+    principal: Principal,
+    services: Services,
+) -> Response:
+    """A turn of the assistant, as a ``chat.completion`` or a stream of chunks. Refusals
+    before the turn starts (caps, budget, unknown conversation, rejected input) raise,
+    and the problem handlers answer them in OpenAI's error shape."""
+    if not _may_chat(request, principal):
+        raise OpenAIError(
+            403,
+            f"The model {model.id} needs the '{Permission.CHAT.value}' permission.",
+            "permission_error",
+            "missing_permission",
+        )
+    question = _question(body)
+    # The edge's policies for a chat turn, as /v1/chat applies them.
+    await services.caps.check_message(question)
+    await check_tokens(request, principal)
+    options = body.lamina or LaminaOptions()
+    started = await services.assistant.start_turn(
+        TurnRequest(
+            message=question,
+            conversation_id=options.conversation_id,
+            correlation_id=correlation_id.get(),
+            tools=model.tools,
+        ),
+        principal,
+    )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _turn_chunks(model.id, started.events, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    result = await collect_turn(started.events)
+    return Response(_dumps(_turn_completion(model.id, result)), media_type="application/json")
+
+
+def _may_chat(request: Request, principal: Principal) -> bool:
+    try:
+        request.app.state.authenticator.policy.check(principal, Permission.CHAT)
+    except PermissionDenied:
+        return False
+    return True
+
+
+def _question(body: ChatCompletionsBody) -> str:
+    """The last message, which must be the user's. Earlier messages are not replayed to
+    the assistant: it sees the stored history of ``lamina.conversation_id`` instead."""
+    last = body.messages[-1]
+    text = _message(last).content or ""
+    if last.role != "user" or not text.strip():
+        raise OpenAIError(
+            400,
+            "The last message must be the user's question, with text.",
+            "invalid_request_error",
+        )
+    return text
+
+
+def _turn_completion(model: str, result: TurnResult) -> dict[str, Any]:
+    content = result.answer
+    extension = _turn_extension(result.conversation_id, result.message_id, result.citations)
+    if result.approval is not None:
+        content = approval_notice(result.approval)
+        extension["approval"] = _approval(result.approval)
+    completion: dict[str, Any] = {
+        "id": f"chatcmpl-{result.message_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "lamina": extension,
+    }
+    if result.usage is not None:
+        completion["usage"] = _usage(result.usage.input_tokens, result.usage.output_tokens)
+    return completion
+
+
+async def _turn_chunks(
+    model: str, events: AsyncGenerator[TurnEvent, None], include_usage: bool
+) -> AsyncIterator[bytes]:
+    """The turn's events as ``chat.completion.chunk`` events: the answer text as it
+    comes, then a last chunk with ``finish_reason`` and the ``lamina`` extension."""
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return _event({**base, "choices": [choice], **extra})
+
+    citations: tuple[Citation, ...] = ()
+    yield chunk({"role": "assistant", "content": ""})
+    async with aclosing(events) as turn:
+        async for event in turn:
+            match event:
+                case AnswerDelta():
+                    yield chunk({"content": event.text})
+                case CitationsEvent():
+                    citations = event.citations
+                case ApprovalRequiredEvent():
+                    yield chunk({"content": approval_notice(event)})
+                    extension = _turn_extension(event.conversation_id, event.message_id, ())
+                    extension["approval"] = _approval(event)
+                    yield chunk({}, "stop", lamina=extension)
+                case DoneEvent():
+                    extension = _turn_extension(event.conversation_id, event.message_id, citations)
+                    yield chunk({}, "stop", lamina=extension)
+                    if include_usage and event.usage is not None:
+                        usage = _usage(event.usage.input_tokens, event.usage.output_tokens)
+                        yield _event({**base, "choices": [], "usage": usage})
+                case ErrorEvent():
+                    # The stream has started: only an error event can report the failure.
+                    error = OpenAIError(500, event.message, "api_error", event.code)
+                    yield _event({"error": error.body()})
+                    return
+    yield b"data: [DONE]\n\n"
+
+
+def _turn_extension(
+    conversation_id: str, message_id: str, citations: tuple[Citation, ...]
+) -> dict[str, Any]:
+    return {
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "citations": [asdict(c) for c in citations],
+    }
+
+
+def approval_notice(event: ApprovalRequiredEvent) -> str:
+    """What a client that knows nothing of approvals shows its user when a turn paused."""
+    return (
+        f"This needs a person's approval before it can go on: {event.summary.rstrip('.')}. "
+        f"Approve or reject it with POST /v1/approvals/{event.approval_id} before "
+        f"{event.expires_at.isoformat()}; the answer continues there."
+    )
+
+
+def _approval(event: ApprovalRequiredEvent) -> dict[str, Any]:
+    return {
+        "approval_id": event.approval_id,
+        "tool": event.tool,
+        "arguments": dict(event.arguments),
+        "summary": event.summary,
+        "expires_at": event.expires_at.isoformat(),
+    }
 
 
 # --- mapping -------------------------------------------------------------------------

@@ -31,6 +31,9 @@ async def usage(
         start = parse_since(since)
     except ValueError as exc:
         raise Problem(422, "Invalid request", str(exc)) from None
+    except OverflowError:
+        detail = f"since {since!r} reaches past the calendar: give a shorter span"
+        raise Problem(422, "Invalid request", detail) from None
     meter = services.gateway.meter
     if meter is not None:
         await meter.flush()

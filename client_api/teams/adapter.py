@@ -125,7 +125,6 @@ class TeamsBot:
         self._conversations = services.teams_conversations
         self._invokes = TeamsInvokes(
             services.assistant,
-            services.audit,
             self._conversations,
             principal=self._principal,
             resume=self._resume,

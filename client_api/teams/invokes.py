@@ -1,6 +1,10 @@
 """Teams ``invoke`` activities the bot answers: feedback on an answer
 (``message/submitAction``) and a click on an approval card (``adaptiveCard/action``).
 
+A like or dislike is the rater's rating of the Lamina reply the Teams message carries,
+stored as a rating through the API is (:meth:`Assistant.feedback`: one per person and
+answer, audited as ``chat.feedback`` when it changes).
+
 An invoke is answered in the HTTP response itself (Teams waits about five seconds for
 it), so both are handled inline; only a resumed turn's answer goes on in the background.
 """
@@ -11,7 +15,6 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from asgi_correlation_id import correlation_id
@@ -28,11 +31,10 @@ from intelligence.contracts import (
     ApprovalDecisionRequest,
     ApprovalsUnavailable,
     Assistant,
-    AuditLog,
-    AuditRecord,
     IntelligenceError,
     Principal,
     ResumedTurn,
+    TurnFeedback,
 )
 from tools.contracts import (
     ApprovalConflict,
@@ -46,7 +48,6 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_INVOKE = "message/submitAction"
 CARD_ACTION_INVOKE = "adaptiveCard/action"
-FEEDBACK_EVENT = "teams.feedback"
 _FEEDBACK_TEXT_CHARS = 2000
 
 NOT_ALLOWED = "You may not decide this approval: only the requester or an approver can."
@@ -101,14 +102,12 @@ class TeamsInvokes:
     def __init__(
         self,
         assistant: Assistant,
-        audit: AuditLog,
         conversations: TeamsConversationMap,
         *,
         principal: PrincipalOf,
         resume: ResumeIn,
     ) -> None:
         self._assistant = assistant
-        self._audit = audit
         self._conversations = conversations
         self._principal = principal
         self._resume = resume
@@ -136,21 +135,18 @@ class TeamsInvokes:
             # Not an answer of ours (or posted before replies were remembered).
             log.info("Teams feedback on an unknown message %s", feedback.teams_message_id)
             return Response(status_code=200)
-        await self._audit.append(
-            AuditRecord(
-                event=FEEDBACK_EVENT,
-                tenant_id=tenant,
-                user_id=user,
-                correlation_id=correlation_id.get(),
-                data={
-                    "conversation_id": reply.conversation_id,
-                    "message_id": reply.message_id,
-                    "reaction": feedback.reaction,
-                    "text": feedback.text,
-                },
-                at=datetime.now(UTC),
-            )
+        rating = TurnFeedback(
+            reply.conversation_id,
+            reply.message_id,
+            "positive" if feedback.reaction == "like" else "negative",
+            feedback.text or None,
+            correlation_id.get(),
         )
+        # Only the asker's own answers are theirs to rate (in a group chat, another
+        # member's like on it is not stored).
+        rater = Principal(tenant_id=tenant, user_id=user)
+        if not await self._assistant.feedback(rating, rater):
+            log.info("Teams feedback on an answer not the rater's (%s)", reply.message_id)
         return Response(status_code=200)
 
     async def _decide(

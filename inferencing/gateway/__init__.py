@@ -27,11 +27,13 @@ def build_gateway(
     classifier: ComplexityClassifier | None = None,
     azure_token_provider: AzureTokenProvider | None = None,
     budget: TokenBudget | None = None,
+    capture_content: bool = False,
 ) -> Gateway:
     """A gateway over every deployment of ``settings.registry()``.
 
     ``breakers`` default to in-process state; without a ``ledger`` nothing is metered;
-    without a ``budget`` no call is held against token limits or quotas.
+    without a ``budget`` no call is held against token limits or quotas; with
+    ``capture_content`` the calls' spans carry their prompts and completions.
     Raises ``ValueError`` naming the setting when a deployment cannot be built.
     """
     deployments = [
@@ -59,4 +61,5 @@ def build_gateway(
         classifier=classifier,
         budget=budget,
         default_max_tokens=settings.max_output_tokens,
+        capture_content=capture_content,
     )

@@ -17,6 +17,8 @@ machine with a fake clock, and so that every replica sharing a Redis store
 reasons about the same instants. The in-process store below implements the
 machine in Python; :mod:`inferencing.gateway.redis_state` implements the same
 machine in one Lua script, and both pass ``tests/inferencing/breaker_contract.py``.
+Both count every state change where it happens (``lamina.breaker.transitions``),
+so that a change shared by replicas is counted once, by the replica that made it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from inferencing.settings import BreakerSettings
+from inferencing.telemetry import breaker_moved
 
 BUCKETS = 10
 """The window is counted in this many buckets of ``window_s / BUCKETS`` seconds."""
@@ -88,7 +91,7 @@ class InProcessBreakerStore:
 
     async def admit(self, key: str, now: float, policy: BreakerSettings) -> Admission:
         breaker = self._breaker(key)
-        self._advance(breaker, now, policy)
+        self._advance(key, breaker, now, policy)
         if breaker.state is BreakerState.CLOSED:
             return Admission(True, BreakerState.CLOSED)
         if breaker.state is BreakerState.OPEN:
@@ -104,15 +107,15 @@ class InProcessBreakerStore:
         self, key: str, now: float, policy: BreakerSettings, *, ok: bool, probe: bool
     ) -> BreakerState:
         breaker = self._breaker(key)
-        self._advance(breaker, now, policy)
+        self._advance(key, breaker, now, policy)
         if breaker.state is BreakerState.HALF_OPEN and probe:
             breaker.probes_in_flight = max(0, breaker.probes_in_flight - 1)
             if not ok:
-                _open(breaker, now)
+                _open(key, breaker, now)
             else:
                 breaker.probe_successes += 1
                 if breaker.probe_successes >= policy.half_open_probes:
-                    breaker.state = BreakerState.CLOSED
+                    _move(key, breaker, BreakerState.CLOSED)
                     breaker.buckets.clear()
                     breaker.probe_successes = 0
             return breaker.state
@@ -128,12 +131,12 @@ class InProcessBreakerStore:
         calls = sum(c[0] for c in breaker.buckets.values())
         failures = sum(c[1] for c in breaker.buckets.values())
         if calls >= policy.min_calls and failures >= policy.failure_rate * calls:
-            _open(breaker, now)
+            _open(key, breaker, now)
         return breaker.state
 
     async def state(self, key: str, now: float, policy: BreakerSettings) -> BreakerState:
         breaker = self._breaker(key)
-        self._advance(breaker, now, policy)
+        self._advance(key, breaker, now, policy)
         return breaker.state
 
     def _breaker(self, key: str) -> _Breaker:
@@ -143,9 +146,9 @@ class InProcessBreakerStore:
         return breaker
 
     @staticmethod
-    def _advance(breaker: _Breaker, now: float, policy: BreakerSettings) -> None:
+    def _advance(key: str, breaker: _Breaker, now: float, policy: BreakerSettings) -> None:
         if breaker.state is BreakerState.OPEN and now >= breaker.opened_at + policy.open_s:
-            breaker.state = BreakerState.HALF_OPEN
+            _move(key, breaker, BreakerState.HALF_OPEN)
             # Half-open since now (at the latest), so the probe admitted now is not
             # taken for a stale one by the next call.
             breaker.opened_at = max(breaker.opened_at, now - policy.open_s)
@@ -161,8 +164,14 @@ class InProcessBreakerStore:
             breaker.probe_successes = 0
 
 
-def _open(breaker: _Breaker, now: float) -> None:
-    breaker.state = BreakerState.OPEN
+def _move(key: str, breaker: _Breaker, state: BreakerState) -> None:
+    if breaker.state is not state:
+        breaker.state = state
+        breaker_moved(key, state.value)
+
+
+def _open(key: str, breaker: _Breaker, now: float) -> None:
+    _move(key, breaker, BreakerState.OPEN)
     breaker.opened_at = now
     breaker.buckets.clear()
     breaker.probes_in_flight = 0

@@ -6,7 +6,9 @@ deployments (:mod:`~inferencing.gateway.routing`), admitted by each
 deployment's circuit breaker (:mod:`~inferencing.gateway.breaker`), retried
 with full-jitter backoff that honours ``Retry-After`` within a per-request
 budget, failed over along the chain, bounded by connect, first-token and total
-timeouts, and metered (:mod:`~inferencing.gateway.metering`).
+timeouts, and metered (:mod:`~inferencing.gateway.metering`). Each call is one
+span, its attempts events on it, and feeds the layer's metrics
+(:mod:`inferencing.telemetry`).
 
 A streamed answer falls back to another deployment only before its first
 delta has reached the caller; after that a failure ends the stream with
@@ -30,10 +32,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, cast
 
-from opentelemetry import trace
-
 from inferencing.contracts import (
     ChatDelta,
+    ChatMessage,
     ChatRequest,
     ChatResponse,
     ContextWindowExceeded,
@@ -45,10 +46,14 @@ from inferencing.contracts import (
     ProviderAuthenticationFailed,
     ProviderRateLimited,
     ProviderTimeout,
+    Role,
     RouteInfo,
     StreamInterrupted,
     TokenBudget,
+    TokenQuotaExceeded,
+    TokenRateLimited,
     TokenReservation,
+    ToolCall,
     UnknownDeployment,
     Usage,
 )
@@ -61,10 +66,10 @@ from inferencing.settings import (
     RetrySettings,
     TimeoutSettings,
 )
+from inferencing.telemetry import ModelCall, ModelTarget
 from inferencing.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("lamina.inferencing")
 
 _T = TypeVar("_T")
 
@@ -79,11 +84,16 @@ class _Call:
     """The state of one request's attempts."""
 
     plan: RoutePlan
+    telemetry: ModelCall
     attempts: list[tuple[str, str]] = field(default_factory=list)
     waited_s: float = 0.0
     last_error: InferenceError | None = None
     used_tokens: int = 0
     """Input plus output tokens, as metered: what a token reservation is reconciled to."""
+
+    def attempted(self, deployment: str, outcome: str) -> None:
+        self.attempts.append((deployment, outcome))
+        self.telemetry.attempt(deployment, outcome)
 
 
 @dataclass
@@ -114,10 +124,12 @@ class Gateway:
         rng: random.Random | None = None,
         budget: TokenBudget | None = None,
         default_max_tokens: int | None = None,
+        capture_content: bool = False,
     ) -> None:
         """``budget`` charges every call's tokens; ``default_max_tokens`` is what a
         request without ``max_tokens`` reserves for its output (the providers' default
-        cap on answer length)."""
+        cap on answer length). ``capture_content`` puts prompts and completions in the
+        calls' spans (``LAMINA_TELEMETRY__CAPTURE_CONTENT``); off, spans carry no text."""
         if not deployments:
             raise ValueError("the gateway needs at least one deployment")
         self._router = Router(deployments, classifier)
@@ -133,6 +145,7 @@ class Gateway:
         self._rng = rng or random.Random()
         self._budget = budget
         self._default_max_tokens = default_max_tokens or _DEFAULT_MAX_TOKENS
+        self._capture_content = capture_content
         models = [d.model.capabilities for d in deployments]
         windows = [c.context_window for c in models]
         self._capabilities = ModelCapabilities(
@@ -178,38 +191,43 @@ class Gateway:
     # --- calls ----------------------------------------------------------------------
 
     async def complete(self, request: ChatRequest, caller: InferenceCaller) -> ChatResponse:
-        call = self._plan(request)
-        if self._budget is None:
-            return await self._complete(call, request, caller)
-        return await self._charged(
-            self._budget, call, request, caller, lambda: self._complete(call, request, caller)
-        )
+        with self._observed(request) as telemetry, telemetry.current():
+            call = self._plan(request, telemetry)
+            if self._budget is None:
+                response = await self._complete(call, request, caller)
+            else:
+                response = await self._charged(
+                    self._budget,
+                    call,
+                    request,
+                    caller,
+                    lambda: self._complete(call, request, caller),
+                )
+            telemetry.answered(finish_reasons=(response.finish_reason,), output=response.message)
+            return response
 
     async def _complete(
         self, call: _Call, request: ChatRequest, caller: InferenceCaller
     ) -> ChatResponse:
-        with tracer.start_as_current_span("chat") as span:
+        async def attempt(deployment: Deployment, _: Admission) -> ChatResponse:
+            async with asyncio.timeout(self._timeouts.total_s):
+                return await deployment.model.complete(request, caller)
 
-            async def attempt(deployment: Deployment, _: Admission) -> ChatResponse:
-                async with asyncio.timeout(self._timeouts.total_s):
-                    return await deployment.model.complete(request, caller)
-
-            deployment, admission, response = await self._route(call, request, attempt)
-            usage = response.usage or Usage(
-                call.plan.prompt_tokens, self._counter.count(response.message.content or "")
-            )
-            route = await self._succeeded(
-                call,
-                request,
-                caller,
-                deployment,
-                admission,
-                response.model,
-                usage,
-                span,
-                estimated=response.usage is None,
-            )
-            return replace(response, route=route, usage=usage)
+        deployment, admission, response = await self._route(call, request, attempt)
+        usage = response.usage or Usage(
+            call.plan.prompt_tokens, self._counter.count(response.message.content or "")
+        )
+        route = await self._succeeded(
+            call,
+            request,
+            caller,
+            deployment,
+            admission,
+            response.model,
+            usage,
+            estimated=response.usage is None,
+        )
+        return replace(response, route=route, usage=usage)
 
     async def forward(
         self, payload: Mapping[str, Any], request: ChatRequest, caller: InferenceCaller
@@ -218,16 +236,23 @@ class Gateway:
         (but for ``model``) to the deployments the router picks for ``request``, its
         typed reading. A deployment whose model does not take the wire format answers
         ``request``, rendered in that format. Returns the response body and the route."""
-        call = self._plan(request)
-        if self._budget is None:
-            return await self._forward(call, payload, request, caller)
-        return await self._charged(
-            self._budget,
-            call,
-            request,
-            caller,
-            lambda: self._forward(call, payload, request, caller),
-        )
+        with self._observed(request) as telemetry, telemetry.current():
+            call = self._plan(request, telemetry)
+            if self._budget is None:
+                body, route = await self._forward(call, payload, request, caller)
+            else:
+                body, route = await self._charged(
+                    self._budget,
+                    call,
+                    request,
+                    caller,
+                    lambda: self._forward(call, payload, request, caller),
+                )
+            telemetry.answered(
+                finish_reasons=_wire_finish_reasons(body),
+                output=ChatMessage(Role.ASSISTANT, _wire_text(body)),
+            )
+            return body, route
 
     async def _forward(
         self,
@@ -236,61 +261,69 @@ class Gateway:
         request: ChatRequest,
         caller: InferenceCaller,
     ) -> tuple[dict[str, Any], RouteInfo]:
-        with tracer.start_as_current_span("chat") as span:
+        async def attempt(deployment: Deployment, _: Admission) -> dict[str, Any]:
+            async with asyncio.timeout(self._timeouts.total_s):
+                model = deployment.model
+                # Not isinstance(model, ChatForwarder): a Protocol check costs more
+                # than the rest of the attempt.
+                if (forward := getattr(model, "forward", None)) is not None:
+                    return cast(dict[str, Any], await forward(payload, caller))
+                from inferencing.providers.openai_wire import completion_body
 
-            async def attempt(deployment: Deployment, _: Admission) -> dict[str, Any]:
-                async with asyncio.timeout(self._timeouts.total_s):
-                    model = deployment.model
-                    # Not isinstance(model, ChatForwarder): a Protocol check costs more
-                    # than the rest of the attempt.
-                    if (forward := getattr(model, "forward", None)) is not None:
-                        return cast(dict[str, Any], await forward(payload, caller))
-                    from inferencing.providers.openai_wire import completion_body
+                return completion_body(await model.complete(request, caller))
 
-                    return completion_body(await model.complete(request, caller))
-
-            deployment, admission, body = await self._route(call, request, attempt)
-            usage = _wire_usage(body)
-            estimated = usage is None
-            if usage is None:
-                usage = Usage(call.plan.prompt_tokens, self._counter.count(_wire_text(body)))
-            route = await self._succeeded(
-                call,
-                request,
-                caller,
-                deployment,
-                admission,
-                str(body.get("model") or ""),
-                usage,
-                span,
-                estimated=estimated,
-            )
-            return body, route
+        deployment, admission, body = await self._route(call, request, attempt)
+        usage = _wire_usage(body)
+        estimated = usage is None
+        if usage is None:
+            usage = Usage(call.plan.prompt_tokens, self._counter.count(_wire_text(body)))
+        route = await self._succeeded(
+            call,
+            request,
+            caller,
+            deployment,
+            admission,
+            str(body.get("model") or ""),
+            usage,
+            estimated=estimated,
+        )
+        return body, route
 
     async def stream(
         self, request: ChatRequest, caller: InferenceCaller
     ) -> AsyncIterator[ChatDelta]:
-        call = self._plan(request)
-        budget = self._budget
-        reservation = (
-            await self._reserve(budget, call, request, caller) if budget is not None else None
-        )
-        try:
-            with tracer.start_as_current_span("chat.stream") as span:
-                deployment, admission, opened = await self._route(
-                    call, request, self._opener(request, caller)
+        # The span is made current only around awaits of the gateway's own: between
+        # deltas the consumer runs, and the span must not be current in its code.
+        with self._observed(request, stream=True) as telemetry:
+            call = self._plan(request, telemetry)
+            budget = self._budget
+            with telemetry.current():
+                reservation = (
+                    await self._reserve(budget, call, request, caller)
+                    if budget is not None
+                    else None
                 )
+            try:
+                with telemetry.current():
+                    deployment, admission, opened = await self._route(
+                        call, request, self._opener(request, caller)
+                    )
+                telemetry.first_token()
                 deltas = opened.deltas
                 route = self._route_info(deployment, deployment.settings.model, call)
                 output: list[str] = []
+                tool_calls: list[ToolCall] = []
                 usage: Usage | None = None
+                finish_reason: str | None = None
                 outcome = "cancelled"
                 try:
                     delta: ChatDelta | None = opened.first
                     deadline = asyncio.get_running_loop().time() + self._timeouts.total_s
                     while delta is not None:
                         output.append(delta.content)
+                        tool_calls.extend(delta.tool_calls)
                         usage = delta.usage or usage
+                        finish_reason = delta.finish_reason or finish_reason
                         yield replace(delta, route=route) if delta.finish_reason else delta
                         delta = await _next(deltas, deadline)
                     outcome = "ok"
@@ -308,12 +341,18 @@ class Gateway:
                     )
                     # Cut or closed midway, the stream has used what was delivered so far.
                     call.used_tokens = metered.input_tokens + metered.output_tokens
-                    self._meter_usage(caller, request, deployment, metered, outcome, usage is None)
-                    _annotate(span, route, metered)
-        finally:
-            if reservation is not None:
-                assert budget is not None
-                await budget.reconcile(reservation, call.used_tokens)
+                    self._meter_usage(
+                        call, caller, request, deployment, metered, outcome, usage is None
+                    )
+                    telemetry.routed(route)
+                    telemetry.answered(
+                        finish_reasons=(finish_reason,) if finish_reason else (),
+                        output=ChatMessage(Role.ASSISTANT, "".join(output), tuple(tool_calls)),
+                    )
+            finally:
+                if reservation is not None:
+                    assert budget is not None
+                    await budget.reconcile(reservation, call.used_tokens)
 
     async def aclose(self) -> None:
         for deployment in self.deployments:
@@ -328,7 +367,11 @@ class Gateway:
     ) -> TokenReservation:
         # The prompt was counted for routing already; the output can be up to max_tokens.
         tokens = call.plan.prompt_tokens + (request.max_tokens or self._default_max_tokens)
-        return await budget.reserve(caller, tokens)
+        try:
+            return await budget.reserve(caller, tokens)
+        except (TokenRateLimited, TokenQuotaExceeded) as refusal:
+            call.telemetry.refused(refusal, caller.tenant_id)
+            raise
 
     async def _charged(
         self,
@@ -356,7 +399,12 @@ class Gateway:
 
     # --- routing and attempts ---------------------------------------------------------
 
-    def _plan(self, request: ChatRequest) -> _Call:
+    def _observed(self, request: ChatRequest, *, stream: bool = False) -> ModelCall:
+        return ModelCall(
+            "chat", request=request, stream=stream, capture_content=self._capture_content
+        )
+
+    def _plan(self, request: ChatRequest, telemetry: ModelCall) -> _Call:
         prompt_tokens = self._counter.count_messages(request.messages, request.tools)
         try:
             plan = self._router.plan(request, prompt_tokens, self._today())
@@ -373,7 +421,8 @@ class Gateway:
                 _NOTHING_FITS, details={"route": list(plan.reasons), "prompt_tokens": prompt_tokens}
             )
         log.debug("route for %d prompt tokens: %s", prompt_tokens, "; ".join(plan.reasons))
-        return _Call(plan)
+        telemetry.routed_to(ModelTarget.of(plan.chain[0].settings))
+        return _Call(plan, telemetry)
 
     def _opener(
         self, request: ChatRequest, caller: InferenceCaller
@@ -411,7 +460,7 @@ class Gateway:
                 admission = await self._admit(deployment)
                 if not admission.allowed:
                     refused_for.append(admission.retry_in_s)
-                    call.attempts.append((deployment.name, f"breaker {admission.state.value}"))
+                    call.attempted(deployment.name, f"breaker {admission.state.value}")
                     continue
                 try:
                     result = await attempt(deployment, admission)
@@ -420,9 +469,9 @@ class Gateway:
                 except InferenceError as exc:
                     error = exc
                 else:
-                    call.attempts.append((deployment.name, "ok"))
+                    call.attempted(deployment.name, "ok")
                     return deployment, admission, result
-                call.attempts.append((deployment.name, type(error).__name__))
+                call.attempted(deployment.name, type(error).__name__)
                 call.last_error = error
                 if not await self._after_failure(deployment, admission, error, chain):
                     raise self._final(call)
@@ -496,15 +545,14 @@ class Gateway:
         admission: Admission,
         model: str,
         usage: Usage,
-        span: trace.Span,
         *,
         estimated: bool,
     ) -> RouteInfo:
         await self._record(deployment, admission, ok=True)
         call.used_tokens = usage.input_tokens + usage.output_tokens
-        self._meter_usage(caller, request, deployment, usage, "ok", estimated)
+        self._meter_usage(call, caller, request, deployment, usage, "ok", estimated)
         route = self._route_info(deployment, model, call)
-        _annotate(span, route, usage)
+        call.telemetry.routed(route)
         return route
 
     def _route_info(self, deployment: Deployment, model: str, call: _Call) -> RouteInfo:
@@ -518,6 +566,7 @@ class Gateway:
 
     def _meter_usage(
         self,
+        call: _Call,
         caller: InferenceCaller,
         request: ChatRequest,
         deployment: Deployment,
@@ -525,9 +574,17 @@ class Gateway:
         outcome: str,
         estimated: bool,
     ) -> None:
+        settings = deployment.settings
+        cost = cost_of(
+            usage.input_tokens,
+            usage.output_tokens,
+            settings.input_price_per_1k,
+            settings.output_price_per_1k,
+        )
+        call.telemetry.routed_to(ModelTarget.of(settings))
+        call.telemetry.used(usage, tenant_id=caller.tenant_id, cost_usd=cost, estimated=estimated)
         if self._meter is None:
             return
-        settings = deployment.settings
         self._meter.record(
             UsageRecord(
                 at=datetime.now(UTC),
@@ -539,12 +596,7 @@ class Gateway:
                 prompt_version=request.prompt_version,
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
-                cost=cost_of(
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    settings.input_price_per_1k,
-                    settings.output_price_per_1k,
-                ),
+                cost=cost,
                 outcome=outcome,
                 estimated=estimated,
             )
@@ -581,17 +633,10 @@ def _wire_text(body: Mapping[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _annotate(span: trace.Span, route: RouteInfo, usage: Usage) -> None:
-    if not span.is_recording():
-        return
-    attributes: dict[str, Any] = {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.request.model": route.model,
-        "gen_ai.usage.input_tokens": usage.input_tokens,
-        "gen_ai.usage.output_tokens": usage.output_tokens,
-        "lamina.deployment": route.deployment,
-        "lamina.model_version": route.model_version or "",
-        "lamina.route.reasons": list(route.reasons),
-        "lamina.route.attempts": [f"{name}:{outcome}" for name, outcome in route.attempts],
-    }
-    span.set_attributes(attributes)
+def _wire_finish_reasons(body: Mapping[str, Any]) -> tuple[str, ...]:
+    choices = body.get("choices") or []
+    return tuple(
+        reason
+        for choice in choices
+        if isinstance(choice, dict) and isinstance(reason := choice.get("finish_reason"), str)
+    )

@@ -47,6 +47,7 @@ from inferencing.gateway.metering import (
     sort_rows,
 )
 from inferencing.settings import BreakerSettings
+from inferencing.telemetry import breaker_moved
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ def _text(value: bytes | str) -> str:
 # when it opened, the probes in flight and succeeded, and the window's buckets as fields
 # ``c:<bucket>`` (calls) and ``f:<bucket>`` (failures). Times are formatted with %.17g so
 # that a float survives the round trip through Redis exactly. The bucket number is
-# computed in Python (float floor division) so both stores bucket identically.
+# computed in Python (float floor division) so both stores bucket identically. Every
+# script also returns the states it moved the breaker to, in order (``moves``), for the
+# replica that ran it to count.
 _PRELUDE = """
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
@@ -129,6 +132,14 @@ for i = 1, #raw, 2 do
   end
 end
 local dirty = false
+local moves = {}
+
+local function move(to)
+  if state ~= to then
+    state = to
+    moves[#moves + 1] = to
+  end
+end
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -144,7 +155,8 @@ local function clear_buckets()
 end
 
 local function open_now()
-  state, opened_at, inflight, successes = 'open', now, 0, 0
+  move('open')
+  opened_at, inflight, successes = now, 0, 0
   clear_buckets()
   dirty = true
 end
@@ -159,7 +171,8 @@ end
 
 -- _advance
 if state == 'open' and now >= opened_at + open_s then
-  state, inflight, successes = 'half_open', 0, 0
+  move('half_open')
+  inflight, successes = 0, 0
   opened_at = math.max(opened_at, now - open_s)
   dirty = true
 elseif state == 'half_open' and now >= opened_at + 2 * open_s then
@@ -179,7 +192,7 @@ elseif state == 'half_open' and inflight + successes < probes then
   allowed, probe, dirty = 1, 1, true
 end
 save()
-return {allowed, state, probe, fmt(opened_at)}
+return {allowed, state, probe, fmt(opened_at), moves}
 """
 )
 
@@ -201,17 +214,18 @@ if state == 'half_open' and is_probe then
   else
     successes = successes + 1
     if successes >= probes then
-      state, successes = 'closed', 0
+      move('closed')
+      successes = 0
       clear_buckets()
     end
   end
   save()
-  return state
+  return {state, moves}
 end
 if state ~= 'closed' then
   -- A call admitted before the breaker opened: it no longer counts.
   save()
-  return state
+  return {state, moves}
 end
 local counts = buckets[bucket] or {0, 0}
 counts[1] = counts[1] + 1
@@ -234,7 +248,7 @@ if calls >= min_calls and failures >= failure_rate * calls then
 end
 dirty = true
 save()
-return state
+return {state, moves}
 """
 )
 
@@ -242,7 +256,7 @@ _STATE = (
     _PRELUDE
     + """
 save()
-return state
+return {state, moves}
 """
 )
 
@@ -277,9 +291,10 @@ class RedisBreakerStore:
         return [now, policy.open_s, policy.half_open_probes, _ttl_ms(policy)]
 
     async def admit(self, key: str, now: float, policy: BreakerSettings) -> Admission:
-        allowed, state, probe, opened_at = await self._admit(
+        allowed, state, probe, opened_at, moves = await self._admit(
             keys=[self._prefix + key], args=self._args(now, policy)
         )
+        _count(key, moves)
         breaker_state = BreakerState(_text(state))
         if breaker_state is BreakerState.OPEN:
             retry_in_s = float(_text(opened_at)) + policy.open_s - now
@@ -289,7 +304,7 @@ class RedisBreakerStore:
     async def record(
         self, key: str, now: float, policy: BreakerSettings, *, ok: bool, probe: bool
     ) -> BreakerState:
-        state = await self._record(
+        state, moves = await self._record(
             keys=[self._prefix + key],
             args=[
                 *self._args(now, policy),
@@ -301,11 +316,18 @@ class RedisBreakerStore:
                 policy.failure_rate,
             ],
         )
+        _count(key, moves)
         return BreakerState(_text(state))
 
     async def state(self, key: str, now: float, policy: BreakerSettings) -> BreakerState:
-        state = await self._state(keys=[self._prefix + key], args=self._args(now, policy))
+        state, moves = await self._state(keys=[self._prefix + key], args=self._args(now, policy))
+        _count(key, moves)
         return BreakerState(_text(state))
+
+
+def _count(key: str, moves: list[bytes | str]) -> None:
+    for state in moves:
+        breaker_moved(key, _text(state))
 
 
 # --- usage ---------------------------------------------------------------------------

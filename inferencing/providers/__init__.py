@@ -107,6 +107,7 @@ def build_embedding_model(
             f"deployment {deployment.name!r}: the extractive provider has no embeddings"
         )
     from inferencing.providers.openai_compatible import OpenAIEmbeddingModel
+    from inferencing.telemetry import ModelTarget
 
     connection = _connect(deployment, timeouts or TimeoutSettings(), "httpx", azure_token_provider)
     return OpenAIEmbeddingModel(
@@ -114,6 +115,7 @@ def build_embedding_model(
         model=deployment.model,
         dimensions=dimensions,
         on_close=connection.on_close,
+        target=ModelTarget.of(deployment),
     )
 
 

@@ -41,6 +41,7 @@ from inferencing.providers.openai_errors import (
     stream_interrupted,
 )
 from inferencing.providers.openai_wire import WireForwarder
+from inferencing.telemetry import ModelCall, ModelTarget
 
 _T = TypeVar("_T")
 
@@ -335,7 +336,11 @@ class _ToolCallAssembler:
 
 class OpenAIEmbeddingModel:
     """An :class:`~inferencing.contracts.EmbeddingModel` over an ``AsyncOpenAI`` client
-    (OpenAI, an Azure OpenAI embeddings deployment, or an OpenAI-compatible server)."""
+    (OpenAI, an Azure OpenAI embeddings deployment, or an OpenAI-compatible server).
+
+    Embedding calls do not pass the gateway, so each is its own ``embeddings {model}``
+    span here, with its token usage (:mod:`inferencing.telemetry`); the texts never
+    reach the span."""
 
     def __init__(
         self,
@@ -344,12 +349,15 @@ class OpenAIEmbeddingModel:
         model: str,
         dimensions: int | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        target: ModelTarget | None = None,
     ) -> None:
-        """``on_close`` releases what the client depends on (e.g. an Azure credential)."""
+        """``on_close`` releases what the client depends on (e.g. an Azure credential);
+        ``target`` names the deployment in telemetry (by default, an OpenAI model)."""
         self._client = client
         self._model = model
         self._dimensions = dimensions
         self._on_close = on_close
+        self._target = target or ModelTarget(deployment=model, provider="openai", model=model)
 
     @property
     def name(self) -> str:
@@ -362,27 +370,31 @@ class OpenAIEmbeddingModel:
     async def embed(self, texts: Sequence[str], caller: InferenceCaller) -> EmbeddingResponse:
         if not texts:
             return EmbeddingResponse((), self._model, Usage(0, 0))
-        try:
-            result = await self._client.embeddings.create(
-                model=self._model,
-                input=list(texts),
-                dimensions=self._dimensions if self._dimensions is not None else openai.omit,
+        with ModelCall("embeddings", target=self._target) as telemetry, telemetry.current():
+            try:
+                result = await self._client.embeddings.create(
+                    model=self._model,
+                    input=list(texts),
+                    dimensions=self._dimensions if self._dimensions is not None else openai.omit,
+                )
+            except openai.OpenAIError as exc:
+                raise provider_error(exc) from exc
+            except ValueError as exc:  # a body that is not JSON
+                raise ProviderUnavailable(
+                    MALFORMED, retryable=True, details={"error": str(exc)}
+                ) from exc
+            ordered = sorted(result.data, key=lambda item: item.index)
+            if len(ordered) != len(texts):
+                raise ProviderUnavailable(
+                    MALFORMED, details={"expected": len(texts), "received": len(ordered)}
+                )
+            usage = Usage(result.usage.prompt_tokens, 0) if result.usage else None
+            telemetry.answered(response_model=result.model)
+            if usage is not None:
+                telemetry.used(usage, tenant_id=caller.tenant_id, estimated=False)
+            return EmbeddingResponse(
+                tuple(tuple(item.embedding) for item in ordered), result.model, usage
             )
-        except openai.OpenAIError as exc:
-            raise provider_error(exc) from exc
-        except ValueError as exc:  # a body that is not JSON
-            raise ProviderUnavailable(
-                MALFORMED, retryable=True, details={"error": str(exc)}
-            ) from exc
-        ordered = sorted(result.data, key=lambda item: item.index)
-        if len(ordered) != len(texts):
-            raise ProviderUnavailable(
-                MALFORMED, details={"expected": len(texts), "received": len(ordered)}
-            )
-        usage = Usage(result.usage.prompt_tokens, 0) if result.usage else None
-        return EmbeddingResponse(
-            tuple(tuple(item.embedding) for item in ordered), result.model, usage
-        )
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -264,12 +265,25 @@ def _parse_arguments(raw: str | Mapping[str, Any] | None) -> tuple[dict[str, Any
     if isinstance(raw, Mapping):
         return dict(raw), None
     try:
-        parsed = json.loads(raw)
+        # json.loads accepts NaN and Infinity (and 1e999 overflows to it), which are not
+        # JSON: no tool's schema allows them, so such arguments are refused, not passed on.
+        parsed = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
     except ValueError:
         return {}, "the model's arguments were not valid JSON"
     if not isinstance(parsed, dict):
         return {}, "the model's arguments were not a JSON object"
     return parsed, None
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _with_note(description: str, problem: str | None, remedy: str) -> str:

@@ -57,8 +57,8 @@ an expired summary as none, and :meth:`purge_expired` clears it from the session
 
 Authentication: the account key when ``settings.key`` is set, else an Entra ID token (a
 credential passed in, or ``DefaultAzureCredential``; the identity needs the "Cosmos DB
-Built-in Data Contributor" data-plane role). The SDK is imported by this module only, and
-only when a store is opened.
+Built-in Data Contributor" data-plane role). The SDK is imported by the Cosmos DB adapters
+only, and only when a store is opened.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from pydantic import TypeAdapter
 
 from intelligence.contracts import (
+    AnswerRating,
     Citation,
     Conversation,
     ConversationExport,
@@ -90,9 +91,14 @@ from intelligence.contracts import (
     Principal,
     RetentionPolicy,
     StoreUnavailable,
+    TurnExplanation,
     TurnRecord,
 )
 from intelligence.settings import CosmosSettings
+from intelligence.stores.cosmos_account import (
+    call_cosmos,
+    open_account,
+)
 from intelligence.stores.stamps import now_stamp, stamp
 
 if TYPE_CHECKING:
@@ -119,6 +125,7 @@ INDEXING_POLICY: dict[str, Any] = {
         {"path": "/summary/?"},
         {"path": "/citations/*"},
         {"path": "/plan/*"},
+        {"path": "/explanation/*"},
         {"path": '/"_etag"/?'},
     ],
 }
@@ -139,6 +146,12 @@ _PAGE_ROUNDS = 20
 
 _CITATIONS = TypeAdapter(tuple[Citation, ...])
 _PLAN: TypeAdapter[Plan | None] = TypeAdapter(Plan | None)
+_EXPLANATION: TypeAdapter[TurnExplanation | None] = TypeAdapter(TurnExplanation | None)
+_RATING: TypeAdapter[AnswerRating | None] = TypeAdapter(AnswerRating | None)
+_RATEABLE = frozenset(
+    s.value for s in (MessageStatus.COMPLETE, MessageStatus.INTERRUPTED, MessageStatus.FAILED)
+)
+"""Statuses of a reply its owner may rate: it no longer runs nor waits for an approval."""
 
 _Q_SESSIONS_BY_RECENCY = "SELECT * FROM c WHERE c.type = @type ORDER BY c.updatedAt DESC"
 _Q_OF_TYPE = "SELECT * FROM c WHERE c.type = @type"
@@ -226,37 +239,14 @@ class CosmosConversationStore:
         Raises :class:`ConversationStoreUnavailable` with what to fix."""
         if self._container_proxy is not None:
             return
-        settings = self._settings
-        if not settings.endpoint:
-            raise ConversationStoreUnavailable(
-                "LAMINA_CONVERSATIONS__COSMOS__ENDPOINT is not set: the Cosmos DB conversation "
-                "store needs the account endpoint, e.g. https://<account>.documents.azure.com"
-            )
-        from azure.cosmos.aio import CosmosClient
-
-        credential: str | AsyncTokenCredential
-        if settings.key is not None:
-            credential = settings.key.get_secret_value()
-        elif self._credential is not None:
-            credential = self._credential
-        else:
-            from azure.identity.aio import DefaultAzureCredential
-
-            self._owned_credential = DefaultAzureCredential()
-            credential = self._owned_credential
-        client: CosmosClient | None = None
-        try:
-            client = CosmosClient(settings.endpoint, credential, user_agent_suffix="lamina")
-            self._container_proxy = await self._connect(client)
-        except BaseException as exc:
-            if client is not None:
-                await client.close()
-            await self.close()
-            failure = _open_failure(exc, settings)
-            if failure is None:
-                raise
-            raise failure from exc
-        self._client = client
+        self._client, self._container_proxy, self._owned_credential = await open_account(
+            self._settings,
+            self._credential,
+            self._connect,
+            variables="LAMINA_CONVERSATIONS__COSMOS",
+            what="the Cosmos DB conversation store",
+            unavailable=ConversationStoreUnavailable,
+        )
 
     async def _connect(self, client: CosmosClient) -> ContainerProxy:
         from azure.cosmos import PartitionKey
@@ -356,6 +346,16 @@ class CosmosConversationStore:
         await self._delete_all(principal, await self._query(_Q_IDS, {}, partition))
         return True
 
+    async def rename(self, principal: Principal, conversation_id: str, title: str) -> bool:
+        if not _CONVERSATION_ID.fullmatch(conversation_id):
+            return False
+        # A patch of the session in the caller's own partition: another user's id is a 404.
+        return await self._patch(
+            _partition(principal, conversation_id),
+            conversation_id,
+            [{"op": "set", "path": "/title", "value": title}],
+        )
+
     async def finish_message(
         self,
         principal: Principal,
@@ -366,6 +366,7 @@ class CosmosConversationStore:
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
         attempt: str | None = None,
+        explanation: TurnExplanation | None = None,
     ) -> bool:
         located = _message_partition(principal, message_id)
         if located is None:
@@ -375,6 +376,7 @@ class CosmosConversationStore:
             "status": status.value,
             "citations": _dump_citations(citations),
             "plan": _PLAN.dump_python(plan, mode="json"),
+            "explanation": _EXPLANATION.dump_python(explanation, mode="json"),
         }
         if attempt is None:
             return await self._patch(
@@ -411,6 +413,26 @@ class CosmosConversationStore:
             return []
         ordered = sorted(items, key=lambda m: m["seq"])
         return [_message(m) for m in ordered]
+
+    async def rate(
+        self, principal: Principal, conversation_id: str, message_id: str, rating: AnswerRating
+    ) -> ConversationMessage | None:
+        located = _message_partition(principal, message_id)
+        if located is None or located[2] != conversation_id:
+            return None
+        for _ in range(_ATTEMPTS):
+            reply = await self._read(located, message_id)
+            if (
+                reply is None
+                or reply.get("role") != "assistant"
+                or reply.get("status") not in _RATEABLE
+            ):
+                return None
+            rated = {**reply, "feedback": _RATING.dump_python(rating, mode="json")}
+            # Conditional on what was read: a racing rating makes this one read again.
+            if await self._replace(_keeping_expiry(rated), reply["_etag"]) is not None:
+                return _message(reply)
+        raise ConversationStoreUnavailable("too many racing ratings of one answer")
 
     # --- turns ---------------------------------------------------------------------------------
 
@@ -499,7 +521,13 @@ class CosmosConversationStore:
         ):
             return None
         # Emptied: the turn runs again from the start.
-        changes: Item = {"content": "", "citations": [], "plan": None}
+        changes: Item = {
+            "content": "",
+            "citations": [],
+            "plan": None,
+            "explanation": None,
+            "feedback": None,
+        }
         return await self._claim(located, reply, lease_until, changes)
 
     async def resume_turn(
@@ -883,21 +911,7 @@ class CosmosConversationStore:
     async def _call(self, action: str, call: Callable[[], Awaitable[T]], *expected: int) -> T | int:
         """Run one SDK call; a status in ``expected`` comes back as an int, any other
         failure raises :class:`ConversationStoreUnavailable`."""
-        from azure.core.exceptions import AzureError
-        from azure.cosmos.exceptions import CosmosHttpResponseError
-
-        try:
-            return await call()
-        except CosmosHttpResponseError as exc:
-            if exc.status_code in expected:
-                return int(exc.status_code)
-            raise ConversationStoreUnavailable(
-                f"Azure Cosmos DB refused to {action}: {exc.status_code} {_reason(exc)}"
-            ) from exc
-        except AzureError as exc:
-            raise ConversationStoreUnavailable(
-                f"Azure Cosmos DB did not {action}: {_reason(exc)}"
-            ) from exc
+        return await call_cosmos(action, call, expected, ConversationStoreUnavailable)
 
     async def _read(self, partition: list[str], item_id: str) -> Item | None:
         result = await self._call(
@@ -1070,6 +1084,16 @@ def _expiry_of(message: Item) -> str | None:
     return stamp(datetime.fromtimestamp(message["_ts"] + ttl, UTC))
 
 
+def _keeping_expiry(message: Item) -> Item:
+    """``message`` to write back with the moment it expires unchanged: the service counts
+    a TTL from the last write, and a rating must not lengthen how long a reply is kept."""
+    ttl, written = message.get("ttl"), message.get("_ts")
+    if not isinstance(ttl, int) or ttl < 0 or not isinstance(written, int):
+        return message
+    left = written + ttl - math.floor(datetime.now(UTC).timestamp())
+    return {**message, "ttl": max(1, left)}
+
+
 def _summary_expired(session: Item, moment: str) -> bool:
     expires_at = session.get("summaryExpiresAt")
     return isinstance(expires_at, str) and expires_at <= moment
@@ -1100,6 +1124,8 @@ def _message(item: Item) -> ConversationMessage:
         status=MessageStatus(item["status"]),
         citations=_CITATIONS.validate_python(item.get("citations") or []),
         plan=_PLAN.validate_python(item["plan"]) if item.get("plan") else None,
+        explanation=_EXPLANATION.validate_python(item.get("explanation")),
+        feedback=_RATING.validate_python(item.get("feedback")),
     )
 
 
@@ -1137,58 +1163,3 @@ def _decode_cursor(cursor: str | None) -> str | None:
     if not isinstance(token, str) or not token:
         raise ValueError("invalid cursor")
     return token
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an SDK error, without the response body it may quote."""
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return str(message).strip().splitlines()[0][:300]
-
-
-def _open_failure(exc: BaseException, settings: CosmosSettings) -> Exception | None:
-    """What a failure to open says to an operator; None to let it through unchanged."""
-    from azure.core.exceptions import AzureError, ClientAuthenticationError
-    from azure.cosmos.exceptions import CosmosHttpResponseError
-
-    where = f"Azure Cosmos DB at {settings.endpoint}"
-    auth = "the account key" if settings.key is not None else "an Entra ID token"
-    if isinstance(exc, ConversationStoreUnavailable):
-        return exc
-    if isinstance(exc, ClientAuthenticationError):
-        return ConversationStoreUnavailable(
-            f"no Entra ID token for {where}: {_reason(exc)} "
-            "(or set LAMINA_CONVERSATIONS__COSMOS__KEY)"
-        )
-    if isinstance(exc, CosmosHttpResponseError):
-        return ConversationStoreUnavailable(
-            _refusal(exc.status_code, settings, auth)
-            or f"{where} answered {exc.status_code}: {_reason(exc)}"
-        )
-    if isinstance(exc, AzureError):
-        return ConversationStoreUnavailable(f"cannot reach {where}: {_reason(exc)}")
-    if isinstance(exc, ValueError):  # an endpoint that is no URL, a key that is no base64
-        return ConversationStoreUnavailable(f"cannot use {where} with {auth}: {exc}")
-    return None
-
-
-def _refusal(status: int | None, settings: CosmosSettings, auth: str) -> str | None:
-    where = f"Azure Cosmos DB at {settings.endpoint}"
-    if status == 401:
-        return (
-            f"{where} refused {auth}: check LAMINA_CONVERSATIONS__COSMOS__KEY, or the Entra ID "
-            "identity and its tenant"
-        )
-    if status == 403:
-        return (
-            f"{where} forbade the request with {auth}: an Entra ID identity needs the data-plane "
-            "role 'Cosmos DB Built-in Data Contributor', and cannot create databases or "
-            "containers (create them with infra/ and set "
-            "LAMINA_CONVERSATIONS__COSMOS__CREATE_IF_MISSING=false)"
-        )
-    if status == 404:
-        return (
-            f"{where} has no database {settings.database!r} with container "
-            f"{settings.container!r}: create them (infra/) or set "
-            "LAMINA_CONVERSATIONS__COSMOS__CREATE_IF_MISSING=true"
-        )
-    return None

@@ -1,8 +1,7 @@
-"""Embedded SQLite adapters for the conversation store and the audit log."""
+"""Embedded SQLite adapter of the conversation store."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -13,7 +12,7 @@ import aiosqlite
 from pydantic import TypeAdapter
 
 from intelligence.contracts import (
-    AuditRecord,
+    AnswerRating,
     Citation,
     Conversation,
     ConversationExport,
@@ -24,6 +23,7 @@ from intelligence.contracts import (
     Plan,
     Principal,
     RetentionPolicy,
+    TurnExplanation,
     TurnRecord,
 )
 from intelligence.stores.sqlite_common import SerialisedSqliteStore, retention_scopes
@@ -31,6 +31,8 @@ from intelligence.stores.stamps import now_stamp, stamp
 
 _CITATIONS = TypeAdapter(tuple[Citation, ...])
 _PLAN: TypeAdapter[Plan | None] = TypeAdapter(Plan | None)
+_EXPLANATION: TypeAdapter[TurnExplanation] = TypeAdapter(TurnExplanation)
+_RATING: TypeAdapter[AnswerRating] = TypeAdapter(AnswerRating)
 
 _SCHEMA = """
 PRAGMA journal_mode = WAL;
@@ -58,23 +60,21 @@ CREATE TABLE IF NOT EXISTS messages (
     plan TEXT,
     created_at TEXT NOT NULL,
     lease_until TEXT,
-    attempt TEXT
+    attempt TEXT,
+    explanation TEXT,
+    feedback TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, seq);
-CREATE TABLE IF NOT EXISTS audit_log (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at TEXT NOT NULL,
-    event TEXT NOT NULL,
-    tenant_id TEXT NOT NULL,
-    user_id TEXT NOT NULL,
-    correlation_id TEXT,
-    data TEXT NOT NULL
-);
 """
 
 _ADDED_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "conversations": (("summary", "TEXT NOT NULL DEFAULT ''"), ("summary_through", "TEXT")),
-    "messages": (("lease_until", "TEXT"), ("attempt", "TEXT")),
+    "messages": (
+        ("lease_until", "TEXT"),
+        ("attempt", "TEXT"),
+        ("explanation", "TEXT"),
+        ("feedback", "TEXT"),
+    ),
 }
 """Columns later versions added: a database made by an earlier version gains them on open."""
 
@@ -172,6 +172,14 @@ class SqliteConversationStore(_Database):
             )
         return cursor.rowcount > 0
 
+    async def rename(self, principal: Principal, conversation_id: str, title: str) -> bool:
+        async with self._writing() as db:
+            cursor = await db.execute(
+                "UPDATE conversations SET title = ? WHERE id = ? AND tenant_id = ? AND user_id = ?",
+                (title, conversation_id, principal.tenant_id, principal.user_id),
+            )
+        return cursor.rowcount > 0
+
     async def finish_message(
         self,
         principal: Principal,
@@ -182,17 +190,19 @@ class SqliteConversationStore(_Database):
         citations: Sequence[Citation] = (),
         plan: Plan | None = None,
         attempt: str | None = None,
+        explanation: TurnExplanation | None = None,
     ) -> bool:
         async with self._writing() as db:
             cursor = await db.execute(
-                "UPDATE messages SET content = ?, status = ?, citations = ?, plan = ?"
-                f" WHERE id = ? AND conversation_id IN ({_OWNED})"
+                "UPDATE messages SET content = ?, status = ?, citations = ?, plan = ?,"
+                f" explanation = ? WHERE id = ? AND conversation_id IN ({_OWNED})"
                 " AND (? IS NULL OR attempt = ?)",
                 (
                     content,
                     status.value,
                     _CITATIONS.dump_json(tuple(citations)).decode(),
                     _PLAN.dump_json(plan).decode(),
+                    _EXPLANATION.dump_json(explanation).decode() if explanation else None,
                     message_id,
                     principal.tenant_id,
                     principal.user_id,
@@ -217,6 +227,34 @@ class SqliteConversationStore(_Database):
         async with self._reading() as db, db.execute(query, params) as rows:
             found = [_message(r) for r in await rows.fetchall()]
         return list(reversed(found))
+
+    async def rate(
+        self, principal: Principal, conversation_id: str, message_id: str, rating: AnswerRating
+    ) -> ConversationMessage | None:
+        async with self._writing() as db:
+            # Read and write in one transaction: a racing rating sees this one or none.
+            async with db.execute(
+                "SELECT * FROM messages WHERE id = ? AND conversation_id = ?"
+                " AND role = 'assistant' AND status IN (?, ?, ?)"
+                f" AND conversation_id IN ({_OWNED})",
+                (
+                    message_id,
+                    conversation_id,
+                    MessageStatus.COMPLETE.value,
+                    MessageStatus.INTERRUPTED.value,
+                    MessageStatus.FAILED.value,
+                    principal.tenant_id,
+                    principal.user_id,
+                ),
+            ) as rows:
+                before = await rows.fetchone()
+            if before is None:
+                return None
+            await db.execute(
+                "UPDATE messages SET feedback = ? WHERE id = ?",
+                (_RATING.dump_json(rating).decode(), message_id),
+            )
+        return _message(before)
 
     # --- turns ----------------------------------------------------------------------
 
@@ -331,7 +369,7 @@ class SqliteConversationStore(_Database):
             # One conditional UPDATE is the claim: of racing retries only one matches.
             cursor = await db.execute(
                 "UPDATE messages SET content = '', status = ?, citations = '[]', plan = NULL,"
-                " lease_until = ?, attempt = ?"
+                " explanation = NULL, feedback = NULL, lease_until = ?, attempt = ?"
                 " WHERE id = ? AND role = 'assistant'"
                 " AND (status IN (?, ?) OR (status = ? AND lease_until < ?))"
                 f" AND conversation_id IN ({_OWNED})",
@@ -460,44 +498,6 @@ class SqliteConversationStore(_Database):
         return cursor.rowcount
 
 
-class SqliteAuditLog(_Database):
-    """Append-only: the adapter offers no update or delete."""
-
-    async def append(self, record: AuditRecord) -> None:
-        await self._connection.execute(
-            "INSERT INTO audit_log (at, event, tenant_id, user_id, correlation_id, data)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                record.at.isoformat(),
-                record.event,
-                record.tenant_id,
-                record.user_id,
-                record.correlation_id,
-                json.dumps(record.data, default=str),
-            ),
-        )
-        await self._connection.commit()
-
-    async def records(self, *, event: str | None = None) -> list[AuditRecord]:
-        query = "SELECT * FROM audit_log"
-        params: list[object] = []
-        if event is not None:
-            query += " WHERE event = ?"
-            params.append(event)
-        async with self._connection.execute(query + " ORDER BY seq", params) as rows:
-            return [
-                AuditRecord(
-                    event=r["event"],
-                    tenant_id=r["tenant_id"],
-                    user_id=r["user_id"],
-                    correlation_id=r["correlation_id"],
-                    data=json.loads(r["data"]),
-                    at=datetime.fromisoformat(r["at"]),
-                )
-                for r in await rows.fetchall()
-            ]
-
-
 # --- statements shared by the store's operations (run inside its lock) -----------------
 
 
@@ -612,4 +612,8 @@ def _message(row: aiosqlite.Row) -> ConversationMessage:
         status=MessageStatus(row["status"]),
         citations=_CITATIONS.validate_json(row["citations"]),
         plan=_PLAN.validate_json(row["plan"]) if row["plan"] else None,
+        explanation=(
+            _EXPLANATION.validate_json(row["explanation"]) if row["explanation"] else None
+        ),
+        feedback=_RATING.validate_json(row["feedback"]) if row["feedback"] else None,
     )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from client_api.composition import build_knowledge
+from client_api.composition import open_knowledge
 from client_api.settings import LaminaSettings
 
 ACL = """
@@ -49,13 +50,10 @@ def ingest_corpus(tmp_path_factory: pytest.TempPathFactory, *, handbook: str, pa
     (root / "acl.yaml").write_text(ACL)
 
     async def ingest() -> None:
-        index, ingestor, _ = build_knowledge(dev_settings(data))
-        await index.open()
-        try:
+        async with AsyncExitStack() as stack:
+            _, ingestor, _ = await open_knowledge(dev_settings(data), stack)
             report = await ingestor.ingest(root)
             assert report.files_indexed == 2
-        finally:
-            await index.close()
 
     asyncio.run(ingest())
     return data

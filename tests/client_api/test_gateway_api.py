@@ -167,7 +167,8 @@ def test_unknown_and_retired_models_are_not_found_and_not_listed(service: Servic
     with pytest.raises(openai.NotFoundError) as not_found:
         client.chat.completions.create(model="no-such-model", messages=QUESTION)
     assert not_found.value.code == "model_not_found"
-    assert [m.id for m in client.models.list()] == ["auto", "primary", "backup"]
+    listed = [m.id for m in client.models.list()]
+    assert listed == ["lamina-rag", "lamina-agent", "auto", "primary", "backup"]
     assert service.simulator.requests() == []
 
 
@@ -213,6 +214,9 @@ def test_usage_is_reported_to_admins_of_their_own_tenant_only(service: Service) 
     assert "gpt-4o-mini@2024-07-18" in [row["key"] for row in by_model]
     assert all(row["cost"] > 0 for row in by_model if row["key"].startswith("gpt-4o-mini"))
     assert service.get("/v1/usage?since=yesterday", roles=(ADMIN,)).status_code == 422
+    too_far = service.get("/v1/usage?since=9999999d", roles=(ADMIN,))
+    assert too_far.status_code == 422
+    assert "calendar" in too_far.json()["detail"]
 
 
 def test_lamina_usage_prints_the_chargeback_table(service: Service) -> None:

@@ -123,6 +123,9 @@ def test_an_upload_is_accepted_ingested_and_then_answered_from_for_those_the_acl
         "files_indexed": 1,
         "chunks_indexed": done["result"]["chunks_indexed"],
         "skipped": [],
+        "files_unchanged": 0,
+        "access_updated": 0,
+        "files_removed": 0,
     }
     assert done["result"]["chunks_indexed"] >= 1
     assert not (data / "uploads" / job["id"]).exists()  # the files are gone with the job

@@ -50,6 +50,7 @@ from intelligence.answer_cache import (
 )
 from intelligence.contracts import (
     AnswerDelta,
+    AuditQuery,
     CacheOutcome,
     Citation,
     CitationsEvent,
@@ -72,7 +73,8 @@ from intelligence.prompts import PromptLibrary
 from intelligence.safety import SafetyPolicy
 from intelligence.settings import AnswerCacheSettings, IntelligenceSettings, SafetySettings
 from intelligence.stores.redis_answer_cache import RedisAnswerCacheStore
-from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.stores.sqlite import SqliteConversationStore
+from intelligence.stores.sqlite_audit import SqliteAuditLog
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import AccessScope, Chunk, KnowledgeCaller, RetrievalQuery, RetrievalResult
 from knowledge.ingestion.pipeline import IngestionPipeline
@@ -610,14 +612,17 @@ async def knowledge(tmp_path: Path) -> AsyncIterator[Knowledge]:
     index = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
     await index.open()
     await index.replace_document(
-        "leave", make_chunks("leave", LEAVE_TEXT, acl=access(groups=["hr"]))
+        "leave", make_chunks("leave", LEAVE_TEXT, acl=access(groups=["hr"])), content_hash="test"
     )
     await index.replace_document(
-        "falcon", make_chunks("falcon", FALCON_TEXT, acl=access(groups=["finance"]))
+        "falcon",
+        make_chunks("falcon", FALCON_TEXT, acl=access(groups=["finance"])),
+        content_hash="test",
     )
     await index.replace_document(
         "fabrikam-leave",
         make_chunks("fabrikam-leave", LEAVE_TEXT, acl=access("fabrikam", groups=["hr"])),
+        content_hash="test",
     )
     yield Knowledge(index, SecurityTrimmedRetriever(index))
     await index.close()
@@ -733,7 +738,9 @@ async def test_every_part_of_the_key_scopes_the_entry(knowledge: Knowledge, chan
         principal = replace(ALICE, groups=ALICE.groups | {"finance"})
     elif change == "generation":
         await knowledge.index.replace_document(
-            "memo", make_chunks("memo", "an unrelated memo", acl=access(groups=["legal"]))
+            "memo",
+            make_chunks("memo", "an unrelated memo", acl=access(groups=["legal"])),
+            content_hash="test",
         )
     elif change == "model_version":
         cache = make_cache(knowledge, store, multi_turn=True, model_version="gpt-4.1@2025-04-14")
@@ -942,7 +949,9 @@ class IngestingRetriever:
 
     async def retrieve(self, query: RetrievalQuery, caller: KnowledgeCaller) -> RetrievalResult:
         await self.index.replace_document(
-            "late", make_chunks("late", f"written at {uuid.uuid4()}", acl=access(public=True))
+            "late",
+            make_chunks("late", f"written at {uuid.uuid4()}", acl=access(public=True)),
+            content_hash="test",
         )
         return await self.inner.retrieve(query, caller)
 
@@ -1053,7 +1062,8 @@ async def test_a_hit_replays_the_answer_without_planner_or_model(service: Servic
     assert (reply.content, reply.status) == (first.answer, MessageStatus.COMPLETE)
     assert reply.citations == first.citations
     assert reply.plan is not None and reply.plan.planner == "cache"
-    records = await service.audit.records(event="chat.turn")
+    page = await service.audit.query(AuditQuery("contoso", event="chat.turn"))
+    records = [entry.record for entry in page.entries]
     assert [r.data["cache"]["status"] for r in records] == ["miss", "hit"]
     assert records[1].data["sources"] == ["leave-0"]
 
@@ -1109,6 +1119,36 @@ async def test_tool_turns_are_not_stored_by_default(service: Service) -> None:
     second = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
     assert second.cache == CacheOutcome("skipped", reason="tool_steps")  # nothing was stored
     assert service.model.calls == 2
+
+
+async def test_a_turn_without_tools_never_gets_an_answer_a_tool_helped_to_make(
+    service: Service,
+) -> None:
+    orchestrator = service.orchestrator(planner=ToolPlanner(), tool_turns=True)
+    with_tool = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
+    assert with_tool.plan.steps[0].kind is StepKind.CALL_TOOL
+    assert with_tool.cache == CacheOutcome("miss")  # stored, for Alice's tool turns
+    reused = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
+    assert reused.cache is not None and reused.cache.status == "hit"
+
+    grounded = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION, tools=False), ALICE)
+    assert grounded.cache == CacheOutcome("miss")
+    assert [s.kind for s in grounded.plan.steps] == [StepKind.RETRIEVE, StepKind.ANSWER]
+    # Turns without tools share their own entries, across callers of the same access.
+    again = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION, tools=False), DANA)
+    assert again.cache is not None and again.cache.status == "hit"
+    assert again.answer == grounded.answer
+
+
+async def test_an_answer_made_with_tools_off_never_stands_in_for_a_turn_that_may_use_them(
+    service: Service,
+) -> None:
+    orchestrator = service.orchestrator(planner=ToolPlanner())
+    grounded = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION, tools=False), ALICE)
+    assert grounded.cache == CacheOutcome("miss")  # stored, for turns without tools
+    with_tools = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), DANA)
+    assert with_tools.cache is not None and with_tools.cache.status != "hit"
+    assert with_tools.plan.steps[0].kind is StepKind.CALL_TOOL  # the planner was asked
 
 
 async def write_corpus(root: Path, leave_text: str, leave_groups: str = "[hr]") -> None:
@@ -1171,7 +1211,7 @@ async def test_a_hit_checks_its_sources_even_when_the_generation_did_not_move(
     # Changed text: the digest differs, the entry is dropped, the answer is fresh.
     changed_text = LEAVE_TEXT.replace("27 days", "30 days")
     await index.replace_document(
-        "leave", make_chunks("leave", changed_text, acl=access(groups=["hr"]))
+        "leave", make_chunks("leave", changed_text, acl=access(groups=["hr"])), content_hash="test"
     )
     changed = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
     assert changed.cache is not None
@@ -1180,7 +1220,9 @@ async def test_a_hit_checks_its_sources_even_when_the_generation_did_not_move(
 
     # Now hidden from Alice: the stored 30-day answer must not come back to her.
     await index.replace_document(
-        "leave", make_chunks("leave", changed_text, acl=access(groups=["payroll"]))
+        "leave",
+        make_chunks("leave", changed_text, acl=access(groups=["payroll"])),
+        content_hash="test",
     )
     hidden = await orchestrator.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
     assert hidden.cache is not None
@@ -1234,7 +1276,8 @@ async def test_without_a_cache_nothing_changes(service: Service) -> None:
     )
     result = await plain.run_turn(TurnRequest(LEAVE_QUESTION), ALICE)
     assert result.cache is None
-    [record] = await service.audit.records()
+    [entry] = (await service.audit.query(AuditQuery("contoso"))).entries
+    record = entry.record
     assert record.data["cache"] is None
 
 
@@ -1247,6 +1290,7 @@ async def test_a_hit_passes_the_output_check_of_today(service: Service) -> None:
             "Payroll deductions are listed on every monthly payslip.",
             acl=access(groups=["hr"]),
         ),
+        content_hash="test",
     )
     question = "Where do questions about payroll deductions go?"
     # Stored while no redaction was configured...

@@ -33,7 +33,8 @@ from intelligence.planning.deterministic import DeterministicPlanner
 from intelligence.prompts import PromptLibrary
 from intelligence.settings import AnswerCacheSettings, IntelligenceSettings
 from intelligence.stores.redis_answer_cache import RedisAnswerCacheStore
-from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.stores.sqlite import SqliteConversationStore
+from intelligence.stores.sqlite_audit import SqliteAuditLog
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import AccessControl, AccessFilter, Chunk
 from knowledge.retrieval import SecurityTrimmedRetriever
@@ -257,7 +258,7 @@ async def play(scenario: Scenario, tally: Tally, redis_url: str | None) -> None:
                 await redis.flushdb()
             world = {d.number: d for d in scenario.documents}
             for document in world.values():
-                await index.replace_document(document.id, document.chunks())
+                await index.replace_document(document.id, document.chunks(), content_hash="test")
             retriever = SecurityTrimmedRetriever(index)
             store: AnswerCacheStore = (
                 InProcessAnswerCacheStore() if redis is None else RedisAnswerCacheStore(redis)
@@ -286,7 +287,9 @@ async def play(scenario: Scenario, tally: Tally, redis_url: str | None) -> None:
                     before = world[step.number]
                     marker = REWRITTEN[step.number] if step.rewrite else before.marker
                     world[step.number] = replace(before, access=step.access, marker=marker)
-                    await index.replace_document(before.id, world[step.number].chunks())
+                    await index.replace_document(
+                        before.id, world[step.number].chunks(), content_hash="test"
+                    )
                     continue
                 result = await orchestrator.run_turn(TurnRequest(step.question), step.requester)
                 tally.turns += 1

@@ -413,7 +413,12 @@ async def test_uploaded_files_are_ingested_under_their_acl_and_then_removed(
     assert done.result["files_seen"] == 3
     assert done.result["files_indexed"] == 2
     assert done.result["skipped"] == [{"path": "notes/todo.md", "reason": "no access rule matches"}]
-    assert _staged(uploads) == []
+
+    # The staged files are removed once the job's end is recorded, just after it.
+    async def removed() -> bool:
+        return _staged(uploads) == []
+
+    await eventually(removed, what="the staged upload to be removed")
 
     retriever = SecurityTrimmedRetriever(index)
     query = RetrievalQuery("work remotely on Fridays")

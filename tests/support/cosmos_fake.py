@@ -1,12 +1,13 @@
 """A protocol-level fake of Azure Cosmos DB for NoSQL, served over HTTPS on loopback.
 
 It speaks enough of the REST API for what the real ``azure-cosmos`` SDK sends on behalf of
-the conversation store: the database account (``GET /``), databases and containers (read,
-create), partition key ranges, documents (create, upsert, read, replace, patch, delete, with
-ETags and 404 / 409 / 412), transactional batches (all or nothing: the failed operation
-carries its status, the others 424), SQL queries (single-partition, hierarchical-prefix by
-effective partition key range, and cross-partition filters the gateway serves itself),
-continuation tokens, and time-to-live expiry.
+the conversation store and the audit log: the database account (``GET /``), databases and
+containers (read, create), partition key ranges, documents (create, upsert, read, replace,
+patch, delete, with ETags and 404 / 409 / 412), transactional batches (all or nothing: the
+failed operation carries its status, the others 424), SQL queries (single-partition,
+hierarchical-prefix by effective partition key range, and cross-partition filters the gateway
+serves itself, and ``DISTINCT`` ones through a query plan, as the service does), continuation
+tokens, and time-to-live expiry.
 
 What it checks, as the service would:
 
@@ -17,11 +18,15 @@ What it checks, as the service would:
 - a document's partition key values match the partition key header; ids are strings
   without ``/ \\ ? #``; ``ttl`` is a non-zero integer or -1 (never null or a fraction);
   an item's ``ttl`` counts only when the container has a ``defaultTtl``.
-- SQL is evaluated by a tiny interpreter of exactly the shapes the store issues
-  (``SELECT [TOP n] * | c.a, c.b FROM c [WHERE c.x op v AND ...] [ORDER BY c.x [DESC]]``);
-  anything else is a 400, so a query the fake cannot vouch for fails a test instead of
-  passing by accident. Cross-partition queries that would need the SDK's query plan
-  (``ORDER BY``, ``TOP``) are refused too.
+- SQL is evaluated by a tiny interpreter of exactly the shapes the stores issue
+  (``SELECT [TOP n] * | [DISTINCT] c.a, c.b | [DISTINCT] VALUE c.a FROM c
+  [WHERE c.x op v AND ...] [ORDER BY c.x [DESC]]``); anything else is a 400, so a query
+  the fake cannot vouch for fails a test instead of passing by accident. A cross-partition
+  ``DISTINCT`` query is refused by the gateway with substatus 1004 (not directly
+  servable), as by the service: the SDK then asks for the query plan, runs the query on
+  each partition key range and merges the ranges' distinct results itself. Cross-partition
+  queries with ``ORDER BY`` or ``TOP`` would need plans the fake does not make, and are
+  refused.
 
 Time to live is measured from the exact instant of the last write (the service measures
 from ``_ts``, in whole seconds); ``advance(seconds)`` moves the fake's clock forward.
@@ -33,32 +38,23 @@ import base64
 import copy
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.support.processes import free_port
+from tests.support.https import serve_https
 
 _PAGE_SIZE = 100
 """Items per query page when the request names no page size."""
@@ -67,6 +63,12 @@ _ID_FORBIDDEN = re.compile(r"[/\\?#]")
 _MAX_TTL = 2_147_483_647
 _PRECONDITION = (
     "Operation cannot be performed because one of the specified precondition is not met."
+)
+_CROSS_PARTITION_NOT_SERVABLE = 1004
+_NOT_SERVABLE = (
+    "The provided cross partition query can not be directly served by the gateway. This is a "
+    "first chance (internal) exception that all newer clients will know how to handle "
+    "gracefully."
 )
 
 
@@ -118,7 +120,8 @@ def murmurhash3_128(data: bytes) -> tuple[int, int]:
 
 def effective_partition_key(values: list[Any]) -> str:
     """The hex effective partition key of a hierarchical (MultiHash, V2) key: one 128-bit
-    hash per component, each with its two top bits cleared."""
+    hash per component, each with its two top bits cleared (a one-path Hash V2 key is
+    hashed as its one component)."""
     parts: list[str] = []
     for value in values:
         if not isinstance(value, str):
@@ -155,8 +158,11 @@ class _Comparison:
 @dataclass(frozen=True)
 class _Query:
     top: Any | None
+    distinct: bool
     projection: tuple[tuple[str, ...], ...] | None
     """None: ``*``."""
+    value: tuple[str, ...] | None
+    """``SELECT VALUE`` of this path (then ``projection`` is None)."""
     where: tuple[_Comparison, ...]
     order_by: tuple[tuple[str, ...], bool] | None
     """(path, descending)."""
@@ -240,10 +246,15 @@ class _Parser:
         top = None
         if self.keyword("TOP"):
             top = self.value()
-        projection: tuple[tuple[str, ...], ...] | None
-        if self.peek() == ("punct", "*"):
+        distinct = self.keyword("DISTINCT")
+        projection: tuple[tuple[str, ...], ...] | None = None
+        value: tuple[str, ...] | None = None
+        if self.keyword("VALUE"):
+            value = self.path()
+        elif self.peek() == ("punct", "*"):
+            if distinct:
+                raise SqlError("Syntax error: DISTINCT takes properties or VALUE, not *")
             self.index += 1
-            projection = None
         else:
             paths = [self.path()]
             while self.peek() == ("punct", ","):
@@ -268,7 +279,7 @@ class _Parser:
         rest = self.peek()
         if rest is not None:
             raise SqlError(f"Syntax error: unexpected {rest[1]!r}")
-        return _Query(top, projection, tuple(where), order_by)
+        return _Query(top, distinct, projection, value, tuple(where), order_by)
 
     def comparison(self) -> _Comparison:
         path = self.path()
@@ -384,14 +395,18 @@ class CosmosRequest:
     """Header names in lower case."""
     body: Any
     status: int
+    results: int | None = None
+    """How many results (items or values) a query answered with."""
 
 
 class _Reply(Exception):
-    """An error answer, raised from deep inside a handler."""
+    """An error answer, raised from deep inside a handler; ``substatus`` goes in
+    ``x-ms-substatus``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, substatus: int | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.substatus = substatus
 
 
 def _check_etag(document: _Document, if_match: str | None) -> _Document:
@@ -447,13 +462,15 @@ class FakeCosmos:
         *,
         partition_key_paths: list[str],
         default_ttl: int | None = -1,
+        kind: str = "MultiHash",
     ) -> None:
-        """What infra/ does before the service starts (Entra callers cannot create it)."""
+        """What infra/ does before the service starts (Entra callers cannot create it).
+        ``kind`` ``Hash`` is a plain key of one path."""
         with self._lock:
             db = self._databases.get(database) or self._new_database(database)
             body: dict[str, Any] = {
                 "id": container,
-                "partitionKey": {"paths": partition_key_paths, "kind": "MultiHash", "version": 2},
+                "partitionKey": {"paths": partition_key_paths, "kind": kind, "version": 2},
             }
             if default_ttl is not None:
                 body["defaultTtl"] = default_ttl
@@ -544,7 +561,7 @@ class FakeCosmos:
                 status, answer, extra = (
                     reply.status,
                     {"code": reply.code, "message": reply.message},
-                    {},
+                    {} if reply.substatus is None else {"x-ms-substatus": str(reply.substatus)},
                 )
                 if status == 403:
                     self.refused.append(reply.message)
@@ -559,6 +576,7 @@ class FakeCosmos:
                     dict(headers),
                     body,
                     status,
+                    int(extra["x-ms-item-count"]) if "x-ms-item-count" in extra else None,
                 )
             )
             return status, answer, extra
@@ -607,7 +625,7 @@ class FakeCosmos:
             raise _Reply(404, "NotFound", "Resource Not Found")
         if n == 5 and method == "POST":
             if operation == "query-plan":
-                raise _Reply(400, "BadRequest", "The fake serves no query plans.")
+                return self._query_plan(body)
             if operation == "batch":
                 return self._batch(container, partition_key, headers, body)
             if operation == "query":
@@ -696,14 +714,17 @@ class FakeCosmos:
     def _new_container(self, database: _Database, body: dict[str, Any]) -> _Container:
         key = body.get("partitionKey")
         paths = key.get("paths") if isinstance(key, dict) else None
+        kind = key.get("kind") if isinstance(key, dict) else None
         if (
             not isinstance(paths, list)
-            or not 1 <= len(paths) <= 3
-            or key.get("kind") != "MultiHash"  # type: ignore[union-attr]
+            or not 1 <= len(paths) <= (1 if kind == "Hash" else 3)
+            or kind not in ("MultiHash", "Hash")
             or key.get("version") != 2  # type: ignore[union-attr]
         ):
             raise _Reply(
-                400, "BadRequest", "The fake serves hierarchical (MultiHash v2) keys only."
+                400,
+                "BadRequest",
+                "The fake serves hierarchical (MultiHash v2) keys and one-path Hash v2 keys only.",
             )
         ttl = body.get("defaultTtl")
         if ttl is not None and (not isinstance(ttl, int) or ttl == 0 or ttl < -1):
@@ -1031,8 +1052,10 @@ class FakeCosmos:
                     400,
                     "BadRequest",
                     "The provided cross partition query can not be directly served by the "
-                    "gateway (the fake serves no query plans).",
+                    "gateway (the fake serves no query plans for ORDER BY or TOP).",
                 )
+            if query.distinct:
+                raise _Reply(400, "BadRequest", _NOT_SERVABLE, _CROSS_PARTITION_NOT_SERVABLE)
         else:
             raise _Reply(400, "BadRequest", "Cross partition query is required but disabled.")
         try:
@@ -1047,14 +1070,14 @@ class FakeCosmos:
                     key=lambda doc: (_type_rank(_lookup(doc, path)), _sortable(_lookup(doc, path))),
                     reverse=descending,
                 )
+            documents = self._results(container, query, matched)
             if query.top is not None:
                 top = _resolve(query.top, parameters)
                 if not isinstance(top, int) or isinstance(top, bool) or top < 0:
                     raise SqlError("TOP takes a non-negative integer")
-                matched = matched[:top]
+                documents = documents[:top]
         except SqlError as exc:
             raise _Reply(400, "BadRequest", str(exc)) from None
-        documents = [self._project(container, doc, query.projection) for doc in matched]
         # The token pins the query and its scope, so a token from another query is refused.
         scope = json.dumps(
             [
@@ -1087,6 +1110,64 @@ class FakeCosmos:
         answer = {"_rid": container.properties["_rid"], "Documents": page, "_count": len(page)}
         return 200, answer, extra
 
+    def _results(
+        self, container: _Container, query: _Query, matched: list[dict[str, Any]]
+    ) -> list[Any]:
+        """What the query selects of each matched document, in order: ``SELECT VALUE``
+        leaves out documents without the property (undefined); ``DISTINCT`` keeps the
+        first of equal results."""
+        if query.value is not None:
+            found = [_lookup(doc, query.value) for doc in matched]
+            results = [copy.deepcopy(v) for v in found if v is not _UNDEFINED]
+        else:
+            results = [self._project(container, doc, query.projection) for doc in matched]
+        if query.distinct:
+            seen: set[str] = set()
+            kept: list[Any] = []
+            for result in results:
+                key = json.dumps(_distinct_form(result), sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(result)
+            results = kept
+        return results
+
+    def _query_plan(self, body: Any) -> tuple[int, Any, dict[str, str]]:
+        """The plan the SDK asks for after a 1004: the fake plans what it refuses with
+        1004 (``DISTINCT`` without ``ORDER BY`` or ``TOP``), in the shape the service
+        answers, over the one partition key range it has."""
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            raise _Reply(400, "BadRequest", "A query plan request needs a query.")
+        try:
+            query = _Parser(body["query"]).parse()
+        except SqlError as exc:
+            raise _Reply(400, "BadRequest", str(exc)) from None
+        if not query.distinct or query.order_by is not None or query.top is not None:
+            raise _Reply(400, "BadRequest", "The fake plans DISTINCT queries only.")
+        plan = {
+            "partitionedQueryExecutionInfoVersion": 2,
+            "queryInfo": {
+                "distinctType": "Unordered",
+                "top": None,
+                "offset": None,
+                "limit": None,
+                "orderBy": [],
+                "orderByExpressions": [],
+                "groupByExpressions": [],
+                "groupByAliases": [],
+                "aggregates": [],
+                "groupByAliasToAggregateType": {},
+                "rewrittenQuery": "",
+                "hasSelectValue": query.value is not None,
+                "dCountInfo": None,
+                "hasNonStreamingOrderBy": False,
+            },
+            "queryRanges": [
+                {"min": "", "max": "FF", "isMinInclusive": True, "isMaxInclusive": False}
+            ],
+        }
+        return 200, plan, {}
+
     def _project(
         self,
         container: _Container,
@@ -1112,6 +1193,18 @@ def _matches(value: Any, comparison: _Comparison, parameters: Mapping[str, Any])
     if comparison.op == "IN":
         return any(_compare(value, "=", c) for c in candidates)
     return _compare(value, comparison.op, candidates[0])
+
+
+def _distinct_form(value: Any) -> Any:
+    """``value`` as DISTINCT compares it: numbers by value (1 equals 1.0), objects by
+    content whatever the order of their properties."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _distinct_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_distinct_form(v) for v in value]
+    return value  # a string, a boolean or null
 
 
 def _sortable(value: Any) -> Any:
@@ -1195,66 +1288,12 @@ def _app(fake: FakeCosmos) -> Starlette:
     )
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @contextmanager
 def serve_cosmos(fake: FakeCosmos | None = None) -> Iterator[FakeCosmos]:
     """Serve ``fake`` (or a new one) over HTTPS on a free loopback port; sets its
     ``endpoint``. The certificate is self-signed: the SDK does not verify TLS for
     ``127.0.0.1`` (as for the emulator), and bearer tokens need HTTPS."""
     fake = fake or FakeCosmos()
-    port = free_port()
-    with tempfile.TemporaryDirectory() as directory:
-        cert, key = _self_signed_certificate(Path(directory))
-        server = uvicorn.Server(
-            uvicorn.Config(
-                _app(fake),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                lifespan="off",
-                ssl_certfile=str(cert),
-                ssl_keyfile=str(key),
-            )
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the Cosmos DB fake did not start")
-            time.sleep(0.02)
+    with serve_https(_app(fake), "the Cosmos DB fake") as (port, _):
         fake.endpoint = f"https://127.0.0.1:{port}/"
-        try:
-            yield fake
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
+        yield fake

@@ -58,7 +58,11 @@ def app_in_thread(app: FastAPI) -> Iterator[str]:
 
 
 def lamina_env(**settings: str) -> dict[str, str]:
+    """The test process's environment without its ``LAMINA_*`` settings, plus ``settings``.
+    Embeddings are the hashing model unless ``settings`` choose (as in-process apps of the
+    tests, so an index built by one is searchable by the other)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA_")}
+    env["LAMINA_KNOWLEDGE__EMBEDDINGS"] = "hashing"
     env.update(settings)
     return env
 

@@ -308,6 +308,20 @@ async def test_invalid_json_arguments_keep_the_step_with_empty_arguments() -> No
     assert "not valid JSON" in search.description
 
 
+@pytest.mark.parametrize(
+    "arguments",
+    ['{"employee_id": "E42", "amount": NaN}', '{"amount": -Infinity}', '{"amount": 1e999}'],
+)
+async def test_non_finite_numbers_in_arguments_are_not_valid_json(arguments: str) -> None:
+    model = ScriptedChatModel(calls(ToolCall(id="c1", name="lookup_employee", arguments=arguments)))
+
+    plan = await planner(model, LOOKUP).plan(Context("Who is E42?"))
+
+    step = plan.steps[0]
+    assert (step.kind, step.tool, step.arguments) == (StepKind.CALL_TOOL, "lookup_employee", {})
+    assert "not valid JSON" in step.description
+
+
 async def test_empty_arguments_are_an_empty_object() -> None:
     model = ScriptedChatModel(calls(ToolCall(id="c1", name="lookup_employee", arguments="")))
 

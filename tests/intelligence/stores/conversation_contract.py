@@ -28,16 +28,25 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from inferencing.contracts import Usage
 from intelligence.contracts import (
+    AnswerRating,
     Citation,
     ConversationStore,
+    ExplainedSource,
     MessageStatus,
+    ModelCallRecord,
     NewTurn,
     Plan,
     PlanStep,
+    PolicyDecision,
     Principal,
     RetentionPolicy,
+    RetrievalCounts,
     StepKind,
+    StepStatus,
+    StepTiming,
+    TurnExplanation,
     TurnRecord,
 )
 
@@ -102,6 +111,52 @@ async def summary_of(
     return conversation.summary, conversation.summary_through
 
 
+def _explanation(record: TurnRecord) -> TurnExplanation:
+    """An explanation with every kind of field set."""
+    started = datetime(2030, 1, 2, 9, 30, tzinfo=UTC)
+    search = PlanStep("s1", StepKind.RETRIEVE, "search", query="leave")
+    filing = PlanStep(
+        "s2", StepKind.CALL_TOOL, "file", tool="file_ticket", arguments={"n": [1, {"a": None}]}
+    )
+    plan = Plan((search, filing), "model:x", rationale="search, then file", usage=Usage(120, 30))
+    steps = (
+        StepTiming(
+            "s1", StepKind.RETRIEVE, "search", started, 12.25, StepStatus.OK, "1 found", "leave"
+        ),
+        StepTiming("s2", StepKind.CALL_TOOL, "file", started, None, tool="file_ticket"),
+    )
+    sources = (
+        ExplainedSource(
+            "ch1", "d1", "hr/leave.md", "Leave", 0.83, "sqlite", 2, ref=1, cited=True, step_id="s1"
+        ),
+        ExplainedSource("ch2", "d2", "hr/faq.md", "FAQ", None, None),
+    )
+    calls = (
+        ModelCallRecord("plan", None, None, None, 301.0, 120, 30),
+        ModelCallRecord("answer", "primary", "gpt-4o", "2024-08-06", 410.5, 900, 40, "stop", 95.0),
+    )
+    return TurnExplanation(
+        turn_id=record.reply.id,
+        conversation_id=record.conversation.id,
+        question=record.user_message.content,
+        status=MessageStatus.COMPLETE,
+        started_at=started,
+        duration_ms=812.5,
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        plan=plan,
+        steps=steps,
+        sources=sources,
+        retrieval=RetrievalCounts(1, 3, 1, 2, ("sqlite",)),
+        model_calls=calls,
+        prompts={"answer": "grounded_answer@v1", "planner": "planner@v1"},
+        policy=(
+            PolicyDecision("input_safety", "passed"),
+            PolicyDecision("tool_policy", "refused", "file_ticket"),
+        ),
+        time_to_first_token_ms=120.0,
+    )
+
+
 def _attempt(record: TurnRecord) -> str:
     assert record.attempt is not None, "a started turn names its run"
     return record.attempt
@@ -128,6 +183,24 @@ class ConversationStoreContract:
         assert await store.get(ALICE, mine.id) is None
         assert await store.messages(ALICE, mine.id) == []
         assert not await store.delete(ALICE, mine.id)
+
+    async def test_only_the_owner_can_rename_and_the_order_stays(
+        self, store: ConversationStore
+    ) -> None:
+        older = (await store.begin_turn(ALICE, new_turn("first", title="First"))).conversation
+        newer = (await store.begin_turn(ALICE, new_turn("second", title="Second"))).conversation
+        assert not await store.rename(BOB, older.id, "Stolen")
+        assert not await store.rename(ALICE_ELSEWHERE, older.id, "Stolen")
+        assert not await store.rename(ALICE, "0" * 32, "Nothing")
+        assert await store.rename(ALICE, older.id, "Leave, 2025")
+        renamed = await store.get(ALICE, older.id)
+        assert renamed is not None and renamed.title == "Leave, 2025"
+        assert renamed.updated_at == older.updated_at
+        listed = (await store.list_conversations(ALICE)).items
+        assert [(c.id, c.title) for c in listed] == [
+            (newer.id, "Second"),
+            (older.id, "Leave, 2025"),
+        ]
 
     async def test_messages_in_order_with_a_window(self, store: ConversationStore) -> None:
         first = await finished_turn(store, ALICE, "m0", "m1")
@@ -169,6 +242,90 @@ class ConversationStoreContract:
         assert stored.status is MessageStatus.COMPLETE
         assert stored.citations == (citation,)
         assert stored.plan == plan
+
+    async def test_an_explanation_round_trips_and_a_retry_clears_it(
+        self, store: ConversationStore
+    ) -> None:
+        started = await store.begin_turn(ALICE, new_turn(key="k-explained"))
+        explanation = _explanation(started)
+        assert await store.finish_message(
+            ALICE,
+            started.reply.id,
+            "27 days [1]",
+            MessageStatus.COMPLETE,
+            plan=explanation.plan,
+            explanation=explanation,
+        )
+        [question, reply] = await store.messages(ALICE, started.conversation.id)
+        assert reply.explanation == explanation
+        assert question.explanation is None
+        [exported] = await store.export_user(ALICE)
+        assert exported.messages[-1].explanation == explanation
+
+        # A failed run's explanation goes when the turn runs again.
+        await store.finish_message(
+            ALICE, started.reply.id, "", MessageStatus.FAILED, explanation=explanation
+        )
+        now = datetime.now(UTC)
+        claimed = await store.retry_turn(ALICE, started.reply.id, now + LEASE, now=now)
+        assert claimed is not None and claimed.reply.explanation is None
+
+    async def test_a_rating_is_kept_once_per_answer_the_latest_replacing_the_earlier(
+        self, store: ConversationStore
+    ) -> None:
+        record = await finished_turn(store, ALICE, "Leave?", "27 days")
+        cid, rid = record.conversation.id, record.reply.id
+        first = AnswerRating("negative", "Too short", datetime(2030, 1, 2, 9, 30, tzinfo=UTC))
+        second = AnswerRating("positive", None, datetime(2030, 1, 2, 9, 31, tzinfo=UTC))
+
+        before = await store.rate(ALICE, cid, rid, first)
+        assert before is not None
+        assert (before.id, before.content, before.feedback) == (rid, "27 days", None)
+        replaced = await store.rate(ALICE, cid, rid, second)
+        assert replaced is not None and replaced.feedback == first
+        [question, reply] = await store.messages(ALICE, cid)
+        assert (reply.feedback, question.feedback) == (second, None)
+        [exported] = await store.export_user(ALICE)
+        assert exported.messages[-1].feedback == second
+
+        # Racing ratings: each sees the one before it, so exactly one saw none.
+        again = [AnswerRating("negative", str(n), first.at) for n in range(5)]
+        other = await finished_turn(store, ALICE, "Sick?", "10 days")
+        seen = await asyncio.gather(
+            *(store.rate(ALICE, other.conversation.id, other.reply.id, r) for r in again)
+        )
+        assert sum(s is not None and s.feedback is None for s in seen) == 1
+
+    async def test_only_the_owners_finished_answer_can_be_rated(
+        self, store: ConversationStore
+    ) -> None:
+        rating = AnswerRating("negative", None, datetime(2030, 1, 2, 9, 30, tzinfo=UTC))
+        done = await finished_turn(store, ALICE, "Leave?", "27 days")
+        cid, rid = done.conversation.id, done.reply.id
+        elsewhere = await finished_turn(store, ALICE, "Sick?", "10 days")
+        running = await store.begin_turn(ALICE, new_turn())
+        paused = await store.begin_turn(ALICE, new_turn())
+        await store.finish_message(ALICE, paused.reply.id, "", MessageStatus.AWAITING_APPROVAL)
+        for principal, conversation_id, message_id in [
+            (BOB, cid, rid),
+            (ALICE_ELSEWHERE, cid, rid),
+            (ALICE, cid, done.user_message.id),  # a question is not an answer
+            (ALICE, elsewhere.conversation.id, rid),  # not in that conversation
+            (ALICE, cid, "no-such-message"),
+            (ALICE, running.conversation.id, running.reply.id),
+            (ALICE, paused.conversation.id, paused.reply.id),
+        ]:
+            assert await store.rate(principal, conversation_id, message_id, rating) is None
+        for record in (done, running, paused):
+            messages = await store.messages(ALICE, record.conversation.id)
+            assert all(m.feedback is None for m in messages)
+
+        # Interrupted and failed answers can be rated; a retry's new answer starts unrated.
+        await store.finish_message(ALICE, running.reply.id, "half", MessageStatus.INTERRUPTED)
+        assert await store.rate(ALICE, running.conversation.id, running.reply.id, rating)
+        now = datetime.now(UTC)
+        claimed = await store.retry_turn(ALICE, running.reply.id, now + LEASE, now=now)
+        assert claimed is not None and claimed.reply.feedback is None
 
     async def test_listing_pages_newest_first(self, store: ConversationStore) -> None:
         started = [await store.begin_turn(ALICE, new_turn(f"q{i}")) for i in range(5)]

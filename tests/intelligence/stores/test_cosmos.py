@@ -3,6 +3,7 @@ protocol-level fake of the service on loopback (tests/support/cosmos_fake.py).""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from intelligence.contracts import Principal, RetentionPolicy
+from intelligence.contracts import AnswerRating, Principal, RetentionPolicy
 from intelligence.settings import CosmosSettings
 from tests.intelligence.stores.conversation_contract import (
     ALICE,
@@ -276,6 +277,30 @@ async def test_a_summary_expires_with_the_newest_message_it_covers(cosmos: FakeC
         assert (session["summary"], session["summaryThrough"]) == ("", None)
         assert len(await store.messages(ALICE, cid)) == 2  # the conversation goes on
         assert session_of("fabrikam", "bob", kept.conversation.id)["summary"] == "kept"
+    finally:
+        await store.close()
+
+
+async def test_a_rating_does_not_lengthen_how_long_its_answer_is_kept(
+    cosmos: FakeCosmos,
+) -> None:
+    cosmos.reset()
+    hour = 3600.0
+    store = CosmosConversationStore(settings_for(cosmos), retention=RetentionPolicy(hour))
+    await store.open()
+    try:
+        done = await finished_turn(store, ALICE, "Leave?", "27 days")
+        finished = time.time()  # the reply's last write was just before
+        # The service counts a TTL from an item's last write, in whole seconds: rate well
+        # after the finish, so that a rating restarting the count would show.
+        await asyncio.sleep(2.5)
+        rating = AnswerRating("positive", None, datetime.now(UTC))
+        assert await store.rate(ALICE, done.conversation.id, done.reply.id, rating)
+
+        # Past the hour after the finish (and the second a TTL's whole seconds may add),
+        # though not yet an hour after the rating.
+        cosmos.advance(finished + hour + 1.3 - time.time())
+        assert await store.messages(ALICE, done.conversation.id) == []
     finally:
         await store.close()
 

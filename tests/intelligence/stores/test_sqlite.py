@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from intelligence.contracts import AuditRecord, MessageStatus, Principal, RetentionPolicy
-from intelligence.stores.sqlite import SqliteAuditLog, SqliteConversationStore
+from intelligence.contracts import MessageStatus, Principal, RetentionPolicy
+from intelligence.stores.sqlite import SqliteConversationStore
 from intelligence.stores.stamps import stamp
 from tests.intelligence.stores.conversation_contract import (
     ALICE,
@@ -214,14 +214,3 @@ async def test_a_failed_write_leaves_the_store_usable(store: SqliteConversationS
     record = await store.begin_turn(BOB, new_turn(key="k"))
     assert record.created
     assert len(await store.messages(BOB, record.conversation.id)) == 2
-
-
-async def test_audit_log_appends_and_reads_back(tmp_path: Path) -> None:
-    record = AuditRecord(
-        "chat.turn", "contoso", "alice", "cid", {"sources": ["a"]}, datetime.now(UTC)
-    )
-    async with opened(SqliteAuditLog(tmp_path / "audit.db")) as log:
-        await log.append(record)
-        await log.append(AuditRecord("other", "contoso", "bob", None, {}, datetime.now(UTC)))
-        assert await log.records(event="chat.turn") == [record]
-        assert len(await log.records()) == 2
