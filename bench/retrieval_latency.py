@@ -106,11 +106,18 @@ def synthesise(size: int, rng: np.random.Generator) -> Corpus:
     return Corpus(vectors, texts, terms, groups)
 
 
-async def fill(index: SqliteKnowledgeIndex, corpus: Corpus) -> float:
+async def fill(
+    index: SqliteKnowledgeIndex,
+    corpus: Corpus,
+    *,
+    tenant: str = TENANT,
+    embedding: EmbeddingIdentity = IDENTITY,
+) -> float:
+    """Write ``corpus`` document by document; ``embedding`` names the model of its vectors."""
     started = time.perf_counter()
     for d, groups in enumerate(corpus.groups_of_document):
         access = AccessControl(
-            tenant_id=TENANT, users=frozenset({f"owner-{d % 97}"}), groups=groups
+            tenant_id=tenant, users=frozenset({f"owner-{d % 97}"}), groups=groups
         )
         first = d * CHUNKS_PER_DOCUMENT
         chunks = [
@@ -130,7 +137,7 @@ async def fill(index: SqliteKnowledgeIndex, corpus: Corpus) -> float:
             chunks,
             content_hash=f"h{d}",
             vectors=corpus.vectors[first : first + CHUNKS_PER_DOCUMENT].tolist(),
-            embedding=IDENTITY,
+            embedding=embedding,
         )
         if d and d % 10_000 == 0:
             print(f"  {d * CHUNKS_PER_DOCUMENT} chunks indexed", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class PromptLibrary:
             undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, autoescape=False
         )
         self._prompts: dict[str, dict[int, Prompt]] = {}
+        # Compiling a template costs milliseconds (the grounded answer's, several): once
+        # per template text, not once per turn.
+        self._compile = lru_cache(maxsize=256)(self._env.from_string)
         self._load()
 
     @staticmethod
@@ -85,4 +89,4 @@ class PromptLibrary:
         return versions[chosen]
 
     def render(self, prompt: Prompt, **variables: Any) -> str:
-        return self._env.from_string(prompt.template).render(**variables).strip()
+        return self._compile(prompt.template).render(**variables).strip()

@@ -47,7 +47,8 @@ _NGRAM = 3
 def normalized_words(text: str) -> list[str]:
     """Lower-cased, accent-free words of ``text``, filler words and plural ``s`` dropped."""
     folded = unicodedata.normalize("NFKD", text.casefold())
-    folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
+    if not folded.isascii():  # only non-ASCII text has combining marks; skip the scan
+        folded = "".join(ch for ch in folded if not unicodedata.combining(ch))
     # "don't" must count as a negation, not as the words "don" and "t".
     folded = _CONTRACTED_NOT.sub(" not", folded)
     return [_singular(w) for w in _WORD.findall(folded) if w not in FILLER_WORDS]
