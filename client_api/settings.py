@@ -144,9 +144,10 @@ class ApiSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    """OpenTelemetry traces and metrics (``LAMINA_TELEMETRY__*``). Spans and metrics are
-    always recorded when enabled (the trace id is the correlation id); where they go is
-    chosen by ``exporters``, none by default."""
+    """OpenTelemetry traces and metrics (``LAMINA_TELEMETRY__*``). When enabled, every
+    request has a trace whose id is the correlation id; where spans and metrics go is
+    chosen by ``exporters``, none by default. With no exporter, spans are not recorded
+    (nobody would receive them), but their trace ids still are the correlation ids."""
 
     enabled: bool = Field(
         default=True,

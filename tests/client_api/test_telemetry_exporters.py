@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -392,6 +393,36 @@ def test_an_unsampled_request_still_has_its_trace_id_as_correlation_id() -> None
     assert not span.is_recording()
     assert correlation == trace.format_trace_id(span.get_span_context().trace_id)
     assert spans.get_finished_spans() == ()
+
+
+_RECORDING_PROBE = """
+import io, json, sys
+from opentelemetry import trace
+from client_api.settings import TelemetrySettings
+from client_api.telemetry import configure_telemetry, trace_correlation_id
+configure_telemetry(TelemetrySettings(exporters=json.loads(sys.argv[1])))
+with trace.get_tracer("probe").start_as_current_span("GET /v1/chat") as span:
+    print(json.dumps([span.is_recording(), trace_correlation_id(),
+                      trace.format_trace_id(span.get_span_context().trace_id)]))
+"""
+
+
+@pytest.mark.parametrize(("exporters", "recording"), [([], False), (["console"], True)])
+def test_spans_are_recorded_only_when_an_exporter_receives_them(
+    exporters: list[str], recording: bool
+) -> None:
+    # A fresh process: the providers configure_telemetry installs are process globals.
+    probe = subprocess.run(
+        [sys.executable, "-c", _RECORDING_PROBE, json.dumps(exporters)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    is_recording, correlation, trace_id = json.loads(probe.stdout.splitlines()[0])
+
+    assert is_recording is recording
+    assert correlation == trace_id != "0" * 32
 
 
 def test_the_resource_names_the_service_and_its_version() -> None:
