@@ -27,6 +27,13 @@ from tests.support.identity import AUDIENCE, running_identity_provider
 DEPLOYMENT = "bench"
 UPSTREAM_KEY = "sk-bench"
 EXPECTED_REPLY = "".join(REPLY_PIECES)
+BENCH_LIMITS = {
+    "USER_REQUESTS_PER_MINUTE": 100_000_000,
+    "TENANT_REQUESTS_PER_MINUTE": 100_000_000,
+    "USER_TOKENS_PER_MINUTE": 10_000_000_000,
+    "TENANT_TOKENS_PER_MINUTE": 10_000_000_000,
+}
+"""Lamina's limits in the benchmark: enabled, and never reached."""
 
 
 class BenchFailed(Exception):
@@ -158,6 +165,10 @@ def lamina_env(
         "LAMINA_AUTH__AUDIENCE": AUDIENCE,
         "LAMINA_AUTH__ISSUER": issuer,
         "LAMINA_INFERENCING__DEPLOYMENTS": json.dumps(deployments),
+        # Rate limiting on, per user and per tenant, requests and tokens per minute (the
+        # in-process sliding windows), far above what the benchmark sends: the limiter runs
+        # on every request and never refuses.
+        **{f"LAMINA_LIMITS__{name}": str(limit) for name, limit in BENCH_LIMITS.items()},
         # Lamina runs from its data dir (so no developer's .env is read); find the repo.
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
@@ -182,5 +193,8 @@ def start_lamina(stack: ExitStack, workdir: Path, upstream: Target, token_ttl_s:
             "lamina", command, ready_url=f"{base}/readyz", cwd=data_dir, log_dir=workdir, env=env
         )
     )
-    description = "lamina serve: one uvicorn worker, JWT (RS256) auth, deployment 'bench'"
+    description = (
+        "lamina serve: one uvicorn worker, JWT (RS256) auth, rate limits on (requests and "
+        "tokens per minute, per user and tenant), deployment 'bench'"
+    )
     return Target("lamina", description, f"{base}/v1", DEPLOYMENT, token, child)
