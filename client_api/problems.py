@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from asgi_correlation_id import correlation_id
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client_api.auth.api_keys import KeyStoreUnavailable
@@ -54,6 +56,103 @@ class Problem(Exception):
         self.status, self.title, self.detail = status, title, detail
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
+
+
+class ProblemDetails(BaseModel):
+    """What every error of the API looks like (RFC 9457), but on the OpenAI-compatible
+    routes; members beyond these (``code``, ``errors``, ...) depend on the problem."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str | None = None
+    correlation_id: str | None = Field(
+        default=None, description="Quote it when reporting the problem: it finds the logs"
+    )
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, with the correlation id")
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """An error of the OpenAI-compatible routes: OpenAI's shape, which its clients parse."""
+
+    error: OpenAIErrorDetail
+
+
+_PROBLEM_DESCRIPTIONS: dict[int, str] = {
+    401: "No valid credentials (bearer token or API key)",
+    403: "The caller may not do this, or its token quota is used up",
+    400: "The body cannot be parsed (not JSON, not UTF-8, broken multipart)",
+    413: "The request body is over its size cap",
+    422: "The body or parameters are invalid, or over a cap",
+    429: "Over a rate limit; retry after Retry-After",
+    503: "A dependency (sign-in, a store) cannot answer right now; retry after Retry-After",
+}
+
+AUTHENTICATED_PROBLEMS = (401, 403, 422, 429, 503)
+"""What any route behind authentication may answer before it runs: bad credentials,
+a missing permission or quota, invalid parameters, a rate limit, sign-in unavailable."""
+
+BODY_PROBLEMS = (400, 413)
+"""What a route that reads a body may answer besides: unparseable, or too large."""
+
+_COMPONENTS = "#/components/schemas/"
+
+
+def problem_responses(
+    *statuses: int, described: Mapping[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route or router: these statuses (and those ``described``,
+    with the route's own description) come as ``ProblemDetails`` in
+    ``application/problem+json``. A route's entry replaces its router's whole entry."""
+    return _error_responses(statuses, described, PROBLEM_JSON, ProblemDetails)
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for the OpenAI-compatible routes, whose errors take OpenAI's shape."""
+    return _error_responses(statuses, None, "application/json", OpenAIErrorBody)
+
+
+def _error_responses(
+    statuses: tuple[int, ...],
+    described: Mapping[int, str] | None,
+    media_type: str,
+    model: type[BaseModel],
+) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        **{s: _PROBLEM_DESCRIPTIONS.get(s, HTTPStatus(s).phrase) for s in statuses},
+        **(described or {}),
+    }
+    schema = {"$ref": f"{_COMPONENTS}{model.__name__}"}
+    return {
+        status: {"description": description, "content": {media_type: {"schema": schema}}}
+        for status, description in descriptions.items()
+    }
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Put the error bodies :func:`problem_responses` refers to into the OpenAPI
+    document's components (no route returns them as its model, so FastAPI would not)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ProblemDetails, OpenAIErrorBody):
+                definition = TypeAdapter(model).json_schema(ref_template=_COMPONENTS + "{model}")
+                schemas.update(definition.pop("$defs", {}))
+                schemas[model.__name__] = definition
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def retry_later(
@@ -308,3 +407,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     for kind, to_problem in _HANDLERS.items():
         app.add_exception_handler(kind, handler(to_problem))
     app.add_exception_handler(Exception, on_unexpected)
+    # The handlers and the description of what they answer belong together.
+    _document_problems(app)

@@ -32,10 +32,17 @@ API_KEY_HEADERS = ("api-key", "X-API-Key")
 _bearer = HTTPBearer(
     auto_error=False, description="Entra ID (or any OpenID) access token, or a lam_ API key"
 )
-_api_key = APIKeyHeader(name="api-key", auto_error=False, description="A Lamina API key")
-_x_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="A Lamina API key")
+# Each header its own scheme name: FastAPI names a scheme after its class by default, and
+# three ``APIKeyHeader`` would collapse into one scheme describing only the last header.
+_api_key = APIKeyHeader(
+    name="api-key", scheme_name="ApiKey", auto_error=False, description="A Lamina API key"
+)
+_x_api_key = APIKeyHeader(
+    name="X-API-Key", scheme_name="XApiKey", auto_error=False, description="A Lamina API key"
+)
 _dev_user = APIKeyHeader(
     name="X-Lamina-User",
+    scheme_name="DevUser",
     auto_error=False,
     description="Dev mode only (LAMINA_AUTH__MODE=dev): the caller's user id",
 )

@@ -18,7 +18,8 @@ from sse_starlette import EventSourceResponse
 
 from client_api.auth.dependencies import ChatCaller
 from client_api.composition import Services
-from client_api.routes.chat import chat_answer, sse_events
+from client_api.problems import AUTHENTICATED_PROBLEMS, BODY_PROBLEMS, problem_responses
+from client_api.routes.chat import TURN_EVENTS, chat_answer, sse_content, sse_events
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import (
     ApprovalDecisionBody,
@@ -36,7 +37,21 @@ from intelligence.contracts import (
 )
 from tools.contracts import ApprovalGate
 
-router = APIRouter(prefix="/v1/approvals", tags=["approvals"])
+router = APIRouter(
+    prefix="/v1/approvals",
+    tags=["approvals"],
+    responses=problem_responses(
+        *AUTHENTICATED_PROBLEMS, described={404: "No such approval, or approvals are off"}
+    ),
+)
+
+_DECISION_PROBLEMS = problem_responses(
+    *BODY_PROBLEMS,
+    described={
+        409: "The approval was already settled or has expired",
+        502: "The resumed turn's answer could not be produced",
+    },
+)
 
 
 def _gate(services: Services) -> ApprovalGate:
@@ -65,6 +80,7 @@ async def get_approval(
     description="The requester gets the resumed turn's answer; an approver deciding for "
     "someone else gets the decision only (the answer is stored in the requester's "
     "conversation). 409 when the approval was already settled or has expired.",
+    responses=_DECISION_PROBLEMS,
 )
 async def decide(
     approval_id: str, body: ApprovalDecisionBody, principal: ChatCaller, services: ServicesDep
@@ -86,7 +102,7 @@ async def decide(
     description="The same events as POST /v1/chat/stream, after an `approval` event with "
     "the decision. An approver deciding for someone else gets only the `approval` event.",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": sse_content("approval", *TURN_EVENTS)}, **_DECISION_PROBLEMS},
 )
 async def decide_stream(
     approval_id: str, body: ApprovalDecisionBody, principal: ChatCaller, services: ServicesDep

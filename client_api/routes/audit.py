@@ -15,12 +15,15 @@ from pydantic import BaseModel, Field
 
 from client_api.auth.dependencies import require
 from client_api.auth.permissions import Permission
-from client_api.problems import Problem
+from client_api.problems import AUTHENTICATED_PROBLEMS, Problem, problem_responses
 from client_api.routes.deps import ServicesDep
 from inferencing.gateway.metering import parse_since
 from intelligence.contracts import AuditEntry, AuditQuery, ChainVerification, Principal
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(
+    prefix="/v1/audit", tags=["audit"], responses=problem_responses(*AUTHENTICATED_PROBLEMS)
+)
+_NOT_AUDITOR = problem_responses(described={403: "The caller lacks the audit.read permission"})
 
 AuditReader = Annotated[Principal, Depends(require(Permission.AUDIT_READ))]
 """A caller who may read and verify the tenant's audit log (an auditor)."""
@@ -139,7 +142,7 @@ def _instant(name: str, value: str | None) -> datetime | None:
     "",
     response_model=AuditPageView,
     summary="The tenant's audit log, in chain order (auditors only)",
-    responses={403: {"description": "The caller lacks the audit.read permission"}},
+    responses=_NOT_AUDITOR,
 )
 async def list_entries(
     principal: AuditReader,
@@ -187,7 +190,7 @@ async def list_entries(
     summary="Recompute the tenant's hash chain (auditors only)",
     description="200 whether or not the chain is intact: `intact` says, and `first_bad_seq` "
     "names the first entry that was modified, removed or moved.",
-    responses={403: {"description": "The caller lacks the audit.read permission"}},
+    responses=_NOT_AUDITOR,
 )
 async def verify_chain(principal: AuditReader, services: ServicesDep) -> ChainVerificationView:
     return ChainVerificationView.of(await services.audit.verify(principal.tenant_id))

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from client_api.auth.dependencies import ChatCaller
 from client_api.composition import Services
 from client_api.edge.admission import check_tokens
+from client_api.problems import AUTHENTICATED_PROBLEMS, BODY_PROBLEMS, problem_responses
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import ChatAnswer, ChatRequestBody
 from intelligence.contracts import (
@@ -27,7 +28,41 @@ from intelligence.contracts import (
     collect_turn,
 )
 
-router = APIRouter(prefix="/v1", tags=["chat"])
+router = APIRouter(
+    prefix="/v1", tags=["chat"], responses=problem_responses(*AUTHENTICATED_PROBLEMS)
+)
+
+TURN_PROBLEMS = problem_responses(
+    *BODY_PROBLEMS,
+    described={
+        404: "No such conversation of the caller's",
+        409: "A turn with this Idempotency-Key (or in this conversation) is still running",
+        502: "The answer could not be produced",
+    },
+)
+"""What starting a turn may answer besides the edge's refusals."""
+
+TURN_EVENTS = ("plan", "step", "delta", "citations", "done", "approval_required", "error")
+
+
+def sse_content(*events: str) -> dict[str, Any]:
+    """The OpenAPI ``content`` of a server-sent event stream whose events are named
+    ``events``, each with one JSON object as its data (``itemSchema``: one event)."""
+    return {
+        "text/event-stream": {
+            "itemSchema": {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": list(events)},
+                    "data": {"type": "string", "contentMediaType": "application/json"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer", "minimum": 0},
+                },
+            }
+        }
+    }
+
 
 _EVENT: TypeAdapter[TurnEvent] = TypeAdapter(TurnEvent)
 
@@ -71,7 +106,9 @@ IdempotencyKey = Annotated[
 ]
 
 
-@router.post("/chat", response_model=ChatAnswer, summary="Ask a question (JSON)")
+@router.post(
+    "/chat", response_model=ChatAnswer, summary="Ask a question (JSON)", responses=TURN_PROBLEMS
+)
 async def chat(
     body: ChatRequestBody,
     request: Request,
@@ -110,7 +147,7 @@ def chat_answer(result: TurnResult) -> ChatAnswer:
     summary="Ask a question, answer streamed as server-sent events",
     description=_STREAM_DOC,
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": sse_content(*TURN_EVENTS)}, **TURN_PROBLEMS},
 )
 async def chat_stream(
     body: ChatRequestBody,

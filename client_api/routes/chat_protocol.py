@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from client_api.auth.dependencies import ChatCaller
 from client_api.composition import Services
 from client_api.edge.admission import check_tokens
-from client_api.problems import Problem
+from client_api.problems import AUTHENTICATED_PROBLEMS, Problem, problem_responses
+from client_api.routes.chat import TURN_PROBLEMS
 from client_api.routes.deps import ServicesDep
 from client_api.routes.openai_compat import approval_notice
 from intelligence.contracts import (
@@ -51,7 +52,7 @@ from intelligence.contracts import (
     collect_turn,
 )
 
-router = APIRouter(tags=["ai-chat-protocol"])
+router = APIRouter(tags=["ai-chat-protocol"], responses=problem_responses(*AUTHENTICATED_PROBLEMS))
 
 NDJSON = "application/x-ndjson"
 
@@ -107,7 +108,7 @@ Errors found before the stream begins (authentication, validation, caps, an unkn
 `session_state`) are returned as `application/problem+json` with their HTTP status."""
 
 
-@router.post("/chat", summary="AI chat protocol: ask a question (JSON)")
+@router.post("/chat", summary="AI chat protocol: ask a question (JSON)", responses=TURN_PROBLEMS)
 async def chat(
     body: Annotated[ProtocolRequest, Body()],
     request: Request,
@@ -135,7 +136,7 @@ async def chat(
     summary="AI chat protocol: ask a question, answer streamed as NDJSON",
     description=_STREAM_DOC,
     response_class=StreamingResponse,
-    responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {NDJSON: {"schema": {"type": "string"}}}}, **TURN_PROBLEMS},
 )
 async def chat_stream(
     body: Annotated[ProtocolRequest, Body()],

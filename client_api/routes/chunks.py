@@ -12,11 +12,17 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from client_api.auth.dependencies import ChatCaller
-from client_api.problems import Problem
+from client_api.problems import AUTHENTICATED_PROBLEMS, Problem, problem_responses
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import PassageView
 
-router = APIRouter(prefix="/v1/chunks", tags=["chat"])
+router = APIRouter(
+    prefix="/v1/chunks",
+    tags=["chat"],
+    responses=problem_responses(
+        *AUTHENTICATED_PROBLEMS, described={404: "No such passage the caller may read"}
+    ),
+)
 
 _NOT_FOUND = Problem(404, "Not found", "No such passage.")
 

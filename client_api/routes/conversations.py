@@ -10,7 +10,12 @@ from fastapi import APIRouter, Query, Response
 
 from client_api.audit_events import record_action
 from client_api.auth.dependencies import ConversationsCaller
-from client_api.problems import Problem
+from client_api.problems import (
+    AUTHENTICATED_PROBLEMS,
+    BODY_PROBLEMS,
+    Problem,
+    problem_responses,
+)
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import (
     ConversationDetail,
@@ -23,13 +28,21 @@ from client_api.schemas import (
 )
 from intelligence.contracts import TurnFeedback
 
-router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+router = APIRouter(
+    prefix="/v1/conversations",
+    tags=["conversations"],
+    responses=problem_responses(*AUTHENTICATED_PROBLEMS),
+)
 
 _NOT_FOUND = Problem(404, "Not found", "No such conversation.")
 _NO_TURN = Problem(
     404,
     "Not found",
     "No recorded answer with this id in this conversation (it may still be running).",
+)
+_UNKNOWN = problem_responses(described={404: "No such conversation of the caller's"})
+_UNKNOWN_TURN = problem_responses(
+    described={404: "No such answer in a conversation of the caller's"}
 )
 
 
@@ -51,7 +64,12 @@ async def list_conversations(
     )
 
 
-@router.get("/{conversation_id}", response_model=ConversationDetail, summary="Read one")
+@router.get(
+    "/{conversation_id}",
+    response_model=ConversationDetail,
+    summary="Read one",
+    responses=_UNKNOWN,
+)
 async def get_conversation(
     conversation_id: str, principal: ConversationsCaller, services: ServicesDep
 ) -> ConversationDetail:
@@ -65,7 +83,12 @@ async def get_conversation(
     )
 
 
-@router.delete("/{conversation_id}", status_code=204, summary="Delete one, with its messages")
+@router.delete(
+    "/{conversation_id}",
+    status_code=204,
+    summary="Delete one, with its messages",
+    responses=_UNKNOWN,
+)
 async def delete_conversation(
     conversation_id: str, principal: ConversationsCaller, services: ServicesDep
 ) -> Response:
@@ -77,7 +100,12 @@ async def delete_conversation(
     return Response(status_code=204)
 
 
-@router.patch("/{conversation_id}", response_model=ConversationSummary, summary="Rename one")
+@router.patch(
+    "/{conversation_id}",
+    response_model=ConversationSummary,
+    summary="Rename one",
+    responses={**_UNKNOWN, **problem_responses(*BODY_PROBLEMS)},
+)
 async def rename_conversation(
     conversation_id: str,
     body: RenameConversationBody,
@@ -96,6 +124,7 @@ async def rename_conversation(
     "/{conversation_id}/turns/{turn_id}/explain",
     response_model=TurnExplanationView,
     summary="How one of my answers was produced: plan, steps, sources, models, policy",
+    responses=_UNKNOWN_TURN,
 )
 async def explain_turn(
     conversation_id: str, turn_id: str, principal: ConversationsCaller, services: ServicesDep
@@ -110,6 +139,7 @@ async def explain_turn(
     "/{conversation_id}/turns/{turn_id}/feedback",
     status_code=204,
     summary="Rate one of my answers (positive or negative, with an optional comment)",
+    responses={**_UNKNOWN_TURN, **problem_responses(*BODY_PROBLEMS)},
 )
 async def rate_turn(
     conversation_id: str,

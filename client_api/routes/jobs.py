@@ -18,7 +18,12 @@ from client_api.audit_events import record_action
 from client_api.auth.dependencies import ChatCaller, CurrentPrincipal, require
 from client_api.auth.permissions import Permission
 from client_api.edge.admission import admit, check_tokens
-from client_api.problems import Problem
+from client_api.problems import (
+    AUTHENTICATED_PROBLEMS,
+    BODY_PROBLEMS,
+    Problem,
+    problem_responses,
+)
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import MESSAGE_CEILING
 from intelligence.contracts import (
@@ -29,7 +34,9 @@ from intelligence.contracts import (
     Principal,
 )
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=problem_responses(*AUTHENTICATED_PROBLEMS)
+)
 
 INGEST_PATH = "/v1/jobs/ingest"
 """The upload route, whose body cap is ``LAMINA_JOBS__MAX_UPLOAD_BYTES``."""
@@ -123,6 +130,7 @@ def _accepted(job: Job, response: Response) -> JobView:
     "format of `lamina ingest` (acl.yaml) granting access in the caller's tenant only. "
     "Without one, only the uploader may read what is indexed. Needs the `ingest` "
     "permission. 413 over LAMINA_JOBS__MAX_UPLOAD_BYTES; 422 for unusable names or ACL.",
+    responses=problem_responses(*BODY_PROBLEMS),
 )
 async def ingest(
     principal: IngestCaller,
@@ -170,6 +178,9 @@ async def ingest(
     summary="Run a long agent task in the background",
     description="The task is one turn of the assistant, run as the caller; its result is "
     "the answer as POST /v1/chat returns it. Needs the `chat` permission.",
+    responses=problem_responses(
+        *BODY_PROBLEMS, described={404: "No such conversation of the caller's"}
+    ),
 )
 async def create_task(
     body: TaskRequestBody,
@@ -202,7 +213,12 @@ async def list_jobs(
     return JobList(items=[JobView.of(job) for job in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobView, summary="A job: status, progress, result")
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    summary="A job: status, progress, result",
+    responses=problem_responses(described={404: "No such job of the caller's"}),
+)
 async def get_job(job_id: str, principal: JobOwner, services: ServicesDep) -> JobView:
     job = await services.jobs.get(principal, job_id)
     if job is None:
@@ -217,6 +233,9 @@ async def get_job(job_id: str, principal: JobOwner, services: ServicesDep) -> Jo
     summary="Cancel a job",
     description="A queued job is cancelled at once; a running one stops shortly (poll it). "
     "409 when the job has already ended.",
+    responses=problem_responses(
+        described={404: "No such job of the caller's", 409: "The job has already ended"}
+    ),
 )
 async def cancel_job(job_id: str, principal: JobOwner, services: ServicesDep) -> JobView:
     try:

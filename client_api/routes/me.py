@@ -18,12 +18,14 @@ from pydantic import BaseModel, Field
 
 from client_api.auth.dependencies import ConversationsCaller
 from client_api.auth.permissions import is_signed_in_user
-from client_api.problems import Problem, retry_later
+from client_api.problems import AUTHENTICATED_PROBLEMS, Problem, problem_responses, retry_later
 from client_api.routes.deps import ServicesDep
 from intelligence.contracts import Principal
 from intelligence.personal_data import PersonalDataIncomplete
 
-router = APIRouter(prefix="/v1/me", tags=["me"])
+router = APIRouter(
+    prefix="/v1/me", tags=["me"], responses=problem_responses(*AUTHENTICATED_PROBLEMS)
+)
 
 _RETRY_AFTER_S = 5
 
@@ -49,10 +51,12 @@ class MyDataErased(BaseModel):
     )
 
 
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    403: {"description": "The caller is a service (API key, app-only token)"},
-    503: {"description": "Some stores could not answer; the problem names them"},
-}
+_RESPONSES = problem_responses(
+    described={
+        403: "The caller is a service (API key, app-only token)",
+        503: "Some stores could not answer; the problem names them",
+    }
+)
 
 
 @router.get(

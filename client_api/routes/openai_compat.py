@@ -39,7 +39,7 @@ from client_api.auth.dependencies import ModelsCaller
 from client_api.auth.permissions import Permission, PermissionDenied
 from client_api.composition import Services
 from client_api.edge.admission import check_tokens
-from client_api.problems import OPENAI_COMPATIBLE_TAG
+from client_api.problems import OPENAI_COMPATIBLE_TAG, openai_error_responses
 from client_api.routes.deps import ServicesDep
 from inferencing.contracts import (
     ChatDelta,
@@ -75,7 +75,27 @@ from intelligence.contracts import (
     collect_turn,
 )
 
-router = APIRouter(tags=[OPENAI_COMPATIBLE_TAG])
+router = APIRouter(
+    tags=[OPENAI_COMPATIBLE_TAG], responses=openai_error_responses(401, 403, 422, 429, 503)
+)
+
+_COMPLETION_CONTENT: dict[str, Any] = {
+    "application/json": {
+        "schema": {"type": "object", "description": "A chat.completion (stream: false)"}
+    },
+    "text/event-stream": {
+        "itemSchema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": "A chat.completion.chunk as JSON, or [DONE] last",
+                }
+            },
+        }
+    },
+}
 
 AUTO = "auto"
 
@@ -225,7 +245,15 @@ class OpenAIError(Exception):
     "/v1/chat/completions",
     summary="OpenAI-compatible chat completion through the gateway",
     response_class=Response,
-    responses={200: {"description": "chat.completion, or text/event-stream chunks"}},
+    responses={
+        200: {
+            "description": "chat.completion, or text/event-stream chunks",
+            "content": _COMPLETION_CONTENT,
+        },
+        # 400: a request the model cannot take; 404: no such model or conversation;
+        # 409: a turn of the conversation still runs; 502/504: the model failed.
+        **openai_error_responses(400, 404, 409, 413, 502, 504),
+    },
 )
 async def chat_completions(
     body: Annotated[ChatCompletionsBody, Body()],

@@ -7,19 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from client_api.auth.dependencies import UsageAdmin
-from client_api.problems import Problem
+from client_api.problems import AUTHENTICATED_PROBLEMS, Problem, problem_responses
 from client_api.routes.deps import ServicesDep
 from client_api.schemas import UsageReport, UsageReportRow
 from inferencing.gateway.metering import GroupBy, parse_since
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], responses=problem_responses(*AUTHENTICATED_PROBLEMS))
 
 
 @router.get(
     "/v1/usage",
     response_model=UsageReport,
     summary="Token usage and cost of the caller's tenant, grouped (administrators only)",
-    responses={403: {"description": "The caller lacks the usage.read permission"}},
+    responses=problem_responses(described={403: "The caller lacks the usage.read permission"}),
 )
 async def usage(
     principal: UsageAdmin,
