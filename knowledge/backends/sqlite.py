@@ -10,11 +10,16 @@ step by triggers.
 
 Text search puts the caller's ACL into the MATCH itself
 (``{text title section}: (…) AND acl: (…)``), so FTS5 ranks only permitted chunks.
-Vector search is exact: a float32 matrix of every stored vector, held in memory and
-reloaded when ``write_generation`` moves (a write by this or another process), is
-multiplied only by the rows the caller may read, found through in-memory
-token → rows postings. Hybrid fuses the two permitted lists with Reciprocal Rank
-Fusion. A forbidden chunk can therefore never take a top-k slot or come back.
+In memory (``sqlite_memory.IndexRows``), per write generation: every chunk's ACL tokens
+as token → rows postings, its FTS5 document length and its vector. The caller's
+permitted rows come from those postings first; text search then ranks them with
+FTS5's bm25() formula over each query term's postings (read from FTS5's own index,
+cached per generation), and vector search multiplies only their vectors (exact).
+FTS5's MATCH with the ACL inside (``{text title section}: (…) AND acl: (…)``) remains
+the text search for a query term FTS5 reads as several tokens. Hybrid fuses the two
+permitted lists with Reciprocal Rank Fusion. A forbidden chunk can therefore never take
+a top-k slot or come back. A write by this process updates the arrays at the next
+search; a write by another process (``write_generation`` moved further) reloads them.
 
 ``corpus_generations`` counts, per tenant, the writes that changed one of its
 chunks, and ``index_identity`` holds a random id of the database file; together
@@ -37,6 +42,13 @@ import aiosqlite
 import numpy as np
 import numpy.typing as npt
 
+from knowledge.backends.sqlite_memory import (
+    IndexRows,
+    RowData,
+    TermPostings,
+    document_lengths,
+    postings_from_vocabulary,
+)
 from knowledge.contracts import (
     AccessControl,
     AccessFilter,
@@ -167,7 +179,30 @@ _CHUNK_COLUMNS = """
 """
 
 # Body text counts most; title and heading matches help; the ACL tokens never rank.
+# _TERM_POSTINGS gives the in-memory ranking the same weights (in halves).
 _RANK = "bm25(chunks_fts, 1.0, 0.5, 0.5, 0.0)"
+
+# Per connection: FTS5's tokenizer for query terms (a contentless table and its
+# vocabulary) and the instance vocabulary of chunks_fts (term → rows, columns).
+_TEMP_TABLES = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.lamina_query_terms USING fts5"
+    " (term, content = '', tokenize = 'porter unicode61')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.lamina_query_vocabulary"
+    " USING fts5vocab (temp, lamina_query_terms, instance)",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS temp.lamina_chunk_vocabulary"
+    " USING fts5vocab (main, chunks_fts, instance)",
+)
+
+_TERM_POSTINGS = """
+SELECT group_concat(doc, ' '), group_concat(CASE col WHEN 'text' THEN '2' ELSE '1' END, '')
+FROM (SELECT doc, col FROM temp.lamina_chunk_vocabulary WHERE term = ? AND col != 'acl')
+"""
+
+# What IndexRows keeps of each chunk; %_docsize holds FTS5's column sizes of a row.
+_ROW_DATA = """
+SELECT c.id, c.acl, d.sz, c.vector
+FROM chunks AS c LEFT JOIN chunks_fts_docsize AS d ON d.id = c.id
+"""
 
 # The MATCH carries the caller's ACL tokens: FTS5 ranks permitted chunks only.
 _TEXT_SEARCH = f"""
@@ -190,7 +225,9 @@ _GET_CHUNK = (
     f"SELECT {_CHUNK_COLUMNS} FROM chunks AS c WHERE c.chunk_id = :chunk_id AND {_PERMITTED}"
 )
 
-_DOCUMENT_CHUNKS = f"SELECT {_CHUNK_COLUMNS}, c.vector FROM chunks AS c WHERE c.document_id = ?"
+_DOCUMENT_CHUNKS = (
+    f"SELECT {_CHUNK_COLUMNS}, c.vector, c.id FROM chunks AS c WHERE c.document_id = ?"
+)
 
 _DOCUMENT_TENANTS = "SELECT DISTINCT tenant_id FROM chunks WHERE document_id = ?"
 
@@ -252,6 +289,20 @@ _STOPWORDS = frozenset({
 })  # fmt: skip
 _MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+")
+# Bounds of the per-process caches: query term → FTS5 tokens, and token → postings.
+_TOKENIZED_TERMS = 10_000
+_CACHED_POSTINGS = 20_000_000
+# Writes by this process held for the next search; past this, it reloads instead.
+_PENDING_ROWS = 50_000
+
+
+def query_terms(text: str) -> list[str]:
+    """The words of ``text`` a search looks for: lower-cased, once each, without
+    stopwords (unless that leaves none), at most ``_MAX_QUERY_TERMS``."""
+    terms = list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))
+    # A query made only of stopwords ("who is it") still searches for them.
+    meaningful = [term for term in terms if term not in _STOPWORDS] or terms
+    return meaningful[:_MAX_QUERY_TERMS]
 
 
 def to_match_expression(text: str) -> str | None:
@@ -261,13 +312,10 @@ def to_match_expression(text: str) -> str | None:
     ``^``, column filters) and stray quotes in user text are plain words, never
     syntax. Terms are OR-ed so that BM25 ranks partial matches too.
     """
-    terms = list(dict.fromkeys(term.lower() for term in _TERM.findall(text)))
-    # A query made only of stopwords ("who is it") still searches for them.
-    meaningful = [term for term in terms if term not in _STOPWORDS] or terms
-    if not meaningful:
+    terms = query_terms(text)
+    if not terms:
         return None
-    quoted = ('"' + term.replace('"', '""') + '"' for term in meaningful[:_MAX_QUERY_TERMS])
-    return " OR ".join(quoted)
+    return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
 def principal_token(tenant_id: str, principal: str) -> str:
@@ -337,60 +385,49 @@ def _by_id(
     return sorted(zip(chunks, blobs, strict=True), key=lambda pair: pair[0].chunk_id)
 
 
-Matrix = npt.NDArray[np.float32]
 Rows = npt.NDArray[np.int64]
+_Fetched = Sequence[sqlite3.Row | tuple[object, ...]]
 
 
-@dataclass(frozen=True, slots=True)
-class _Vectors:
-    """Every stored vector of one write generation, and who may read each row."""
+def _row_data(fetched: _Fetched) -> list[RowData]:
+    """``RowData`` of rows read with ``_ROW_DATA``."""
+    sizes = [_bytes(row[2]) for row in fetched]
+    lengths = document_lengths(sizes)
+    return [
+        RowData(int(str(row[0])), str(row[1]), int(length), _bytes(row[3]) or None)
+        for row, length in zip(fetched, lengths.tolist(), strict=True)
+    ]
+
+
+def _bytes(value: object) -> bytes:
+    if value is None:
+        return b""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise ValueError("the index holds a non-binary vector or document size")
+    return bytes(value)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Writes by this process since ``IndexRows`` was built, merged: the rows they removed
+    from it and the rows they left (by ``chunks.id``)."""
 
     generation: int
-    matrix: Matrix
-    row_ids: Rows
-    """``chunks.id`` of each matrix row."""
-    postings: Mapping[str, Rows]
-    """ACL token → matrix rows that token may read (the tenant token: the tenant's rows)."""
+    removed: set[int]
+    added: dict[int, RowData]
 
-    def permitted_rows(self, tokens: Sequence[str]) -> Rows:
-        mask = np.zeros(len(self.row_ids), dtype=np.bool_)
-        for token in tokens:
-            rows = self.postings.get(token)
-            if rows is not None:
-                mask[rows] = True
-        return np.flatnonzero(mask)
-
-    def nearest(self, query: Matrix, rows: Rows, depth: int) -> list[tuple[int, float]]:
-        """``(chunks.id, cosine)`` of the ``depth`` permitted rows nearest ``query``."""
-        if rows.size == 0:
-            return []
-        # Gathering a few rows beats a full product; for most rows, multiply all and select.
-        if rows.size * 4 < len(self.row_ids):
-            scores = self.matrix[rows] @ query
-        else:
-            scores = (self.matrix @ query)[rows]
-        depth = min(depth, rows.size)
-        best = np.argpartition(-scores, depth - 1)[:depth]
-        best = best[np.argsort(-scores[best], kind="stable")]
-        return [(int(self.row_ids[rows[i]]), float(scores[i])) for i in best]
-
-
-def _build_vectors(
-    generation: int, dimensions: int, rows: Sequence[tuple[int, bytes, str]]
-) -> _Vectors:
-    matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").astype(np.float32)
-    matrix = matrix.reshape(len(rows), dimensions)
-    row_ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    postings: dict[str, list[int]] = {}
-    for position, (_, _, acl) in enumerate(rows):
-        for token in acl.split():
-            postings.setdefault(token, []).append(position)
-    return _Vectors(
-        generation,
-        matrix,
-        row_ids,
-        {token: np.asarray(rows_, dtype=np.int64) for token, rows_ in postings.items()},
-    )
+    def add(self, before: int, removed: Sequence[int], added: Sequence[RowData]) -> bool:
+        """Take in the write that moved the generation from ``before``; False if another
+        write came between (the arrays must then be reloaded)."""
+        if before != self.generation:
+            return False
+        for row_id in removed:
+            if self.added.pop(row_id, None) is None:
+                self.removed.add(row_id)
+        for row in added:
+            self.added[row.row_id] = row
+        self.generation = before + 1
+        return True
 
 
 def _vector_blob(vector: Sequence[float], dimensions: int) -> bytes:
@@ -432,7 +469,13 @@ class SqliteKnowledgeIndex:
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._embedding: EmbeddingIdentity | None = None
-        self._vectors: _Vectors | None = None
+        # Held under the lock: the arrays of one generation, this process's writes since,
+        # and the caches of query terms' FTS5 tokens and of tokens' postings.
+        self._rows: IndexRows | None = None
+        self._pending: _Pending | None = None
+        self._tokenized: dict[str, tuple[str, ...]] = {}
+        self._postings: dict[str, TermPostings] = {}
+        self._postings_size = 0
 
     @property
     def name(self) -> str:
@@ -466,6 +509,8 @@ class SqliteKnowledgeIndex:
             if version < _SCHEMA_VERSION:
                 await _upgrade(db)
             self._embedding = _embedding_of(await _metadata(db))
+            for statement in _TEMP_TABLES:
+                await db.execute(statement)
         except sqlite3.Error as exc:
             await db.close()
             raise IndexUnavailable(f"cannot open the knowledge index {self._path.name}") from exc
@@ -476,7 +521,7 @@ class SqliteKnowledgeIndex:
 
     async def close(self) -> None:
         db, self._db = self._db, None
-        self._vectors = None
+        self._forget_rows()
         if db is not None:
             await db.close()
 
@@ -488,11 +533,16 @@ class SqliteKnowledgeIndex:
             if db is None:
                 raise IndexUnavailable("the knowledge index is not open")
             try:
-                await db.execute(f"BEGIN {mode}")
                 try:
+                    # BEGIN inside the try: a caller cancelled while it awaits BEGIN (an
+                    # ingest job stopped) leaves it running on the connection's thread;
+                    # the rollback, queued behind it, closes it (a no-op when none began).
+                    # Else the connection stays in a transaction and every later write
+                    # fails with "cannot start a transaction within a transaction".
+                    await db.execute(f"BEGIN {mode}")
                     yield db
                 except BaseException:
-                    await db.execute("ROLLBACK")
+                    await db.rollback()
                     raise
                 await db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -519,8 +569,10 @@ class SqliteKnowledgeIndex:
             if len(vectors) != len(chunks):
                 raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
             blobs = [_vector_blob(vector, embedding.dimensions) for vector in vectors]
+        change: tuple[int, list[int], list[RowData]] | None = None
         async with self._transaction("IMMEDIATE") as db:
-            stored_embedding = await _read_embedding(db)
+            metadata = await _metadata(db)
+            stored_embedding = _embedding_of(metadata)
             if vectors is not None and embedding is not None:
                 if stored_embedding is None:
                     await db.executemany(
@@ -574,8 +626,17 @@ class SqliteKnowledgeIndex:
             else:
                 await db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
             self._embedding = await _forget_embedding_if_unused(db, stored_embedding)
+            if self._rows is not None:
+                change = (
+                    int(metadata["write_generation"]),
+                    [int(row[12]) for row in rows],
+                    await _document_rows(db, document_id),
+                )
+        if change is not None:
+            self._remember(*change)
 
     async def update_access(self, document_id: str, access: AccessControl) -> bool:
+        change: tuple[int, list[int], list[RowData]] | None = None
         async with self._transaction("IMMEDIATE") as db:
             async with db.execute(
                 "SELECT tenant_id, public, users, groups FROM documents WHERE document_id = ?",
@@ -594,6 +655,7 @@ class SqliteKnowledgeIndex:
                 return True
             tenants = sorted({current.tenant_id, access.tenant_id})
             await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in tenants])
+            before = await _write_generation(db)
             await db.execute(_BUMP_WRITE_GENERATION)
             # Text and vectors stay; the FTS trigger re-indexes the row with its new acl.
             await db.execute(
@@ -621,9 +683,15 @@ class SqliteKnowledgeIndex:
                     document_id,
                 ),
             )
-            return True
+            if self._rows is not None:
+                added = await _document_rows(db, document_id)
+                change = (before, [row.row_id for row in added], added)
+        if change is not None:
+            self._remember(*change)
+        return True
 
     async def delete_document(self, document_id: str) -> None:
+        change: tuple[int, list[int], list[RowData]] | None = None
         async with self._transaction("IMMEDIATE") as db:
             await db.execute("DELETE FROM documents WHERE document_id = ?", (document_id,))
             async with db.execute(_DOCUMENT_TENANTS, (document_id,)) as cursor:
@@ -631,9 +699,17 @@ class SqliteKnowledgeIndex:
             if not tenants:
                 return
             await db.executemany(_BUMP_GENERATION, [(tenant,) for tenant in tenants])
+            before = await _write_generation(db)
             await db.execute(_BUMP_WRITE_GENERATION)
+            if self._rows is not None:
+                removed = await db.execute_fetchall(
+                    "SELECT id FROM chunks WHERE document_id = ?", (document_id,)
+                )
+                change = (before, [int(row[0]) for row in removed], [])
             await db.execute("DELETE FROM chunks WHERE document_id = ?", (document_id,))
             self._embedding = await _forget_embedding_if_unused(db, await _read_embedding(db))
+        if change is not None:
+            self._remember(*change)
 
     # --- reads -----------------------------------------------------------------
 
@@ -664,54 +740,48 @@ class SqliteKnowledgeIndex:
             raise ValueError(f"a {request.mode.value} search needs the query's vector")
         if not _identified(access):
             return SearchHits(passages=())
-        expression = to_match_expression(request.text)
+        terms = query_terms(request.text) if request.mode is not SearchMode.VECTOR else []
         tokens = _caller_tokens(access)
         tenant_token = principal_token(access.tenant_id, "tenant")
         hybrid = request.mode is SearchMode.HYBRID
         depth = max(request.top_k * 4, 50) if hybrid else request.top_k
         # One read transaction: lists, chunks and the trimmed count share one snapshot.
         async with self._transaction("DEFERRED") as db:
-            vectors: _Vectors | None = None
+            metadata = await _metadata(db)
+            stored = _embedding_of(metadata)
+            self._embedding = stored
+            query: npt.NDArray[np.float32] | None = None
             if request.mode is not SearchMode.TEXT:
-                vectors = await self._current_vectors(db, request)
-                if vectors is None and not hybrid:
+                if stored is not None:
+                    query = np.asarray(_checked_vector(request, stored), dtype=np.float32)
+                elif not hybrid:
                     raise IndexUnavailable(
                         "the knowledge index holds no vectors: ingest documents with an "
                         "embedding model, or search in text mode"
                     )
-            text_rows: list[int] = []
-            text_scores: dict[int, float] = {}
-            trimmed = 0
-            if expression is not None and request.mode is not SearchMode.VECTOR:
-                columns = "{text title section} : (" + expression + ")"
-                parameters = {"query": f"{columns} AND {_acl_match(tokens)}", "depth": depth}
-                async with db.execute(_TEXT_SEARCH, parameters) as cursor:
-                    for row in await cursor.fetchall():
-                        text_rows.append(int(row[0]))
-                        text_scores[int(row[0])] = -float(row[1])
-                trimmed = await _count(
-                    db, f"{columns} AND {_acl_match([tenant_token])}"
-                ) - await _count(db, f"{columns} AND {_acl_match(tokens)}")
-            vector_rows: list[int] = []
-            vector_scores: dict[int, float] = {}
-            if vectors is not None and request.vector is not None:
-                query = np.asarray(request.vector, dtype=np.float32)
-                permitted = vectors.permitted_rows(tokens)
-                nearest = await asyncio.to_thread(vectors.nearest, query, permitted, depth)
-                vector_rows = [row for row, _ in nearest]
-                vector_scores = dict(nearest)
-                if request.mode is SearchMode.VECTOR:
-                    # Every chunk is a candidate of a nearest-neighbour search: the tenant's
-                    # vectors the ACL excluded.
-                    tenant_rows = vectors.postings.get(tenant_token)
-                    in_tenant = 0 if tenant_rows is None else int(tenant_rows.size)
-                    trimmed = in_tenant - int(permitted.size)
+            rows = await self._current_rows(db, int(metadata["write_generation"]), stored)
+            phrases = await self._phrases(db, rows, terms) if terms else []
+            ranking = await asyncio.to_thread(
+                _rank,
+                rows,
+                phrases,
+                query,
+                tokens,
+                tenant_token,
+                depth,
+                request.mode is SearchMode.VECTOR,
+            )
+            if phrases is None:
+                # A term FTS5 reads as several tokens (a phrase): FTS5 ranks the text.
+                ranking.text, ranking.trimmed = await _fts_text_search(
+                    db, request.text, tokens, tenant_token, depth
+                )
             if request.mode is SearchMode.TEXT:
-                ranked = [(row, text_scores[row]) for row in text_rows]
+                ranked = ranking.text
             elif request.mode is SearchMode.VECTOR:
-                ranked = [(row, vector_scores[row]) for row in vector_rows]
+                ranked = ranking.vector
             else:
-                ranked = _fuse(text_rows, vector_rows)
+                ranked = _fuse([row for row, _ in ranking.text], [row for row, _ in ranking.vector])
             ranked = ranked[: request.top_k]
             chunks = await _chunks_by_row(db, [row for row, _ in ranked], access)
         passages = tuple(
@@ -719,35 +789,92 @@ class SqliteKnowledgeIndex:
             for row, score in ranked
             if row in chunks
         )
-        return SearchHits(passages=passages, trimmed=trimmed)
+        return SearchHits(passages=passages, trimmed=ranking.trimmed)
 
-    async def _current_vectors(
-        self, db: aiosqlite.Connection, request: SearchRequest
-    ) -> _Vectors | None:
-        """The vectors of the snapshot ``db`` reads (reloaded when any process wrote since),
-        after checking that the request's vector was made by the index's model."""
-        metadata = await _metadata(db)
-        stored = _embedding_of(metadata)
-        self._embedding = stored
-        if stored is None:
+    def _forget_rows(self) -> None:
+        self._rows = None
+        self._pending = None
+        self._postings.clear()
+        self._postings_size = 0
+
+    def _remember(self, before: int, removed: Sequence[int], added: Sequence[RowData]) -> None:
+        """Note a committed write of this process (which moved the generation from
+        ``before``), for the next search to apply to the arrays instead of reloading."""
+        if self._rows is None:
+            return
+        if self._pending is None:
+            self._pending = _Pending(self._rows.generation, set(), {})
+        if (
+            not self._pending.add(before, removed, added)
+            or len(self._pending.added) + len(self._pending.removed) > _PENDING_ROWS
+        ):
+            self._forget_rows()
+
+    async def _current_rows(
+        self, db: aiosqlite.Connection, generation: int, embedding: EmbeddingIdentity | None
+    ) -> IndexRows:
+        """The arrays of the snapshot ``db`` reads: this process's own writes applied to
+        them, or reloaded when another process wrote since."""
+        dimensions = embedding.dimensions if embedding is not None else 0
+        rows, pending = self._rows, self._pending
+        if rows is not None and (rows.generation != generation or rows.dimensions != dimensions):
+            self._postings.clear()
+            self._postings_size = 0
+            if (
+                pending is not None
+                and pending.generation == generation
+                and rows.dimensions == dimensions
+            ):
+                try:
+                    removed = np.fromiter(pending.removed, dtype=np.int64)
+                    added = sorted(pending.added.values(), key=lambda row: row.row_id)
+                    rows = await asyncio.to_thread(rows.changed, generation, removed, added)
+                except ValueError:
+                    rows = None
+            else:
+                rows = None
+            self._pending = None
+        if rows is None:
+            fetched = await db.execute_fetchall(_ROW_DATA + " ORDER BY c.id")
+            try:
+                rows = await asyncio.to_thread(_load_rows, generation, dimensions, list(fetched))
+            except ValueError as exc:
+                raise IndexUnavailable("the knowledge index is inconsistent; re-ingest") from exc
+        self._rows = rows
+        return rows
+
+    async def _phrases(
+        self, db: aiosqlite.Connection, rows: IndexRows, terms: Sequence[str]
+    ) -> list[TermPostings] | None:
+        """The postings of each query term, in order; ``None`` when FTS5 reads a term as
+        other than one token (then it is a phrase, which only FTS5 can match)."""
+        unknown = [term for term in terms if term not in self._tokenized]
+        if unknown:
+            if len(self._tokenized) + len(unknown) > _TOKENIZED_TERMS:
+                self._tokenized.clear()
+            self._tokenized.update(await _tokenize(db, unknown))
+        tokenized = [self._tokenized[term] for term in terms]
+        if any(len(tokens) != 1 for tokens in tokenized):
             return None
-        given = request.embedding
-        if given is None:
-            raise ValueError("a vector search needs the embedding identity of its vector")
-        if given != stored or len(request.vector or ()) != stored.dimensions:
-            raise _mismatch(stored, given)
-        generation = int(metadata["write_generation"])
-        if self._vectors is None or self._vectors.generation != generation:
-            rows = await db.execute_fetchall(
-                "SELECT id, vector, acl FROM chunks WHERE vector IS NOT NULL ORDER BY id"
-            )
-            self._vectors = await asyncio.to_thread(
-                _build_vectors,
-                generation,
-                stored.dimensions,
-                [(int(r[0]), bytes(r[1]), str(r[2])) for r in rows],
-            )
-        return self._vectors
+        phrases: list[TermPostings] = []
+        for (token,) in tokenized:
+            postings = self._postings.get(token)
+            if postings is None:
+                async with db.execute(_TERM_POSTINGS, (token,)) as cursor:
+                    found = await cursor.fetchone()
+                try:
+                    postings = postings_from_vocabulary(
+                        rows, found[0] if found else None, found[1] if found else None
+                    )
+                except ValueError as exc:
+                    raise IndexUnavailable("the knowledge index is inconsistent") from exc
+                if self._postings_size + postings.rows.size > _CACHED_POSTINGS:
+                    self._postings.clear()
+                    self._postings_size = 0
+                self._postings[token] = postings
+                self._postings_size += int(postings.rows.size)
+            phrases.append(postings)
+        return phrases
 
     async def get_chunk(self, chunk_id: str, access: AccessFilter) -> Chunk | None:
         if not _identified(access):
@@ -799,6 +926,106 @@ class SqliteKnowledgeIndex:
 async def _count(db: aiosqlite.Connection, query: str) -> int:
     rows = list(await db.execute_fetchall(_COUNT_MATCHES, {"query": query}))
     return int(rows[0][0]) if rows else 0
+
+
+@dataclass(slots=True)
+class _Ranking:
+    text: list[tuple[int, float]]
+    vector: list[tuple[int, float]]
+    trimmed: int
+
+
+def _rank(
+    rows: IndexRows,
+    phrases: Sequence[TermPostings] | None,
+    query: npt.NDArray[np.float32] | None,
+    tokens: Sequence[str],
+    tenant_token: str,
+    depth: int,
+    count_vectors: bool,
+) -> _Ranking:
+    """Both permitted lists, best first, and the trimmed count (of text matches when the
+    search has words, else of the tenant's vectors)."""
+    permitted = rows.mask(tokens)
+    tenant = rows.mask([tenant_token])
+    text: list[tuple[int, float]] = []
+    trimmed = 0
+    if phrases:
+        text, trimmed = rows.bm25(phrases, permitted, tenant, depth)
+    vector: list[tuple[int, float]] = []
+    if query is not None:
+        readable = permitted & rows.has_vector
+        vector = rows.nearest(query, np.flatnonzero(readable), depth)
+        if count_vectors:
+            # Every chunk is a candidate of a nearest-neighbour search: the tenant's
+            # vectors the ACL excluded.
+            in_tenant = int(np.count_nonzero(tenant & rows.has_vector))
+            trimmed = in_tenant - int(np.count_nonzero(readable))
+    return _Ranking(text, vector, trimmed)
+
+
+async def _fts_text_search(
+    db: aiosqlite.Connection, text: str, tokens: Sequence[str], tenant_token: str, depth: int
+) -> tuple[list[tuple[int, float]], int]:
+    """FTS5's own ranking of the permitted matches, and the trimmed count of two MATCH
+    counts: for queries with a term FTS5 reads as a phrase of several tokens."""
+    expression = to_match_expression(text)
+    if expression is None:
+        return [], 0
+    columns = "{text title section} : (" + expression + ")"
+    parameters = {"query": f"{columns} AND {_acl_match(tokens)}", "depth": depth}
+    async with db.execute(_TEXT_SEARCH, parameters) as cursor:
+        ranked = [(int(row[0]), -float(row[1])) for row in await cursor.fetchall()]
+    trimmed = await _count(db, f"{columns} AND {_acl_match([tenant_token])}") - await _count(
+        db, f"{columns} AND {_acl_match(tokens)}"
+    )
+    return ranked, trimmed
+
+
+async def _tokenize(db: aiosqlite.Connection, terms: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Each term's tokens as FTS5's tokenizer (that of ``chunks_fts``) makes them."""
+    await db.execute(
+        "INSERT INTO temp.lamina_query_terms (lamina_query_terms) VALUES ('delete-all')"
+    )
+    await db.executemany(
+        "INSERT INTO temp.lamina_query_terms (rowid, term) VALUES (?, ?)",
+        list(enumerate(terms, start=1)),
+    )
+    found = await db.execute_fetchall(
+        "SELECT doc, term FROM temp.lamina_query_vocabulary ORDER BY doc, offset"
+    )
+    await db.execute(
+        "INSERT INTO temp.lamina_query_terms (lamina_query_terms) VALUES ('delete-all')"
+    )
+    by_term: dict[int, list[str]] = {}
+    for row in found:
+        by_term.setdefault(int(row[0]), []).append(str(row[1]))
+    return {term: tuple(by_term.get(n, ())) for n, term in enumerate(terms, start=1)}
+
+
+def _load_rows(generation: int, dimensions: int, fetched: _Fetched) -> IndexRows:
+    return IndexRows.build(generation, dimensions, _row_data(fetched))
+
+
+async def _document_rows(db: aiosqlite.Connection, document_id: str) -> list[RowData]:
+    fetched = await db.execute_fetchall(
+        _ROW_DATA + " WHERE c.document_id = ? ORDER BY c.id", (document_id,)
+    )
+    return _row_data(list(fetched))
+
+
+async def _write_generation(db: aiosqlite.Connection) -> int:
+    return int((await _metadata(db))["write_generation"])
+
+
+def _checked_vector(request: SearchRequest, stored: EmbeddingIdentity) -> tuple[float, ...]:
+    """The request's vector, after checking that the index's model made it."""
+    given = request.embedding
+    if given is None:
+        raise ValueError("a vector search needs the embedding identity of its vector")
+    if given != stored or len(request.vector or ()) != stored.dimensions:
+        raise _mismatch(stored, given)
+    return request.vector or ()
 
 
 async def _chunks_by_row(

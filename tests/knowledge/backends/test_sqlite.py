@@ -349,3 +349,17 @@ async def test_an_interrupted_write_leaves_the_previous_document(
         )
     passages = await vector_search(index, embedder, "version")
     assert [p.chunk.text for p in passages] == ["first version"]
+
+
+async def test_a_write_cancelled_while_it_begins_leaves_the_index_writable(
+    index: SqliteKnowledgeIndex,
+) -> None:
+    # An ingest job stopped mid-write: its BEGIN still runs on the connection's thread.
+    writing = asyncio.create_task(put(index, "a", make_chunks("a", "first text", acl=PUBLIC)))
+    await asyncio.sleep(0)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+
+    await put(index, "b", make_chunks("b", "second text", acl=PUBLIC))
+    assert [d.document_id for d in await index.documents("contoso")] == ["b"]
