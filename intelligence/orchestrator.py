@@ -391,10 +391,17 @@ class Orchestrator:
         )
         if self._memory is not None:
             # What the models see of the conversation: a budgeted history, the summary of
-            # older turns, and the question as a standalone search query.
-            turn.context = await self._memory.prepare(
-                record.conversation, history, question, principal
-            )
+            # older turns, and the question as a standalone search query. Its model calls
+            # may outlast the lease: renewed meanwhile, or the sweep takes the live turn
+            # for abandoned and marks it interrupted.
+            heartbeat = asyncio.create_task(self._heartbeat(turn))
+            try:
+                turn.context = await self._memory.prepare(
+                    record.conversation, history, question, principal
+                )
+            finally:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
         return turn
 
     def _recorder(

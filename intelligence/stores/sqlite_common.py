@@ -48,8 +48,13 @@ class SerialisedSqliteStore:
     async def _writing(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             db = self._connection
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                # BEGIN inside the try: a caller cancelled while it awaits BEGIN (a turn's
+                # heartbeat, stopped) leaves it running on the connection's thread, and
+                # the rollback, queued behind it, must close it (a no-op when none began).
+                # Else the shared connection stays in a transaction and every later write
+                # fails with "cannot start a transaction within a transaction".
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
             except BaseException:
                 await db.rollback()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,29 +84,60 @@ def run_lamina(
 
 @contextmanager
 def lamina_process(
-    *args: str, env: Mapping[str, str], ready_url: str
+    *args: str, env: Mapping[str, str], ready_url: str, module: str = "client_api.cli"
 ) -> Iterator[subprocess.Popen[str]]:
+    """``python -m <module> *args`` (the ``lamina`` command line unless ``module`` wraps
+    it), once ``ready_url`` answers 200; terminated when the block ends.
+
+    Its output is read as it comes, keeping the last lines: a pipe nobody reads fills
+    up, and a server writing its log to it would then block mid-request."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "client_api.cli", *args],
+        [sys.executable, "-m", module, *args],
         env=dict(env),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    said: deque[str] = deque(maxlen=400)
+    reader = threading.Thread(target=_keep_tail, args=(process, said), daemon=True)
+    reader.start()
+
+    def output() -> str:
+        _stop(process)
+        reader.join(timeout=10)
+        return "".join(said)
+
     try:
         try:
             wait_until_ready(ready_url, timeout_s=60, process=process)
         except (RuntimeError, TimeoutError):
             process.kill()
-            output = process.communicate(timeout=10)[0]
-            raise RuntimeError(f"lamina {' '.join(args)} did not become ready:\n{output}") from None
-        yield process
+            raise RuntimeError(
+                f"lamina {' '.join(args)} did not become ready:\n{output()}"
+            ) from None
+        try:
+            yield process
+        except Exception as failure:
+            # A failing test shows what the server said (its logged tracebacks).
+            failure.add_note(f"lamina {' '.join(args)} said:\n{output()[-20_000:]}")
+            raise
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        _stop(process)
+        reader.join(timeout=10)
+
+
+def _keep_tail(process: subprocess.Popen[str], lines: deque[str]) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
