@@ -125,7 +125,8 @@ class ChatDelta:
     ``content`` carries text as it arrives. Tool calls are delivered whole, once
     the model has finished them, in a delta of their own. The last delta has a
     ``finish_reason`` and, where the provider reports it, ``usage``; through the
-    gateway it also carries the ``route``.
+    gateway it also carries the ``route``. ``model`` is the model name the provider
+    reported for the stream, where it reports one ("" otherwise).
     """
 
     content: str = ""
@@ -133,6 +134,7 @@ class ChatDelta:
     finish_reason: str | None = None
     usage: Usage | None = None
     route: RouteInfo | None = None
+    model: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -534,7 +534,8 @@ async def _chunks(
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
-        "model": "",
+        # The name the provider reported, as the non-streaming reply carries it.
+        "model": first.model,
     }
     delta: ChatDelta | None = first
     try:

@@ -119,6 +119,7 @@ class OpenAICompatibleChatModel:
         calls = _ToolCallAssembler()
         finish_reason: str | None = None
         usage: Usage | None = None
+        model = ""
         # Once anything reached the caller, a failure can no longer be retried or failed
         # over transparently: it becomes StreamInterrupted.
         delivered = False
@@ -133,6 +134,7 @@ class OpenAICompatibleChatModel:
                     raise (stream_interrupted(exc) if delivered else provider_error(exc)) from exc
                 except ValueError as exc:  # an event that is not JSON
                     raise _garbled(exc, delivered) from exc
+                model = model or chunk.model or ""
                 if chunk.usage is not None:
                     usage = _usage(chunk.usage)
                 for choice in chunk.choices or ():
@@ -140,7 +142,7 @@ class OpenAICompatibleChatModel:
                         continue
                     if choice.delta.content:
                         delivered = True
-                        yield ChatDelta(content=choice.delta.content)
+                        yield ChatDelta(content=choice.delta.content, model=model)
                     for fragment in choice.delta.tool_calls or ():
                         calls.add(fragment)
                     if choice.finish_reason is not None and finish_reason is None:
@@ -148,7 +150,7 @@ class OpenAICompatibleChatModel:
                         finished = calls.finish(delivered)
                         if finished:
                             delivered = True
-                            yield ChatDelta(tool_calls=finished)
+                            yield ChatDelta(tool_calls=finished, model=model)
         if finish_reason is None:
             # The body ended cleanly but the model never said it was done.
             if delivered:
@@ -156,7 +158,7 @@ class OpenAICompatibleChatModel:
             raise ProviderUnavailable(
                 MALFORMED, retryable=True, details={"reason": "stream ended before any output"}
             )
-        yield ChatDelta(finish_reason=finish_reason, usage=usage)
+        yield ChatDelta(finish_reason=finish_reason, usage=usage, model=model)
 
     async def forward(self, payload: Mapping[str, Any], caller: InferenceCaller) -> dict[str, Any]:
         """``payload``, a chat completion body, posted as it is but for ``model``; the

@@ -237,3 +237,18 @@ def test_readiness_shows_where_gateway_state_lives_and_the_breakers(service: Ser
     assert checks["gateway_state"] == "in-process"
     assert checks["usage_ledger"] == "sqlite"
     assert {checks["breaker.primary"], checks["breaker.backup"]} <= {"closed", "open", "half_open"}
+
+
+def test_streamed_chunks_name_the_model_as_the_non_streaming_reply_does(service: Service) -> None:
+    """OpenAI clients read ``model`` from every chunk (SDKs, LangChain's metadata): it must
+    be the provider's model name, the one a non-streaming reply carries, never empty."""
+    service.simulator.script(ScriptedReply(content="Twenty five days."))
+    completion = service.openai().chat.completions.create(model="primary", messages=QUESTION)
+    service.simulator.script(ScriptedReply(content="Twenty five days."))
+    chunks = list(
+        service.openai().chat.completions.create(
+            model="primary", messages=QUESTION, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert completion.model == "gpt-4o-mini"
+    assert chunks and {chunk.model for chunk in chunks} == {completion.model}

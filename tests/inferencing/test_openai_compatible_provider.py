@@ -174,10 +174,12 @@ async def test_stream_delivers_text_then_a_final_delta_with_usage(
     assert "".join(d.content for d in pieces) == text
     assert len(pieces) == len(text.split())
     assert all(d.tool_calls == () and d.finish_reason is None for d in pieces)
-    assert last == ChatDelta(finish_reason="stop", usage=last.usage)
+    assert last == ChatDelta(finish_reason="stop", usage=last.usage, model=last.model)
     assert last.usage is not None and last.usage.output_tokens == len(text.split())
     (sent,) = simulator.requests()
     assert sent.body["stream"] is True
+    # Every delta names the model the provider reported (the simulator echoes the request's).
+    assert {d.model for d in deltas} == {sent.body["model"]}
     assert sent.body["stream_options"] == {"include_usage": True}
 
 
