@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -700,24 +701,34 @@ class HeuristicPromptShield:
         )
 
     def verdict(self, text: str, channel: int) -> ShieldVerdict:
-        hits = _scan(normalize(text), channel)
-        for decoded in _decoded_payloads(text):
-            for hit in _scan(normalize(decoded), channel):
-                # Hiding instructions in base64 is itself a signal: weigh it up.
-                hits.append(
-                    _Hit("encoded_payload", f"base64 hides: {hit.label}", max(hit.weight, 0.8))
-                )
-        # Noisy-OR over distinct signals; within a family only the strongest counts in
-        # full, the others at half weight, as they often restate one another.
-        ranked = sorted(dict.fromkeys(hits), key=lambda h: h.weight, reverse=True)
-        seen: set[str] = set()
-        remaining = 1.0
-        for hit in ranked:
-            remaining *= 1.0 - (hit.weight if hit.family not in seen else hit.weight / 2)
-            seen.add(hit.family)
-        score = round(1.0 - remaining, 4)
+        # The same passages come back turn after turn (retrieval favours a few documents):
+        # short texts' assessments are remembered, long ones are not kept in memory.
+        assess = _assess_cached if len(text) <= _CACHED_CHARS else _assess
+        score, reasons = assess(text, channel)
         return ShieldVerdict(
-            attack=score >= self._thresholds[channel],
-            score=score,
-            reasons=tuple(f"{h.family}: {h.label}" for h in ranked),
+            attack=score >= self._thresholds[channel], score=score, reasons=reasons
         )
+
+
+def _assess(text: str, channel: int) -> tuple[float, tuple[str, ...]]:
+    """The score of ``text`` on ``channel`` and its reasons, strongest first."""
+    hits = _scan(normalize(text), channel)
+    for decoded in _decoded_payloads(text):
+        for hit in _scan(normalize(decoded), channel):
+            # Hiding instructions in base64 is itself a signal: weigh it up.
+            hits.append(_Hit("encoded_payload", f"base64 hides: {hit.label}", max(hit.weight, 0.8)))
+    # Noisy-OR over distinct signals; within a family only the strongest counts in
+    # full, the others at half weight, as they often restate one another.
+    ranked = sorted(dict.fromkeys(hits), key=lambda h: h.weight, reverse=True)
+    seen: set[str] = set()
+    remaining = 1.0
+    for hit in ranked:
+        remaining *= 1.0 - (hit.weight if hit.family not in seen else hit.weight / 2)
+        seen.add(hit.family)
+    return round(1.0 - remaining, 4), tuple(f"{h.family}: {h.label}" for h in ranked)
+
+
+# A pure function of its arguments, so a bounded cache changes no verdict; at most
+# about 4096 x 4000 characters (some 16 MB) are held.
+_CACHED_CHARS = 4_000
+_assess_cached = functools.lru_cache(maxsize=4096)(_assess)

@@ -588,6 +588,27 @@ def _build_semantic_kernel_adapter() -> _AskModel:
             if isinstance(property_schema, Mapping) and _VALID_PARAMETER_NAME.match(name)
         ]
 
+    # Callers are offered the same few sets of functions turn after turn: a kernel is
+    # built once per set (SK only reads it: auto-invocation is off) and reused.
+    kernels: dict[tuple[tuple[str, str, str | None, str], ...], Kernel] = {}
+    kernels_lock = threading.Lock()
+    max_kernels = 256
+
+    def kernel_for(functions: Sequence[_OfferedFunction]) -> Kernel:
+        key = tuple(
+            (f.name, f.description, f.tool, json.dumps(f.parameters, sort_keys=True, default=str))
+            for f in functions
+        )
+        with kernels_lock:
+            kernel = kernels.get(key)
+        if kernel is None:
+            kernel = build_kernel(functions)
+            with kernels_lock:
+                if len(kernels) >= max_kernels:
+                    kernels.pop(next(iter(kernels)))
+                kernels[key] = kernel
+        return kernel
+
     def build_kernel(functions: Sequence[_OfferedFunction]) -> Kernel:
         kernel = Kernel()
         for offered in functions:
@@ -645,7 +666,7 @@ def _build_semantic_kernel_adapter() -> _AskModel:
         )
         service = GatewayChatCompletion(call.chat_model, call.caller)
         reply = await service.get_chat_message_content(
-            history, settings, kernel=build_kernel(call.functions)
+            history, settings, kernel=kernel_for(call.functions)
         )
         if reply is None:
             return _ModelTurn(text="", calls=())
