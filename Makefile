@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint unit slow bench clean
+.PHONY: demo test lint unit slow bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ingestion_throughput
 	command -v man >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq manpages manpages-dev man-db; } || echo "man pages unavailable: bench.retrieval_quality prints what it needs"
 	$(BIN)/python -m bench.retrieval_quality
+	$(BIN)/python -m bench.rag_turn
+	$(BIN)/python -m bench.streaming_ttft
+	$(BIN)/python -m bench.sse_concurrency
+	$(BIN)/python -m bench.cold_start
+
+# Ten minutes of chat, streams, ingestion and approvals against a model failing 10 % of
+# calls: success rate, p99 and memory over time (bench/results/soak.png).
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --duration 600
 
 clean:
 	rm -rf $(VENV) .lamina .mypy_cache .pytest_cache .ruff_cache
