@@ -100,6 +100,10 @@ def create_app(
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
+        # Requests are traced and measured by client_api.telemetry alone (trace ids as
+        # correlation ids, scrubbed URLs): FastAPI's own telemetry stays off, where it
+        # would otherwise wrap every request (and trace it twice when no exporter is set).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     # Outermost first: refuse oversized bodies before anything reads them, and put the
     # rate-limit headers on every response, errors included.

@@ -58,6 +58,9 @@ def _serve(settings: LaminaSettings) -> None:
         host=settings.api.host,
         port=settings.api.port,
         log_level=settings.log_level.lower(),
+        # Access lines are logged at INFO: above it, uvicorn would still format each
+        # request's client address and path only for the logger to drop them.
+        access_log=settings.log_level in ("DEBUG", "INFO"),
     )
 
 

@@ -33,14 +33,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 from weakref import WeakSet
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.instrumentation.asgi import asgi_getter
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor, RequestInfo
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
@@ -105,23 +107,36 @@ class Telemetry:
     meter_provider: MeterProvider | None = None
     trust_incoming_trace: bool = False
     """Let a caller's ``traceparent`` parent the server span (behind a trusted gateway)."""
+    received: bool = True
+    """Whether anything receives the process's spans or metrics: an exporter, or providers
+    installed by someone else (who may have readers Lamina cannot see)."""
 
     def instrument(self, app: FastAPI) -> None:
         """Server spans and ``http.server.request.duration`` (per ``http.route``) for
         ``app``. The health probes are left out; so are the per-message ``send`` and
         ``receive`` spans, which would add one span per streamed chunk. Unless
         ``trust_incoming_trace``, each request starts a trace of its own
-        (:class:`IgnoreIncomingTraceContext`)."""
+        (:class:`IgnoreIncomingTraceContext`).
+
+        When nothing receives them (``received`` off), no span attribute or metric is
+        worth collecting: :class:`ServerTraceContext` stands in for the instrumentation,
+        and each request only gets its trace id."""
         if not self.enabled:
             return
+        if not self.received:
+            _wrap_middleware_stack(app, ServerTraceContext)
+        else:
+            self._instrument_fully(app)
+        if not self.trust_incoming_trace:
+            _wrap_middleware_stack(app, IgnoreIncomingTraceContext)
+
+    def _instrument_fully(self, app: FastAPI) -> None:
         FastAPIInstrumentor.instrument_app(
             app,
             server_request_hook=_server_request_hook,
             excluded_urls=",".join(f"{route}$" for route in HEALTH_ROUTES),
             exclude_spans=["receive", "send"],
         )
-        if not self.trust_incoming_trace:
-            _wrap_middleware_stack(app, IgnoreIncomingTraceContext)
 
     def add_correlation_ids(self, app: FastAPI, header: str) -> None:
         """Give every request a correlation id, returned in ``header``: the trace id of
@@ -184,13 +199,13 @@ class IgnoreIncomingTraceContext:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            fields = {name.lower() for name in propagate.get_global_textmap().fields}
+            fields = _propagated_headers()
             kept: list[tuple[bytes, bytes]] = []
             presented: dict[str, str] = {}
             for name, value in scope["headers"]:
                 # ASGI header names are lower-case bytes.
-                if (key := name.decode("latin-1")) in fields:
-                    presented[key] = value.decode("latin-1")
+                if name in fields:
+                    presented[name.decode("latin-1")] = value.decode("latin-1")
                 else:
                     kept.append((name, value))
             if presented:
@@ -199,6 +214,59 @@ class IgnoreIncomingTraceContext:
                 if incoming.get_span_context().is_valid:
                     scope[INCOMING_TRACE_SCOPE_KEY] = incoming.get_span_context()
         await self.app(scope, receive, send)
+
+
+class ServerTraceContext:
+    """ASGI wrapper standing in for the FastAPI instrumentation when nothing receives
+    spans or metrics: each request (but the health probes) runs in a server span
+    started as the instrumentation starts it, from the caller's propagated context when
+    one is presented, so that its trace id, the correlation id, is the one the
+    instrumentation would give. The span is not recorded (no exporter), so the work the
+    instrumentation does for it (request attributes, the route matched again for the
+    span name, the duration histograms) is skipped: a large share of a passthrough's
+    CPU, for figures nobody would read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._tracer = trace.get_tracer(__name__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"].endswith(HEALTH_ROUTES):
+            await self.app(scope, receive, send)
+            return
+        parent = otel_context.get_current()
+        if trace.get_current_span(parent) is trace.INVALID_SPAN and _presents_context(scope):
+            parent = propagate.extract(cast(dict[str, Any], scope), getter=asgi_getter)
+        span = self._tracer.start_span(
+            scope.get("method") or "WS", context=parent, kind=trace.SpanKind.SERVER
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            otel_context.detach(token)
+            span.end()
+
+
+def _presents_context(scope: Scope) -> bool:
+    """Whether the request carries a header the global propagator reads."""
+    fields = _propagated_headers()
+    return any(name in fields for name, _ in scope["headers"])
+
+
+_propagated: tuple[object, frozenset[bytes]] = (None, frozenset())
+
+
+def _propagated_headers() -> frozenset[bytes]:
+    """The header names the global propagator reads, lower-case ASGI bytes; worked out
+    again only when another propagator is installed (a composite one builds the set
+    anew on every look-up)."""
+    global _propagated
+    textmap = propagate.get_global_textmap()
+    if _propagated[0] is not textmap:
+        names = frozenset(name.lower().encode("latin-1") for name in textmap.fields)
+        _propagated = (textmap, names)
+    return _propagated[1]
 
 
 def _wrap_middleware_stack(app: FastAPI, wrapper: Callable[[ASGIApp], ASGIApp]) -> None:
@@ -302,11 +370,11 @@ def configure_telemetry(settings: TelemetrySettings) -> Telemetry:
                 settings, exporters.spans, record=bool(exporters.spans)
             )
             trace.set_tracer_provider(tracer_provider)
-            _installed_if_global(tracer_provider, trace.get_tracer_provider())
+            _installed_if_global(tracer_provider, trace.get_tracer_provider(), exporters.spans)
         if lacks_meters:
             meter_provider = build_meter_provider(settings, exporters.metrics)
             metrics.set_meter_provider(meter_provider)
-            _installed_if_global(meter_provider, metrics.get_meter_provider())
+            _installed_if_global(meter_provider, metrics.get_meter_provider(), exporters.metrics)
     elif settings.exporters and tracers not in _INSTALLED:
         log.info(
             "telemetry: using the tracer and meter providers already installed in this "
@@ -329,18 +397,23 @@ def configure_telemetry(settings: TelemetrySettings) -> Telemetry:
         meter_provider=meters
         if isinstance(meters, MeterProvider) and meters in _INSTALLED
         else None,
+        received=not (tracers in _UNRECEIVED and meters in _UNRECEIVED),
     )
 
 
 _INSTALLED: WeakSet[object] = WeakSet()
 """The providers this module made global: a later app in the process flushes them too,
 and adds nothing to them."""
+_UNRECEIVED: WeakSet[object] = WeakSet()
+"""Those of :data:`_INSTALLED` that were given no exporter: what they hold goes nowhere."""
 
 
-def _installed_if_global(provider: object, current: object) -> None:
+def _installed_if_global(provider: object, current: object, exporters: Sequence[object]) -> None:
     # Setting a global provider a second time is refused (with a warning) by the API.
     if current is provider:
         _INSTALLED.add(provider)
+        if not exporters:
+            _UNRECEIVED.add(provider)
 
 
 def _prefer_stable_http_conventions() -> None:

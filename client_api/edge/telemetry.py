@@ -118,6 +118,11 @@ def admission_span(check: AdmissionCheck, refusal: Classify) -> Iterator[Span]:
 def _decision(
     name: str, attributes: dict[str, str], outcome: str, passed: str, refusal: Classify
 ) -> Iterator[Span]:
+    if _unsampled_trace():
+        # A child follows its parent's sampling decision: this span would not be
+        # recorded either, and starting it costs more than the check it times.
+        yield trace.INVALID_SPAN
+        return
     with TRACER.start_as_current_span(
         name, attributes=attributes, record_exception=False, set_status_on_exception=False
     ) as span:
@@ -133,3 +138,13 @@ def _decision(
                 span.set_attributes({outcome: "refused", POLICY_REASON: reason.value})
             raise
         span.set_attribute(outcome, passed)
+
+
+def _unsampled_trace() -> bool:
+    """Whether the current span belongs to a trace that was not sampled (and is not
+    recorded): under the parent-based samplers Lamina installs (and the SDK's default),
+    its children are not sampled either. Outside any trace (a Teams turn) it is False:
+    a root span gets a sampling decision of its own."""
+    current = trace.get_current_span()
+    context = current.get_span_context()
+    return context.is_valid and not context.trace_flags.sampled and not current.is_recording()
