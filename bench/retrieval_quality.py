@@ -12,7 +12,8 @@ chunk's vector is of its title, heading and text); a page contributes at most
 
 Everything goes through the knowledge contracts: the real ``SqliteKnowledgeIndex``,
 vectors from the local model (all-MiniLM-L6-v2 int8) via ``replace_document``, and
-``search(SearchRequest(mode=...))`` for text (BM25), vector and hybrid (RRF). Scores
+``search(SearchRequest(mode=...))`` for text (BM25), vector and hybrid (fused as
+``--fusion`` says; by default as ``KnowledgeSettings`` says). Scores
 are per document: a page's best chunk ranks the page. Reported per mode: nDCG@10
 (one relevant page: 1/log2(rank + 1) within the first ten), recall@10 and recall@100.
 
@@ -24,7 +25,8 @@ The script installs nothing. It needs the manual pages and man-db:
 images use to strip them). Rendered pages and vectors are cached under
 ``bench/results/retrieval_quality_cache/``: a rerun embeds nothing.
 
-    .venv/bin/python -m bench.retrieval_quality [--pages 2000] [--max-words 1000]
+    .venv/bin/python -m bench.retrieval_quality [--pages 2000] [--max-words 1000] \
+        [--fusion score|rrf] [--vector-share 0.75]
 
 Writes bench/results/retrieval_quality.json.
 """
@@ -51,6 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.knowledge_support import RESULTS, LocalEmbedder, VectorCache, machine, write_result
+from knowledge.backends.fusion import HybridFusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import AccessControl, AccessFilter, Chunk, SearchMode, SearchRequest
 from knowledge.ingestion.chunking import chunk_sections
@@ -235,7 +238,8 @@ async def evaluate(args: argparse.Namespace) -> dict[str, object]:
     await embed_all(embedder, cache, [embedding_text(c) for c in all_chunks] + queries)
 
     workdir = Path(tempfile.mkdtemp(prefix="lamina-bench-quality-"))
-    index = SqliteKnowledgeIndex(workdir / "knowledge.db")
+    fusion = HybridFusion(args.fusion, args.vector_share)
+    index = SqliteKnowledgeIndex(workdir / "knowledge.db", fusion=fusion)
     await index.open()
     try:
         started = time.perf_counter()
@@ -289,6 +293,8 @@ async def evaluate(args: argparse.Namespace) -> dict[str, object]:
         "chunk_words": settings.chunk_tokens,
         "chunk_overlap": settings.chunk_overlap,
         "embedding_model": embedder.identity.model,
+        "fusion": fusion.method,
+        "vector_share": fusion.vector_share if fusion.method == "score" else None,
         "index_build_s": round(index_s, 1),
         "modes": modes,
         "hybrid_gain_ndcg_points": gain,
@@ -312,6 +318,11 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=2000, help="queries (one per page)")
     parser.add_argument("--max-words", type=int, default=1000, help="words indexed per page")
     parser.add_argument("--seed", type=int, default=9)
+    defaults = KnowledgeSettings()
+    parser.add_argument("--fusion", choices=("score", "rrf"), default=defaults.hybrid_fusion)
+    parser.add_argument(
+        "--vector-share", type=float, default=defaults.hybrid_vector_share, help="score fusion"
+    )
     args = parser.parse_args()
     if shutil.which("man") is None or not any(MAN_ROOT.glob("man1/*")):
         raise SystemExit(f"needs Debian's manual pages and man-db: {INSTALL}")
@@ -327,7 +338,8 @@ def main() -> None:
         )
     print(
         f"{result['queries']} queries over {result['pages']} pages / {result['chunks']} chunks;"
-        f" hybrid - best single mode: {result['hybrid_gain_ndcg_points']:+.2f} nDCG points"
+        f" hybrid ({result['fusion']}) - best single mode:"
+        f" {result['hybrid_gain_ndcg_points']:+.2f} nDCG points"
         f" (goal +3: {'met' if result['hybrid_goal_met'] else 'not met'});"
         f" cores {result['cores']}, load {result['load_average']}. Wrote {path}"
     )

@@ -66,6 +66,7 @@ from intelligence.stores.sqlite import SqliteConversationStore
 from intelligence.stores.sqlite_audit import SqliteAuditLog
 from intelligence.stores.sqlite_jobs import SqliteJobStore
 from intelligence.upkeep import Upkeep
+from knowledge.backends.fusion import HybridFusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Embedder, Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.acl import AccessRules
@@ -369,7 +370,12 @@ def build_knowledge(
             settings.knowledge.azure_search, embedder.identity
         )
     else:
-        index = SqliteKnowledgeIndex(settings.knowledge_index_path())
+        index = SqliteKnowledgeIndex(
+            settings.knowledge_index_path(),
+            fusion=HybridFusion(
+                settings.knowledge.hybrid_fusion, settings.knowledge.hybrid_vector_share
+            ),
+        )
     retriever = SecurityTrimmedRetriever(
         index,
         embedder,

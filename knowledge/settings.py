@@ -35,7 +35,21 @@ class KnowledgeSettings(BaseModel):
     )
     search_mode: SearchMode = Field(
         default=SearchMode.HYBRID,
-        description="Default ranking: 'hybrid' (BM25 + vectors, RRF), 'text' or 'vector'",
+        description="Default ranking: 'hybrid' (BM25 + vectors, fused), 'text' or 'vector'",
+    )
+    hybrid_fusion: Literal["score", "rrf"] = Field(
+        default="score",
+        description=(
+            "How the embedded index fuses BM25 and vector lists in hybrid search: 'score' "
+            "(standardised scores, weighted by hybrid_vector_share) or 'rrf' (Reciprocal "
+            "Rank Fusion). Azure AI Search always fuses with RRF."
+        ),
+    )
+    hybrid_vector_share: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="Weight of the vector list in 'score' fusion; BM25 has the rest",
     )
     backend: Literal["sqlite", "azure_search"] = Field(
         default="sqlite", description="Index backend: embedded SQLite, or Azure AI Search"
@@ -59,6 +73,15 @@ class AzureSearchSettings(BaseModel):
     )
     semantic_ranker: bool = Field(
         default=False, description="Rerank hybrid results with the semantic ranker (billed)"
+    )
+    vector_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description=(
+            "Weight of the vector query in the service's Reciprocal Rank Fusion of hybrid "
+            "search; 1 weighs BM25 and vectors alike"
+        ),
     )
     batch_size: int = Field(default=500, ge=1, le=1000, description="Documents per upload")
     max_retries: int = Field(

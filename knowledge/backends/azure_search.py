@@ -263,6 +263,7 @@ class AzureSearchKnowledgeIndex:
         credential: AzureKeyCredential | AsyncTokenCredential,
         embedding: EmbeddingIdentity,
         semantic_ranker: bool = False,
+        vector_weight: float = 1.0,
         batch_size: int = 500,
         max_retries: int = 5,
         retry_backoff: float = 0.5,
@@ -272,12 +273,15 @@ class AzureSearchKnowledgeIndex:
         """``embedding`` is the configured model: it sizes the vector field of a new index
         (an existing index keeps its own and records which model built it).
         ``sleep`` waits between retries (tests pass one that records the waits);
-        ``connection_verify`` may name a CA file, for a service behind a private CA."""
+        ``connection_verify`` may name a CA file, for a service behind a private CA.
+        ``vector_weight`` weighs the vector query in the service's Reciprocal Rank Fusion
+        of a hybrid search (1: both lists count alike)."""
         self._endpoint = endpoint
         self._index_name = index_name
         self._credential = credential
         self._configured = embedding
         self._semantic_ranker = semantic_ranker
+        self._vector_weight = vector_weight
         self._batch_size = batch_size
         self._max_retries = max_retries
         self._retry_backoff = retry_backoff
@@ -322,6 +326,7 @@ class AzureSearchKnowledgeIndex:
             credential=chosen,
             embedding=embedding,
             semantic_ranker=settings.semantic_ranker,
+            vector_weight=settings.vector_weight,
             batch_size=settings.batch_size,
             max_retries=settings.max_retries,
             connection_verify=connection_verify,
@@ -485,6 +490,10 @@ class AzureSearchKnowledgeIndex:
                     if search_text
                     else request.top_k,
                     fields="vector",
+                    # Fusion weighs only a hybrid query's lists; 1 is the service's default.
+                    weight=self._vector_weight
+                    if search_text and self._vector_weight != 1
+                    else None,
                 )
             ]
             if vector is not None

@@ -17,7 +17,8 @@ FTS5's bm25() formula over each query term's postings (read from FTS5's own inde
 cached per generation), and vector search multiplies only their vectors (exact).
 FTS5's MATCH with the ACL inside (``{text title section}: (…) AND acl: (…)``) remains
 the text search for a query term FTS5 reads as several tokens. Hybrid fuses the two
-permitted lists with Reciprocal Rank Fusion. A forbidden chunk can therefore never take
+permitted lists (``knowledge.backends.fusion``: standardised scores by default, or
+Reciprocal Rank Fusion). A forbidden chunk can therefore never take
 a top-k slot or come back. A write by this process updates the arrays at the next
 search; a write by another process (``write_generation`` moved further) reloads them.
 
@@ -42,6 +43,7 @@ import aiosqlite
 import numpy as np
 import numpy.typing as npt
 
+from knowledge.backends.fusion import HybridFusion, fuse
 from knowledge.backends.sqlite_memory import (
     IndexRows,
     RowData,
@@ -68,8 +70,6 @@ _SCHEMA_VERSION = 3
 # Versions 0-2 are upgraded in place on open (see _UPGRADE_TO_3).
 _UPGRADABLE = (0, 1, 2, _SCHEMA_VERSION)
 
-RRF_K = 60
-"""Reciprocal Rank Fusion constant: a passage scores sum(1 / (RRF_K + rank))."""
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -445,15 +445,6 @@ def _mismatch(stored: EmbeddingIdentity, given: EmbeddingIdentity) -> EmbeddingM
     )
 
 
-def _fuse(*ranked: Sequence[int]) -> list[tuple[int, float]]:
-    """Reciprocal Rank Fusion of lists of row ids, best first."""
-    scores: dict[int, float] = {}
-    for ids in ranked:
-        for rank, row in enumerate(ids, start=1):
-            scores[row] = scores.get(row, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(scores.items(), key=lambda item: -item[1])
-
-
 class SqliteKnowledgeIndex:
     """The embedded :class:`~knowledge.contracts.KnowledgeIndex`: one SQLite file.
 
@@ -464,8 +455,9 @@ class SqliteKnowledgeIndex:
     :class:`IndexUnavailable` (retrieval fails closed).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fusion: HybridFusion | None = None) -> None:
         self._path = path
+        self._fusion = fusion or HybridFusion()
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._embedding: EmbeddingIdentity | None = None
@@ -781,7 +773,12 @@ class SqliteKnowledgeIndex:
             elif request.mode is SearchMode.VECTOR:
                 ranked = ranking.vector
             else:
-                ranked = _fuse([row for row, _ in ranking.text], [row for row, _ in ranking.vector])
+                ranked = fuse(
+                    ranking.text,
+                    ranking.vector,
+                    self._fusion,
+                    text_complete=len(ranking.text) < depth,
+                )
             ranked = ranked[: request.top_k]
             chunks = await _chunks_by_row(db, [row for row, _ in ranked], access)
         passages = tuple(

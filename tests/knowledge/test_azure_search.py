@@ -491,3 +491,33 @@ async def test_a_query_from_a_model_that_rebuilt_the_index_elsewhere_is_refused(
     request = SearchRequest("holidays", 5, SearchMode.HYBRID, vector, other.identity)
     with pytest.raises(EmbeddingMismatch, match="constant"):
         await index.search(request, READER)
+
+
+async def test_the_vector_weight_reaches_the_services_fusion_of_hybrid_queries_only(
+    service: FakeSearchService,
+) -> None:
+    """Azure AI Search fuses hybrid lists itself (RRF); a vector query's ``weight`` is the
+    one fusion knob it takes. A pure vector query has nothing to fuse, so none is sent."""
+    settings = AzureSearchSettings(
+        endpoint=service.endpoint,
+        index_name="vector-weighted",
+        api_key=service.api_key,  # type: ignore[arg-type]
+        vector_weight=2.5,
+    )
+    index = AzureSearchKnowledgeIndex.from_settings(
+        settings, IDENTITY, connection_verify=service.ca_file
+    )
+    await index.open()
+    try:
+        embedder = HashingEmbedder(64)
+        await put(index, "faq", make_chunks("faq", "holidays", acl=access(public=True)), embedder)
+        (vector,) = await embedder.embed(["holidays"], tenant_id="contoso")
+        sent: dict[SearchMode, list[object]] = {}
+        for mode in (SearchMode.HYBRID, SearchMode.VECTOR):
+            hits = await index.search(SearchRequest("holidays", 5, mode, vector, IDENTITY), READER)
+            assert [p.chunk.chunk_id for p in hits.passages] == ["faq-0"]
+            ranked = next(b for b in reversed(service.searches()) if b.get("top") == 5)
+            sent[mode] = [q.get("weight") for q in ranked["vectorQueries"]]
+        assert sent == {SearchMode.HYBRID: [2.5], SearchMode.VECTOR: [None]}
+    finally:
+        await index.close()

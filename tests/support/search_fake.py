@@ -442,8 +442,10 @@ class FakeSearchService:
             if not text or body.get("semanticConfiguration") not in names:
                 raise _Reply(400, "semantic queries need search text and a known configuration")
         rankings: list[list[tuple[str, float]]] = []
+        weights: list[float] = []
         if text and text != "*":
             rankings.append(_bm25(index, admitted, text))
+            weights.append(1.0)
         for query in body.get("vectorQueries") or []:
             if (
                 query.get("kind") != "vector"
@@ -451,15 +453,16 @@ class FakeSearchService:
             ):
                 raise _Reply(400, "the fake serves pre-filtered vector queries only")
             rankings.append(_nearest(index, admitted, query))
+            weights.append(float(query.get("weight", 1.0)))
         if not rankings:
             ranked = [(d[index.key], 1.0) for d in admitted]
         elif len(rankings) == 1:
             ranked = rankings[0]
         else:
             fused: Counter[str] = Counter()
-            for ranking in rankings:
+            for ranking, weight in zip(rankings, weights, strict=True):
                 for rank, (key, _) in enumerate(ranking, start=1):
-                    fused[key] += 1 / (_RRF_K + rank)
+                    fused[key] += weight / (_RRF_K + rank)
             ranked = sorted(fused.items(), key=lambda item: (-item[1], item[0]))
         if body.get("orderby"):
             name, _, direction = str(body["orderby"]).partition(" ")
