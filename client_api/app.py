@@ -42,6 +42,9 @@ from client_api.settings import LaminaSettings, load_settings, require_serving_s
 from client_api.telemetry import configure_telemetry
 from client_api.web import mount_web
 
+YOUNG_GC_THRESHOLD = 10_000
+"""The garbage collector's first threshold once the app has started (CPython's is 700)."""
+
 
 def create_app(
     settings: LaminaSettings | None = None, *, graph_token: GraphTokenProvider | None = None
@@ -71,6 +74,12 @@ def create_app(
             # pauses would otherwise show in every percentile.
             gc.collect()
             gc.freeze()
+            # The young generation is collected when allocations outnumber frees by the
+            # threshold; under concurrency, objects of requests in flight survive each
+            # collection and are promoted, then collected again in older generations (at
+            # 700, about a tenth of a passthrough's CPU). 10,000 cuts that tenfold, for
+            # at most a few megabytes of young garbage waiting.
+            gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
             try:
                 await services.job_runner.start()
                 async with AsyncExitStack() as running:

@@ -75,6 +75,9 @@ class ChatRequest:
     ``deployment`` pins the call to a named deployment of the gateway's registry (the
     deployment's failover chain still applies); None lets the router choose.
     ``prompt_version`` names the prompt the messages were rendered from, for metering.
+    ``prompt_tokens``: the messages and tools counted with the gateway's own token
+    counter, when the caller has counted them already (the edge's caps check does), so
+    the gateway does not count the prompt again; None: the gateway counts.
     """
 
     messages: Sequence[ChatMessage]
@@ -85,6 +88,7 @@ class ChatRequest:
     response_format: ResponseSchema | None = None
     deployment: str | None = None
     prompt_version: str | None = None
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

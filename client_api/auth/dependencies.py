@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -152,6 +152,17 @@ def _csv(value: str | None) -> frozenset[str]:
     return frozenset(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+def bearer_token(request: Request) -> str | None:
+    """The bearer token of the ``Authorization`` header, read as ``HTTPBearer`` with
+    ``auto_error=False`` reads it: ``None`` when the header is missing or empty, names
+    another scheme, or carries no credentials."""
+    scheme, _, credentials = (request.headers.get("Authorization") or "").partition(" ")
+    credentials = credentials.strip()
+    if not (scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
 def _authenticator(request: Request) -> Authenticator:
     authenticator: Authenticator = request.app.state.authenticator
     return authenticator
@@ -177,23 +188,49 @@ def require(permission: Permission) -> Callable[[Request, Principal], Awaitable[
     is within its requests-per-minute limits (429 otherwise)."""
 
     async def authorized(request: Request, principal: CurrentPrincipal) -> Principal:
-        try:
-            _authenticator(request).policy.check(principal, permission)
-        except PermissionDenied as denied:
-            log.info(
-                "refused %s/%s (%s): %s",
-                principal.tenant_id,
-                principal.user_id,
-                principal.auth_method,
-                denied.message,
-            )
-            raise _forbidden(denied) from None
-        # The edge gate: requests-per-minute (a no-op while no limit is configured).
-        await admit(request, principal)
-        return principal
+        return await _authorize(request, principal, permission)
 
     authorized.__name__ = f"require_{permission.name.lower()}"
     return authorized
+
+
+def require_from_headers(permission: Permission) -> Callable[[Request], Awaitable[Principal]]:
+    """``require(permission)`` as a single dependency that reads the credentials from the
+    request itself: the same authentication, permission check and limits, refusals and
+    problems, without resolving the security schemes and ``current_principal`` as
+    dependencies of their own on every request (FastAPI's cost per dependency dominates a
+    passthrough). FastAPI then no longer sees the schemes: a route using it declares them
+    with ``openapi_extra=CREDENTIALS_OPENAPI``, so its OpenAPI operation is unchanged."""
+
+    async def authorized(request: Request) -> Principal:
+        principal = await _authenticator(request).authenticate(request, bearer_token(request))
+        return await _authorize(request, principal, permission)
+
+    authorized.__name__ = f"require_{permission.name.lower()}_from_headers"
+    return authorized
+
+
+CREDENTIALS_OPENAPI: dict[str, Any] = {
+    "security": [{scheme.scheme_name: []} for scheme in (_bearer, _api_key, _x_api_key, _dev_user)]
+}
+"""The security requirements ``current_principal``'s schemes give an operation, in order."""
+
+
+async def _authorize(request: Request, principal: Principal, permission: Permission) -> Principal:
+    try:
+        _authenticator(request).policy.check(principal, permission)
+    except PermissionDenied as denied:
+        log.info(
+            "refused %s/%s (%s): %s",
+            principal.tenant_id,
+            principal.user_id,
+            principal.auth_method,
+            denied.message,
+        )
+        raise _forbidden(denied) from None
+    # The edge gate: requests-per-minute (a no-op while no limit is configured).
+    await admit(request, principal)
+    return principal
 
 
 def _forbidden(denied: PermissionDenied) -> Problem:
@@ -216,8 +253,9 @@ ChatCaller = Annotated[Principal, Depends(require(Permission.CHAT))]
 """A caller who may chat (POST /v1/chat, /v1/chat/stream)."""
 ConversationsCaller = Annotated[Principal, Depends(require(Permission.CONVERSATIONS))]
 """A caller who may list, read and delete their own conversations."""
-ModelsCaller = Annotated[Principal, Depends(require(Permission.MODELS))]
-"""A caller of the OpenAI-compatible /v1/chat/completions and /v1/models."""
+OpenAICaller = Annotated[Principal, Depends(require_from_headers(Permission.MODELS))]
+"""A caller of the OpenAI-compatible /v1/chat/completions and /v1/models, in one
+dependency (those routes declare ``openapi_extra=CREDENTIALS_OPENAPI``)."""
 UsageAdmin = Annotated[Principal, Depends(require(Permission.USAGE_READ))]
 """A caller who may read the tenant's usage and cost."""
 KeysAdmin = Annotated[Principal, Depends(require(Permission.KEYS_MANAGE))]

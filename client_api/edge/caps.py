@@ -92,17 +92,19 @@ class RequestCaps:
         messages: Sequence[ChatMessage],
         tools: Sequence[ToolDefinition],
         max_tokens: int | None,
-    ) -> None:
-        """An OpenAI-style completion: output tokens, history turns, then prompt tokens."""
+    ) -> int:
+        """An OpenAI-style completion: output tokens, history turns, then prompt tokens.
+        Returns the prompt's tokens (messages and tools), which the gateway takes as
+        ``ChatRequest.prompt_tokens`` rather than counting them again."""
         with admission_span(AdmissionCheck.CAPS, _cap_refusal):
-            await self._check_completion(messages, tools, max_tokens)
+            return await self._check_completion(messages, tools, max_tokens)
 
     async def _check_completion(
         self,
         messages: Sequence[ChatMessage],
         tools: Sequence[ToolDefinition],
         max_tokens: int | None,
-    ) -> None:
+    ) -> int:
         caps = self._settings
         if max_tokens is not None and max_tokens > caps.max_output_tokens:
             raise CapExceeded(
@@ -122,9 +124,11 @@ class RequestCaps:
                 "Summarise or drop older turns.",
             )
         chars = sum(len(m.content or "") for m in messages)
-        await self._check_prompt(chars, lambda: self._counter.count_messages(messages, tools))
+        return await self._check_prompt(
+            chars, lambda: self._counter.count_messages(messages, tools)
+        )
 
-    async def _check_prompt(self, chars: int, count: Callable[[], int]) -> None:
+    async def _check_prompt(self, chars: int, count: Callable[[], int]) -> int:
         tokens = await asyncio.to_thread(count) if chars > _COUNT_IN_THREAD_CHARS else count()
         limit = self._settings.max_prompt_tokens
         if tokens > limit:
@@ -136,6 +140,7 @@ class RequestCaps:
                 measured=tokens,
                 limit=limit,
             )
+        return tokens
 
 
 class BodySizeLimit:

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -35,12 +35,11 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from client_api.auth.dependencies import ModelsCaller
+from client_api.auth.dependencies import CREDENTIALS_OPENAPI, OpenAICaller
 from client_api.auth.permissions import Permission, PermissionDenied
 from client_api.composition import Services
 from client_api.edge.admission import check_tokens
 from client_api.problems import OPENAI_COMPATIBLE_TAG, openai_error_responses
-from client_api.routes.deps import ServicesDep
 from inferencing.contracts import (
     ChatDelta,
     ChatMessage,
@@ -254,13 +253,14 @@ class OpenAIError(Exception):
         # 409: a turn of the conversation still runs; 502/504: the model failed.
         **openai_error_responses(400, 404, 409, 413, 502, 504),
     },
+    openapi_extra=CREDENTIALS_OPENAPI,
 )
 async def chat_completions(
-    body: Annotated[ChatCompletionsBody, Body()],
-    request: Request,
-    principal: ModelsCaller,
-    services: ServicesDep,
+    body: Annotated[ChatCompletionsBody, Body()], request: Request, principal: OpenAICaller
 ) -> Response:
+    # One dependency (the caller) rather than auth's seven and services': FastAPI's
+    # cost per dependency is much of a passthrough's.
+    services: Services = request.app.state.services
     logical = LOGICAL_MODELS.get(body.model)
     if logical is not None:
         try:
@@ -270,7 +270,11 @@ async def chat_completions(
     gateway = services.gateway
     try:
         typed = _request(body)
-        await services.caps.check_completion(typed.messages, typed.tools, typed.max_tokens)
+        prompt_tokens = await services.caps.check_completion(
+            typed.messages, typed.tools, typed.max_tokens
+        )
+        # Counted with the gateway's counter: the gateway routes on it without recounting.
+        typed = replace(typed, prompt_tokens=prompt_tokens)
         if body.stream:
             deltas = aiter(gateway.stream(typed, principal))
             # Fail over, or fail with a proper status, before the response starts.
@@ -301,10 +305,10 @@ async def chat_completions(
 @router.get(
     "/v1/models",
     summary="What the caller may name as 'model': logical models first, then deployments",
+    openapi_extra=CREDENTIALS_OPENAPI,
 )
-async def models(
-    request: Request, principal: ModelsCaller, services: ServicesDep
-) -> dict[str, Any]:
+async def models(request: Request, principal: OpenAICaller) -> dict[str, Any]:
+    services: Services = request.app.state.services
     today = datetime.now(UTC).date()
     data: list[dict[str, Any]] = []
     if _may_chat(request, principal):

@@ -405,7 +405,9 @@ class Gateway:
         )
 
     def _plan(self, request: ChatRequest, telemetry: ModelCall) -> _Call:
-        prompt_tokens = self._counter.count_messages(request.messages, request.tools)
+        prompt_tokens = request.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = self._counter.count_messages(request.messages, request.tools)
         try:
             plan = self._router.plan(request, prompt_tokens, self._today())
         except KeyError:

@@ -47,6 +47,13 @@ async def test_a_long_prompt_is_counted_and_refused_off_the_event_loop(caps: Req
         await caps.check_message("x " * 60_000)
 
 
+async def test_a_completion_within_the_caps_returns_the_prompt_tokens(caps: RequestCaps) -> None:
+    """The count the gateway is handed instead of counting again: the counter's own."""
+    messages = _conversation(2)
+    tokens = await caps.check_completion(messages, (), max_tokens=None)
+    assert tokens == default_counter().count_messages(messages, ())
+
+
 async def test_asking_for_more_output_than_the_cap_is_unprocessable(caps: RequestCaps) -> None:
     with pytest.raises(CapExceeded) as refused:
         await caps.check_completion(_conversation(1), (), max_tokens=101)

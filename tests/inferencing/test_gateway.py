@@ -183,6 +183,19 @@ async def test_a_prompt_too_large_for_one_deployment_goes_to_a_larger_one(
     assert short.route is not None and short.route.deployment == "small"
 
 
+async def test_a_prompt_counted_by_the_caller_is_routed_on_that_count(caller: Caller) -> None:
+    """The edge counts the prompt for its caps and passes the count on: the gateway routes
+    on ``prompt_tokens`` when it is given, and counts the messages only when it is not."""
+    small = deployment("small", ScriptedChatModel(name="small", context_window=300), priority=1)
+    large = deployment("large", ScriptedChatModel(name="large", context_window=100_000))
+    gw = gateway(small, large)
+
+    counted = await gw.complete(ask("hi", prompt_tokens=5_000), caller)
+    assert counted.route is not None and counted.route.deployment == "large"
+    uncounted = await gw.complete(ask("hi"), caller)
+    assert uncounted.route is not None and uncounted.route.deployment == "small"
+
+
 async def test_a_prompt_too_large_for_every_deployment_is_refused_before_any_call(
     caller: Caller,
 ) -> None:
