@@ -56,10 +56,12 @@ class SerialisedSqliteStore:
                 # fails with "cannot start a transaction within a transaction".
                 await db.execute("BEGIN IMMEDIATE")
                 yield db
+                # COMMIT inside the try as well: SQLite may refuse it and keep the
+                # transaction open (a deferred constraint, SQLITE_BUSY outside WAL).
+                await db.commit()
             except BaseException:
                 await db.rollback()
                 raise
-            await db.commit()
 
     async def _newest_first(
         self,

@@ -291,7 +291,7 @@ _MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+")
 # Bounds of the per-process caches: query term → FTS5 tokens, and token → postings.
 _TOKENIZED_TERMS = 10_000
-_CACHED_POSTINGS = 20_000_000
+_CACHED_POSTINGS = 2_000_000  # row ids and frequencies: some 32 MB
 # Writes by this process held for the next search; past this, it reloads instead.
 _PENDING_ROWS = 50_000
 
@@ -533,10 +533,12 @@ class SqliteKnowledgeIndex:
                     # fails with "cannot start a transaction within a transaction".
                     await db.execute(f"BEGIN {mode}")
                     yield db
+                    # COMMIT inside the try as well: SQLite may refuse it and keep the
+                    # transaction open (a deferred constraint, SQLITE_BUSY outside WAL).
+                    await db.execute("COMMIT")
                 except BaseException:
                     await db.rollback()
                     raise
-                await db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise IndexUnavailable("the knowledge index failed; try again later") from exc
 

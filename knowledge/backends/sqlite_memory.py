@@ -142,7 +142,7 @@ class IndexRows:
         """Positions of ``row_ids`` (which must all be rows of this generation)."""
         positions = np.searchsorted(self.row_ids, row_ids)
         if positions.size and (
-            positions[-1] >= len(self.row_ids)
+            np.any(positions >= len(self.row_ids))
             or not np.array_equal(self.row_ids[positions], row_ids)
         ):
             raise ValueError("the postings name rows this generation does not hold")
@@ -222,6 +222,9 @@ def postings_from_vocabulary(
     halves = np.frombuffer(weights.encode("ascii"), dtype=np.uint8).astype(np.float64) - 48.0
     if ids.size != halves.size:
         raise ValueError("the vocabulary's columns disagree")
+    # Out of order, a row would be counted twice (its hits and frequency wrong): refuse.
+    if np.any(np.diff(ids) < 0):
+        raise ValueError("the vocabulary's rows are not in ascending order")
     starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
     # Sums of halves are exact in binary floating point, whatever the order.
     frequency = np.add.reduceat(halves, starts) * 0.5
@@ -235,7 +238,8 @@ def document_lengths(sizes: Sequence[bytes]) -> Rows:
     data = np.frombuffer(b"".join(sizes), dtype=np.uint8)
     if data.size == 0:
         return lengths
-    owner = np.repeat(np.arange(len(sizes)), [len(size) for size in sizes])
+    counts = np.fromiter((len(size) for size in sizes), dtype=np.int64, count=len(sizes))
+    owner = np.repeat(np.arange(len(sizes)), counts)
     last = (data & 0x80) == 0
     # Column sizes stay far below 2**28, so four bytes per varint never overflow this.
     values = np.zeros(data.size, dtype=np.int64)
@@ -243,6 +247,9 @@ def document_lengths(sizes: Sequence[bytes]) -> Rows:
     starts = np.concatenate(([0], ends[:-1] + 1))
     if np.any(ends - starts >= 4) or not last[-1]:
         raise ValueError("an FTS5 document size is not a short varint")
+    # Each row's blob ends a varint: else one would run on into the next row's sizes.
+    if not np.all(last[(np.cumsum(counts) - 1)[counts > 0]]):
+        raise ValueError("an FTS5 document size ends inside a varint")
     low = (data & 0x7F).astype(np.int64)
     for shift in range(4):
         # Byte ``end - shift`` of each varint carries bits 7*shift and up.
