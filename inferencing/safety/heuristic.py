@@ -702,8 +702,10 @@ class HeuristicPromptShield:
 
     def verdict(self, text: str, channel: int) -> ShieldVerdict:
         # The same passages come back turn after turn (retrieval favours a few documents):
-        # short texts' assessments are remembered, long ones are not kept in memory.
-        assess = _assess_cached if len(text) <= _CACHED_CHARS else _assess
+        # short passages' assessments are remembered. Long ones are not kept in memory,
+        # nor are users' prompts (personal data, and rarely repeated).
+        cached = channel == DOCUMENT and len(text) <= _CACHED_CHARS
+        assess = _assess_cached if cached else _assess
         score, reasons = assess(text, channel)
         return ShieldVerdict(
             attack=score >= self._thresholds[channel], score=score, reasons=reasons
