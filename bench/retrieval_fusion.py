@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.knowledge_support import LocalEmbedder, VectorCache, machine, write_result
-from bench.retrieval_quality import CACHE, chunks_of, embed_all, load_pages
+from bench.retrieval_quality import CACHE, chunks_of, embed_all, index_pages, load_pages
 from knowledge.backends.fusion import score_fusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex, to_match_expression
 from knowledge.ingestion.pipeline import embedding_text
@@ -132,16 +132,7 @@ async def collect(args: argparse.Namespace) -> Lists:
     text_rows: dict[str, Ints] = {}
     text_scores: dict[str, Floats] = {}
     try:
-        for name, page_chunks in chunks.items():
-            vectors = cache.matrix([embedding_text(c) for c in page_chunks])
-            digest = hashlib.sha256("\0".join(c.text for c in page_chunks).encode()).hexdigest()
-            await index.replace_document(
-                name,
-                page_chunks,
-                content_hash=digest,
-                vectors=vectors.tolist(),
-                embedding=embedder.identity,
-            )
+        await index_pages(index, chunks, cache, embedder)
         await index.close()
         db = sqlite3.connect(workdir / "knowledge.db")
         by_row = {

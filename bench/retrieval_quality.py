@@ -212,6 +212,25 @@ async def embed_all(embedder: LocalEmbedder, cache: VectorCache, texts: Sequence
         print(f"  embedded {done}/{len(missing)} ({rate:.0f}/s)", file=sys.stderr)
 
 
+async def index_pages(
+    index: SqliteKnowledgeIndex,
+    chunks: dict[str, list[Chunk]],
+    cache: VectorCache,
+    embedder: LocalEmbedder,
+) -> None:
+    """Write each page as a document, with its chunks' cached vectors."""
+    for name, page_chunks in chunks.items():
+        vectors = cache.matrix([embedding_text(c) for c in page_chunks])
+        digest = hashlib.sha256("\0".join(c.text for c in page_chunks).encode()).hexdigest()
+        await index.replace_document(
+            name,
+            page_chunks,
+            content_hash=digest,
+            vectors=vectors.tolist(),
+            embedding=embedder.identity,
+        )
+
+
 def _rank_of(target: str, passages_pages: Sequence[str]) -> int | None:
     """1-based rank of ``target`` among distinct pages in ranked order (first = best)."""
     seen: list[str] = []
@@ -243,16 +262,7 @@ async def evaluate(args: argparse.Namespace) -> dict[str, object]:
     await index.open()
     try:
         started = time.perf_counter()
-        for name, page_chunks in chunks.items():
-            vectors = cache.matrix([embedding_text(c) for c in page_chunks])
-            digest = hashlib.sha256("\0".join(c.text for c in page_chunks).encode()).hexdigest()
-            await index.replace_document(
-                name,
-                page_chunks,
-                content_hash=digest,
-                vectors=vectors.tolist(),
-                embedding=embedder.identity,
-            )
+        await index_pages(index, chunks, cache, embedder)
         index_s = time.perf_counter() - started
         access = AccessFilter(tenant_id=TENANT, user_id="reader", groups=frozenset())
         query_vectors = cache.matrix(queries)
