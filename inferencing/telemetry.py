@@ -122,6 +122,14 @@ class ModelTarget:
             found["lamina.gen_ai.model_version"] = self.model_version
         return found
 
+    def metric_attributes(self) -> dict[str, AttributeValue]:
+        """:meth:`attributes` without the model version (metrics' bounded set)."""
+        return {
+            "gen_ai.provider.name": self.provider,
+            "gen_ai.request.model": self.model,
+            "lamina.gen_ai.deployment": self.deployment,
+        }
+
 
 class ModelCall:
     """The span and metrics of one model call, from its start to its end.
@@ -179,9 +187,7 @@ class ModelCall:
             self.span.set_attribute("lamina.gen_ai.cancelled", True)
         attributes: dict[str, AttributeValue] = {"gen_ai.operation.name": self._operation}
         if self._target is not None:
-            target = self._target.attributes()
-            target.pop("lamina.gen_ai.model_version", None)
-            attributes.update(target)
+            attributes.update(self._target.metric_attributes())
         if self._error_type is not None:
             attributes["error.type"] = self._error_type
         operation_duration.record(time.perf_counter() - self._started, attributes)
@@ -196,7 +202,7 @@ class ModelCall:
     def routed_to(self, target: ModelTarget) -> None:
         """The deployment the call goes to: the first the router chose, then the one
         that served it (failover may have moved it). Names the span after its model."""
-        if target == self._target:
+        if target is self._target or target == self._target:
             return
         self._target = target
         self.span.update_name(f"{self._operation} {target.model}")

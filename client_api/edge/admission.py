@@ -105,9 +105,14 @@ async def _tokens(limiter: RateLimiter, principal: Principal) -> list[LimitState
 
 
 def _remember(request: Request, headers: Mapping[str, str]) -> None:
-    held: dict[str, str] = getattr(request.state, _STATE_KEY, None) or {}
-    held.update(headers)
-    setattr(request.state, _STATE_KEY, held)
+    # The scope's state dict is what ``request.state`` wraps, and what the middleware
+    # reads; a missing attribute of ``request.state`` would cost a raised AttributeError.
+    state: dict[str, object] = request.scope.setdefault("state", {})
+    held = state.get(_STATE_KEY)
+    if isinstance(held, dict):
+        held.update(headers)
+    else:
+        state[_STATE_KEY] = dict(headers)
 
 
 class RateLimitHeaders:

@@ -13,7 +13,7 @@ what actually broke.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from enum import StrEnum
 from typing import Any
 
@@ -98,20 +98,25 @@ Classify = Callable[[Exception], RefusalReason | None]
 """The refusal an exception stands for; ``None``: it is a failure, not a refusal."""
 
 
-@contextmanager
-def authentication_span(refusal: Classify) -> Iterator[Span]:
+def authentication_span(refusal: Classify) -> AbstractContextManager[Span]:
     """``lamina.authenticate`` around establishing who the caller is; the caller sets
     ``lamina.auth.method`` and, once known, ``lamina.tenant.id``. Never the credential."""
-    with _decision("lamina.authenticate", {}, AUTH_OUTCOME, "authenticated", refusal) as span:
-        yield span
+    if _unsampled_trace():
+        return _UNRECORDED  # as _decision would yield, without its generator's cost
+    return _decision("lamina.authenticate", {}, AUTH_OUTCOME, "authenticated", refusal)
 
 
-@contextmanager
-def admission_span(check: AdmissionCheck, refusal: Classify) -> Iterator[Span]:
+def admission_span(check: AdmissionCheck, refusal: Classify) -> AbstractContextManager[Span]:
     """``lamina.admission`` around one policy check: admitted, or refused and why."""
+    if _unsampled_trace():
+        return _UNRECORDED
     attributes = {POLICY_CHECK: check.value}
-    with _decision("lamina.admission", attributes, POLICY_OUTCOME, "admitted", refusal) as span:
-        yield span
+    return _decision("lamina.admission", attributes, POLICY_OUTCOME, "admitted", refusal)
+
+
+_UNRECORDED: AbstractContextManager[Span] = nullcontext(trace.INVALID_SPAN)
+"""The span of a check in an unsampled trace: none. ``nullcontext`` keeps no state, so
+one serves every request."""
 
 
 @contextmanager

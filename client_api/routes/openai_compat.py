@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -39,6 +39,7 @@ from client_api.auth.dependencies import CREDENTIALS_OPENAPI, OpenAICaller
 from client_api.auth.permissions import Permission, PermissionDenied
 from client_api.composition import Services
 from client_api.edge.admission import check_tokens
+from client_api.edge.caps import RequestCaps
 from client_api.problems import OPENAI_COMPATIBLE_TAG, openai_error_responses
 from inferencing.contracts import (
     ChatDelta,
@@ -269,12 +270,7 @@ async def chat_completions(
             return exc.response()
     gateway = services.gateway
     try:
-        typed = _request(body)
-        prompt_tokens = await services.caps.check_completion(
-            typed.messages, typed.tools, typed.max_tokens
-        )
-        # Counted with the gateway's counter: the gateway routes on it without recounting.
-        typed = replace(typed, prompt_tokens=prompt_tokens)
+        typed = await _request(body, services.caps)
         if body.stream:
             deltas = aiter(gateway.stream(typed, principal))
             # Fail over, or fail with a proper status, before the response starts.
@@ -498,7 +494,9 @@ def _approval(event: ApprovalRequiredEvent) -> dict[str, Any]:
 # --- mapping -------------------------------------------------------------------------
 
 
-def _request(body: ChatCompletionsBody) -> ChatRequest:
+async def _request(body: ChatCompletionsBody, caps: RequestCaps) -> ChatRequest:
+    """The body's typed reading, once the caps have passed it. The caps count the prompt
+    with the gateway's counter, and the gateway routes on that count without recounting."""
     schema: ResponseSchema | None = None
     if body.response_format is not None and body.response_format.type == "json_schema":
         spec = body.response_format.json_schema
@@ -507,16 +505,20 @@ def _request(body: ChatCompletionsBody) -> ChatRequest:
                 400, "response_format.json_schema is required.", "invalid_request_error"
             )
         schema = ResponseSchema(spec.name, spec.schema_, spec.strict)
+    messages = [_message(m) for m in body.messages]
+    tools = [
+        ToolDefinition(t.function.name, t.function.description, t.function.parameters)
+        for t in body.tools
+    ]
+    max_tokens = body.max_completion_tokens or body.max_tokens
     return ChatRequest(
-        messages=[_message(m) for m in body.messages],
-        tools=[
-            ToolDefinition(t.function.name, t.function.description, t.function.parameters)
-            for t in body.tools
-        ],
-        max_tokens=body.max_completion_tokens or body.max_tokens,
+        messages=messages,
+        tools=tools,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         response_format=schema,
         deployment=None if body.model == AUTO else body.model,
+        prompt_tokens=await caps.check_completion(messages, tools, max_tokens),
     )
 
 

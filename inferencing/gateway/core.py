@@ -156,6 +156,8 @@ class Gateway:
             context_window=None if None in windows else max(w for w in windows if w),
         )
         self._name = deployments[0].model.name if len(deployments) == 1 else "gateway"
+        # Telemetry's name of each deployment, built once rather than twice per call.
+        self._targets = {d.name: ModelTarget.of(d.settings) for d in deployments}
 
     @property
     def name(self) -> str:
@@ -250,7 +252,10 @@ class Gateway:
                 )
             telemetry.answered(
                 finish_reasons=_wire_finish_reasons(body),
-                output=ChatMessage(Role.ASSISTANT, _wire_text(body)),
+                # Only a span that captures content shows the text.
+                output=ChatMessage(Role.ASSISTANT, _wire_text(body))
+                if self._capture_content
+                else None,
             )
             return body, route
 
@@ -423,7 +428,7 @@ class Gateway:
                 _NOTHING_FITS, details={"route": list(plan.reasons), "prompt_tokens": prompt_tokens}
             )
         log.debug("route for %d prompt tokens: %s", prompt_tokens, "; ".join(plan.reasons))
-        telemetry.routed_to(ModelTarget.of(plan.chain[0].settings))
+        telemetry.routed_to(self._targets[plan.chain[0].name])
         return _Call(plan, telemetry)
 
     def _opener(
@@ -583,7 +588,7 @@ class Gateway:
             settings.input_price_per_1k,
             settings.output_price_per_1k,
         )
-        call.telemetry.routed_to(ModelTarget.of(settings))
+        call.telemetry.routed_to(self._targets[settings.name])
         call.telemetry.used(usage, tenant_id=caller.tenant_id, cost_usd=cost, estimated=estimated)
         if self._meter is None:
             return

@@ -364,6 +364,18 @@ async def test_the_in_process_store_forgets_idle_windows_and_ended_quotas(
     assert store._windows == {} and store._quotas == {}
 
 
+async def test_the_in_process_stores_holds_have_ids_of_their_own(clock: FakeClock) -> None:
+    # The ids come from a counter, not random bytes: two holds sharing one would let
+    # settling the first move the second's tokens.
+    store = InProcessLimitStore(clock=clock)
+    tpm = Limit("user-tokens-per-minute", "{contoso}:user:u:tpm", 1_000, Measure.TOKENS_PER_MINUTE)
+    holds = [(await store.acquire([tpm], 100)).hold for _ in range(5)]
+    assert len({hold.id for hold in holds if hold is not None}) == 5
+    assert holds[0] is not None
+    await store.settle(holds[0], 0)
+    assert (await store.peek([tpm])).states[0].remaining == 1_000 - 400
+
+
 # --- Redis: many replicas, bounded memory -----------------------------------------------
 
 
