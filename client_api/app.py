@@ -134,11 +134,13 @@ def create_app(
     telemetry.instrument(app)
     install_problem_handlers(app)
     app.include_router(health.router)
+    # First among the API routes: Starlette tries routes in order, and the passthrough is
+    # the hottest path (matching it sixth cost some 30 µs a request). No paths overlap.
+    app.include_router(openai_compat.router)
     app.include_router(chat.router)
     app.include_router(conversations.router)
     app.include_router(me.router)
     app.include_router(approvals.router)
-    app.include_router(openai_compat.router)
     app.include_router(chat_protocol.router)
     app.include_router(usage.router)
     app.include_router(jobs.router)
