@@ -119,6 +119,9 @@ _CITATION = re.compile(r"\[(\d{1,3})\]")
 _GROUNDED = DeterministicPlanner()
 """Plans a turn without tools (:attr:`TurnRequest.tools` false): search, then answer."""
 _SNIPPET_CHARS = 280
+_ANSWER_ATTEMPTS = 2
+"""Answer calls per turn while the model's replies carry no text at all."""
+_EMPTY_ANSWER = "The model returned no answer. Please try again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,25 +821,40 @@ class Orchestrator:
                 request = self._answer_request(
                     turn, model_sources, tool_messages(execution.rounds, tool_results)
                 )
-                guard = _Guarded(self._safety.answer_guard(scope) if self._safety else None)
-                call = ModelCallTimer("answer")
-                try:
-                    async with _closing(self._model.stream(request, principal)) as deltas:
-                        async for delta in deltas:
-                            call.saw(delta)
-                            # The guard redacts PII and holds text back until it is safe.
-                            for text in await guard.feed(delta.content):
-                                recorder.first_text(planner)
-                                turn.answer.append(text)
-                                yield AnswerDelta(text)
-                    recorder.model_call(call.record(self._model.name))
-                    turn.route = call.route or turn.route
-                    for text in await guard.finish():
-                        recorder.first_text(planner)
-                        turn.answer.append(text)
-                        yield AnswerDelta(text)
-                finally:
-                    guard.decide(recorder)
+                for attempt in range(1, _ANSWER_ATTEMPTS + 1):
+                    guard = _Guarded(self._safety.answer_guard(scope) if self._safety else None)
+                    call = ModelCallTimer("answer")
+                    try:
+                        async with _closing(self._model.stream(request, principal)) as deltas:
+                            async for delta in deltas:
+                                call.saw(delta)
+                                # The guard redacts PII and holds text back until it is safe.
+                                for text in await guard.feed(delta.content):
+                                    recorder.first_text(planner)
+                                    turn.answer.append(text)
+                                    yield AnswerDelta(text)
+                        recorder.model_call(call.record(self._model.name))
+                        turn.route = call.route or turn.route
+                        for text in await guard.finish():
+                            recorder.first_text(planner)
+                            turn.answer.append(text)
+                            yield AnswerDelta(text)
+                    finally:
+                        guard.decide(recorder)
+                    if turn.answer or attempt == _ANSWER_ATTEMPTS:
+                        break
+                    # A reply without text (only tool calls, an empty content): nothing has
+                    # reached the caller, so ask once more; the gateway routes it afresh.
+                    log.warning(
+                        "the model answered turn %s with no text (finish reason %s, %s); "
+                        "asking again",
+                        turn.reply_id,
+                        call.finish_reason,
+                        call.route.deployment if call.route else self._model.name,
+                    )
+                if not "".join(turn.answer).strip():
+                    # An empty answer is never a complete one: the turn fails, retryably.
+                    raise AnswerStopped(ErrorEvent("empty_answer", _EMPTY_ANSWER, True))
                 turn.citations = _cited("".join(turn.answer), sources)
                 outcome = StepOutcome(
                     answer_step.id, StepStatus.OK, f"{len(turn.citations)} citation(s)"
