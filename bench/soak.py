@@ -7,9 +7,10 @@ What runs, each as its own process on loopback:
   deployment ``main``, tier ``cheap``, which answers the plain questions;
 - simulator **agent** (``--error-rate 0.1 --seed 8``, same faults): deployment ``agent``,
   tier ``strong``, which the router puts first for turns that offer tools. The
-  benchmark scripts its tool call for each approval (``/_sim/script``); scripted replies
-  play no random fault, the agent's other calls do. A second simulator because scripted
-  replies are one queue per simulator, and the plain questions must not take them;
+  benchmark scripts its tool call for each approval (``/_sim/script``, ``when_tool``:
+  only a request offering the ticket tool takes it, so a plain question that the
+  gateway fails over to this simulator when ``main`` faults does not); scripted replies
+  play no random fault, the agent's other calls do;
 - ``lamina serve``: dev identity headers, the sample corpus ingested, planner
   ``escalate`` (rules plan plain questions without a model call; a request to act goes to
   the action agent), the gateway's retries and failover as configured by default, a
@@ -170,8 +171,10 @@ class Workload:
                         payload = json.loads(line[5:])
                         result = "handled" if payload.get("correlation_id") else "bad"
                         raise Failed(result, f"stream error event {payload.get('code')}")
-        if not done or not deltas:
+        if not done:
             raise Failed("bad", f"stream ended without done ({deltas} deltas)")
+        if not deltas:
+            raise Failed("bad", "stream: done without any answer text")
 
     async def ingest(self) -> None:
         n = next(self.counter)
@@ -197,7 +200,10 @@ class Workload:
                 raise Failed(result, f"ingest job {job['status']}: {error.get('code')}")
 
     async def approval(self) -> None:
-        script = {"replies": [{"tool_calls": [{"name": TOOL, "arguments": TICKET}]}]}
+        # Kept for a request offering the tool: a plain question that the gateway fails
+        # over to the agent simulator (main faulted) passes it by instead of taking it.
+        call = {"name": TOOL, "arguments": TICKET}
+        script = {"replies": [{"tool_calls": [call], "when_tool": TOOL}]}
         await self.client.post(f"{self.agent.url}/_sim/script", json=script)
         message = "Please open a service-desk ticket: my laptop screen is cracked."
         response = await self.client.post("/v1/chat", json={"message": message}, headers=EMPLOYEE)
@@ -358,6 +364,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--seed", type=int, default=7, help="seed of the simulators' faults")
     parser.add_argument("--error-rate", type=float, default=0.1)
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the work dir (Lamina's and the simulators' logs, the data dir) and print it",
+    )
     args = parser.parse_args()
     load_before = [round(x, 2) for x in os.getloadavg()]
     fault_options = ("--error-rate", str(args.error_rate), "--fault-kinds", FAULTS)
@@ -406,7 +417,10 @@ def main() -> None:
             }
             logged = _log_problems(lamina.child.log)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep_workdir:
+            print(f"{'work dir':>20}: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     rss = [(round(at - began, 1), round(value / MIB, 1)) for at, value in sampler.samples]
     loaded = [m for t, m in rss if t >= 0]

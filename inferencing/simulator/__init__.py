@@ -10,7 +10,8 @@ Scripted behaviour
 Replies queued with ``SimulatorServer.script`` (or ``POST /_sim/script``) are played
 in order, one per chat request: text, tool calls, or a :class:`Fault` (429 with
 ``Retry-After``, 503, any status, a hang, a stream cut). The queue always wins over
-the random behaviour below.
+the random behaviour below. A reply with ``when_tool`` waits for a request that offers
+a tool of that name; other requests pass it by.
 
 Random faults (fault injection for gateways)
 --------------------------------------------

@@ -19,6 +19,7 @@ from inferencing.simulator.completions import (
     completion_body,
     completion_chunks,
     context_length_problem,
+    offered_tools,
     plan_reply,
 )
 from inferencing.simulator.config import (
@@ -164,7 +165,7 @@ async def _chat(request: Request, sim: SimulatorState, *, deployment: str | None
                 "context_length_exceeded",
                 param="messages",
             )
-    scripted = sim.next_reply()
+    scripted = sim.next_reply(offered_tools(body))
     fault = scripted.fault if scripted else None
     if scripted is None and profile is not None:
         drawn = sim.draw_fault(profile)

@@ -76,6 +76,11 @@ def check_chat_request(body: Any) -> str | None:
     return None
 
 
+def offered_tools(body: Mapping[str, Any]) -> frozenset[str]:
+    """The names of the functions a request offers (after ``check_chat_request``)."""
+    return frozenset(tool["function"]["name"] for tool in body.get("tools") or ())
+
+
 def prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
     """Tokens of the messages' texts and of the arguments of their tool calls."""
     return sum(count_tokens(message_text(m)) for m in messages) + sum(

@@ -51,7 +51,13 @@ class ScriptedToolCall(BaseModel):
 
 
 class ScriptedReply(BaseModel):
-    """One answer of the simulated model: text, tool calls, a fault, or text cut by a fault."""
+    """One answer of the simulated model: text, tool calls, a fault, or text cut by a fault.
+
+    ``when_tool`` keeps the reply for a request that offers a tool of that name: other
+    requests pass it by (they take the first reply without a condition behind it, or
+    behave as unscripted). So a scripted tool call waits for the turn that can take it,
+    even when unrelated requests reach the same simulator (a gateway failing over to it).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +65,11 @@ class ScriptedReply(BaseModel):
     tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
     fault: Fault | None = None
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = None
+    when_tool: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Played only for a request offering a tool (function) of this name",
+    )
 
     @model_validator(mode="after")
     def _says_something(self) -> ScriptedReply:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from inferencing.simulator import profiles
@@ -66,9 +67,14 @@ class SimulatorState:
             self._embedding_faults.extend(embedding_faults or ())
             return len(self._replies)
 
-    def next_reply(self) -> ScriptedReply | None:
+    def next_reply(self, offered_tools: Collection[str] = ()) -> ScriptedReply | None:
+        """The first queued reply this request may take (see ``ScriptedReply.when_tool``)."""
         with self._lock:
-            return self._replies.popleft() if self._replies else None
+            for position, reply in enumerate(self._replies):
+                if reply.when_tool is None or reply.when_tool in offered_tools:
+                    del self._replies[position]
+                    return reply
+            return None
 
     def next_embedding_fault(self) -> Fault | None:
         with self._lock:

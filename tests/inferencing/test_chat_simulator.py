@@ -264,6 +264,33 @@ def test_the_script_requests_reset_and_config_endpoints(http: httpx.Client) -> N
     assert http.post("/_sim/script", json={"replies": [{}]}).status_code == 422
 
 
+def test_a_reply_for_a_tool_waits_for_a_request_that_offers_it(
+    simulator: SimulatorServer, http: httpx.Client
+) -> None:
+    """A scripted tool call kept for the turn that offers the tool: a gateway failing
+    a plain question over to this simulator must not take it (and answer a plain question
+    with a tool call), while replies without a condition keep their order."""
+    ticket = ScriptedToolCall(name="create_ticket", arguments={"title": "Screen"})
+    simulator.script(
+        ScriptedReply(tool_calls=[ticket], when_tool="create_ticket"),
+        ScriptedReply(content="Unconditional."),
+    )
+    tool = {"type": "function", "function": {"name": "create_ticket", "parameters": {}}}
+    other = {"type": "function", "function": {"name": "search", "parameters": {}}}
+    plain = {"model": "m", "messages": QUESTION}
+
+    first = http.post("/v1/chat/completions", json=plain).json()["choices"][0]["message"]
+    assert first["content"] == "Unconditional." and not first.get("tool_calls")
+    echoed = http.post("/v1/chat/completions", json=plain | {"tools": [other]}).json()
+    assert not echoed["choices"][0]["message"].get("tool_calls")
+    assert http.post("/_sim/script", json={"replies": []}).json() == {"pending_replies": 1}
+
+    taken = http.post("/v1/chat/completions", json=plain | {"tools": [other, tool]}).json()
+    (call,) = taken["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "create_ticket"
+    assert http.post("/_sim/script", json={"replies": []}).json() == {"pending_replies": 0}
+
+
 def test_accepted_credentials_refuse_other_keys(
     simulator: SimulatorServer, http: httpx.Client
 ) -> None:
