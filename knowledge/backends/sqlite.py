@@ -488,9 +488,9 @@ class SqliteKnowledgeIndex:
         except (OSError, sqlite3.Error) as exc:
             raise IndexUnavailable(f"cannot open the knowledge index {self._path.name}") from exc
         try:
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA busy_timeout = 5000")
+            await _use_wal(db)
+            await db.execute("PRAGMA foreign_keys = ON")
             async with db.execute("PRAGMA user_version") as cursor:
                 row = await cursor.fetchone()
             version = int(row[0]) if row else 0
@@ -1155,3 +1155,18 @@ FROM chunks AS c
 WHERE c.id = (SELECT min(id) FROM chunks AS first WHERE first.document_id = c.document_id);
 PRAGMA user_version = {_SCHEMA_VERSION};
 """
+
+
+async def _use_wal(db: aiosqlite.Connection, *, attempts: int = 50) -> None:
+    """Switch a file to write-ahead logging. Leaving rollback journaling needs the file
+    to itself, and SQLite answers "database is locked" at once, without waiting, while
+    another process opens or upgrades it (a server and `lamina ingest` starting
+    together): try again for a few seconds."""
+    for attempt in range(attempts):
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.1)
