@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from client_api.app import create_app
+from client_api.settings import load_settings
+from inferencing.simulator import SimulatorServer
 from tests.support.identity import AUDIENCE, IdentityProvider, running_identity_provider
-from tests.support.processes import free_port, lamina_env, lamina_process, run_lamina
+from tests.support.processes import (
+    app_in_thread,
+    free_port,
+    lamina_env,
+    lamina_process,
+    run_lamina,
+)
+from tests.support.simulator import simulated_inferencing
 
 ALPHA_SECRET = "The Aurora launch passphrase is violet-harbor-42."
 BETA_SECRET = "The Project Falcon budget is 4.2 million euros, approved by the board in March."
@@ -54,6 +66,27 @@ def write_corpus(root: Path) -> None:
         f"# Facilities\n\n## Cafeteria\n\n{PUBLIC_FACT}\n"
     )
     (root / "shared" / "broken.pdf").write_bytes(b"%PDF-1.7\n this is not really a pdf")
+
+
+@contextmanager
+def served_in_model_mode(
+    simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactory, **settings: Any
+) -> Iterator[str]:
+    """The corpus ingested by the real CLI, then served in-process by uvicorn with dev
+    sign-in and the simulator as the model (``settings`` added); yields the base URL."""
+    corpus = tmp_path_factory.mktemp("corpus")
+    write_corpus(corpus)
+    data = tmp_path_factory.mktemp("data")
+    ingest = run_lamina("ingest", str(corpus), env=lamina_env(LAMINA_DATA_DIR=str(data)))
+    assert ingest.returncode == 0, ingest.stderr
+    served = load_settings(
+        data_dir=data,
+        auth={"mode": "dev"},
+        inferencing=simulated_inferencing(simulator),
+        **settings,
+    )
+    with app_in_thread(create_app(served)) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

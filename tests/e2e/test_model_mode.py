@@ -10,12 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from client_api.app import create_app
-from client_api.settings import load_settings
 from inferencing.simulator import Fault, ScriptedReply, ScriptedToolCall, SimulatorServer
-from tests.e2e.conftest import write_corpus
-from tests.support.processes import app_in_thread, lamina_env, run_lamina
-from tests.support.simulator import simulated_inferencing
+from tests.e2e.conftest import served_in_model_mode
 from tests.support.sse import read_events
 
 pytestmark = pytest.mark.slow
@@ -31,18 +27,8 @@ def simulator() -> Iterator[SimulatorServer]:
 
 @pytest.fixture(scope="module")
 def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    corpus = tmp_path_factory.mktemp("corpus")
-    write_corpus(corpus)
-    data = tmp_path_factory.mktemp("data")
-    ingest = run_lamina("ingest", str(corpus), env=lamina_env(LAMINA_DATA_DIR=str(data)))
-    assert ingest.returncode == 0, ingest.stderr
-    settings = load_settings(
-        data_dir=data,
-        auth={"mode": "dev"},
-        # One attempt a call: the scripted failures below must reach the caller.
-        inferencing=simulated_inferencing(simulator),
-    )
-    with app_in_thread(create_app(settings)) as url:
+    # One attempt a call: the scripted failures below must reach the caller.
+    with served_in_model_mode(simulator, tmp_path_factory) as url:
         yield url
 
 
