@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from inferencing.providers.hashing_embeddings import HashingEmbeddingModel
 from knowledge.contracts import AccessControl, AccessFilter, Chunk, EmbeddingIdentity
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "corpus"
+DOCUMENTS = [
+    "engineering/database-failover.html",
+    "engineering/oncall-runbook.md",
+    "finance/project-falcon-budget-memo.docx",
+    "hr/expenses-policy.md",
+    "hr/leave-policy.md",
+    "hr/remote-work-policy.md",
+    "product/atlas-faq.txt",
+    "product/atlas-user-guide.pdf",
+]
+"""The sample corpus's documents that its ACL file grants (its README matches no rule)."""
+
+
+def copy_of_samples(tmp_path: Path) -> Path:
+    """A copy of the sample corpus that a test may change."""
+    return Path(shutil.copytree(SAMPLES, tmp_path / "corpus"))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -24,19 +23,8 @@ from knowledge.contracts import (
 )
 from knowledge.ingestion.pipeline import IngestionPipeline, document_id_for, embedding_text
 from knowledge.settings import KnowledgeSettings
-from tests.knowledge.factories import caller_filter
+from tests.knowledge.factories import DOCUMENTS, caller_filter, copy_of_samples
 
-SAMPLES = Path(__file__).resolve().parents[3] / "samples" / "corpus"
-DOCUMENTS = [
-    "engineering/database-failover.html",
-    "engineering/oncall-runbook.md",
-    "finance/project-falcon-budget-memo.docx",
-    "hr/expenses-policy.md",
-    "hr/leave-policy.md",
-    "hr/remote-work-policy.md",
-    "product/atlas-faq.txt",
-    "product/atlas-user-guide.pdf",
-]
 INDEXED = len(DOCUMENTS)  # the sample corpus's README matches no ACL rule
 ENGINEER = caller_filter("contoso", "sam@contoso.com", "employees", "engineering")
 EMPLOYEE = caller_filter("contoso", "kim@contoso.com", "employees")
@@ -80,7 +68,7 @@ class CountingEmbedder:
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(SAMPLES, tmp_path / "corpus"))
+    return copy_of_samples(tmp_path)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,26 +17,15 @@ from knowledge.contracts import (
 )
 from knowledge.ingestion.pipeline import IngestionPipeline, document_id_for
 from knowledge.settings import KnowledgeSettings
-from tests.knowledge.factories import caller_filter
+from tests.knowledge.factories import DOCUMENTS, caller_filter, copy_of_samples
 
-SAMPLES = Path(__file__).resolve().parents[3] / "samples" / "corpus"
-DOCUMENTS = [
-    "engineering/database-failover.html",
-    "engineering/oncall-runbook.md",
-    "finance/project-falcon-budget-memo.docx",
-    "hr/expenses-policy.md",
-    "hr/leave-policy.md",
-    "hr/remote-work-policy.md",
-    "product/atlas-faq.txt",
-    "product/atlas-user-guide.pdf",
-]
 README_SKIP = SkippedFile("README.md", "no access rule matches")
 LYNNE = caller_filter("contoso", "lynne.robbins@contoso.com", "employees", "finance")
 
 
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(SAMPLES, tmp_path / "corpus"))
+    return copy_of_samples(tmp_path)
 
 
 @pytest.fixture
