@@ -211,6 +211,28 @@ class Retriever(Protocol):
         ...
 
 
+def check_document_write(
+    document_id: str,
+    chunks: Sequence[Chunk],
+    vectors: Sequence[Sequence[float]] | None,
+    embedding: EmbeddingIdentity | None,
+) -> None:
+    """What every :meth:`KnowledgeIndex.replace_document` refuses before writing: chunks
+    of another document, vectors without their model's identity, and vectors that are
+    not one per chunk of the model's dimensions (``ValueError``, a caller's bug)."""
+    strays = [chunk.chunk_id for chunk in chunks if chunk.document_id != document_id]
+    if strays:
+        raise ValueError(f"chunks {strays} do not belong to document {document_id!r}")
+    if vectors is None:
+        return
+    if embedding is None:
+        raise ValueError("vectors need the embedding identity of the model that made them")
+    if len(vectors) != len(chunks):
+        raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+    if any(len(vector) != embedding.dimensions for vector in vectors):
+        raise ValueError(f"every vector must have {embedding.dimensions} dimensions")
+
+
 class KnowledgeIndex(Protocol):
     """An index backend. ``search`` applies ``access`` inside its query, before ranking.
 

@@ -81,6 +81,7 @@ from knowledge.contracts import (
     SearchHits,
     SearchMode,
     SearchRequest,
+    check_document_write,
 )
 from knowledge.settings import AzureSearchSettings
 
@@ -385,10 +386,9 @@ class AzureSearchKnowledgeIndex:
         vectors: Sequence[Sequence[float]] | None = None,
         embedding: EmbeddingIdentity | None = None,
     ) -> None:
-        if vectors is not None:
-            if len(vectors) != len(chunks):
-                raise ValueError(f"{len(chunks)} chunks came with {len(vectors)} vectors")
-            await self._accept_vectors(embedding, vectors)
+        check_document_write(document_id, chunks, vectors, embedding)
+        if vectors is not None and embedding is not None:
+            await self._accept_vectors(embedding)
         stored = await self._stored_chunks(document_id)
         documents: list[dict[str, Any]] = []
         for position, chunk in enumerate(chunks):
@@ -579,13 +579,7 @@ class AzureSearchKnowledgeIndex:
             return None
         return EmbeddingIdentity(str(row["embedding_model"]), int(row["embedding_dimensions"]))
 
-    async def _accept_vectors(
-        self, embedding: EmbeddingIdentity | None, vectors: Sequence[Sequence[float]]
-    ) -> None:
-        if embedding is None:
-            raise ValueError("vectors need the embedding identity of the model that made them")
-        if any(len(vector) != embedding.dimensions for vector in vectors):
-            raise ValueError(f"every vector must have {embedding.dimensions} dimensions")
+    async def _accept_vectors(self, embedding: EmbeddingIdentity) -> None:
         if self._embedding is None:
             self._embedding = await self._recorded_embedding()
         if self._embedding is None:

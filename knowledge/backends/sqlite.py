@@ -64,6 +64,7 @@ from knowledge.contracts import (
     SearchHits,
     SearchMode,
     SearchRequest,
+    check_document_write,
 )
 
 _SCHEMA_VERSION = 3
@@ -553,15 +554,9 @@ class SqliteKnowledgeIndex:
         vectors: Sequence[Sequence[float]] | None = None,
         embedding: EmbeddingIdentity | None = None,
     ) -> None:
-        strays = [chunk.chunk_id for chunk in chunks if chunk.document_id != document_id]
-        if strays:
-            raise ValueError(f"chunks {strays} do not belong to document {document_id!r}")
+        check_document_write(document_id, chunks, vectors, embedding)
         blobs: list[bytes | None] = [None] * len(chunks)
-        if vectors is not None:
-            if embedding is None:
-                raise ValueError("vectors need the embedding identity of the model that made them")
-            if len(vectors) != len(chunks):
-                raise ValueError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+        if vectors is not None and embedding is not None:
             blobs = [_vector_blob(vector, embedding.dimensions) for vector in vectors]
         change: tuple[int, list[int], list[RowData]] | None = None
         async with self._transaction("IMMEDIATE") as db:
