@@ -70,6 +70,7 @@ from knowledge.backends.fusion import HybridFusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Embedder, Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.acl import AccessRules
+from knowledge.ingestion.parsers import DocumentParser
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
 from tools.approvals.factory import open_approval_store
@@ -382,7 +383,21 @@ def build_knowledge(
         default_mode=settings.knowledge.search_mode,
         capture_content=settings.telemetry.capture_content,
     )
-    return index, IngestionPipeline(index, settings.knowledge, embedder=embedder), retriever
+    pipeline = IngestionPipeline(
+        index, settings.knowledge, embedder=embedder, pdf_parser=build_pdf_parser(settings)
+    )
+    return index, pipeline, retriever
+
+
+def build_pdf_parser(settings: LaminaSettings) -> DocumentParser | None:
+    """The PDF parser ``LAMINA_KNOWLEDGE__PDF_PARSER`` names; ``None``: the local one."""
+    if settings.knowledge.pdf_parser != "document_intelligence":
+        return None
+    # Imported here: only deployments that parse with Document Intelligence pay for it
+    # (the module itself defers the SDK to the first PDF).
+    from knowledge.ingestion.document_intelligence import DocumentIntelligenceParser
+
+    return DocumentIntelligenceParser.from_settings(settings.knowledge.document_intelligence)
 
 
 async def open_knowledge(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from knowledge.contracts import SearchMode
 
@@ -58,6 +58,28 @@ class KnowledgeSettings(BaseModel):
         default_factory=lambda: AzureSearchSettings(),
         description="The Azure AI Search index, when LAMINA_KNOWLEDGE__BACKEND=azure_search",
     )
+    pdf_parser: Literal["local", "document_intelligence"] = Field(
+        default="local",
+        description=(
+            "How PDFs are parsed: 'local' (pypdf, a section per page, offline) or "
+            "'document_intelligence' (Azure AI Document Intelligence layout: title, headings "
+            "and tables, no page headers or footers; billed per page; needs "
+            "lamina[document-intelligence]). Changing it re-indexes the PDFs."
+        ),
+    )
+    document_intelligence: DocumentIntelligenceSettings = Field(
+        default_factory=lambda: DocumentIntelligenceSettings(),
+        description="The Document Intelligence resource, when pdf_parser=document_intelligence",
+    )
+
+    @model_validator(mode="after")
+    def _document_intelligence_needs_endpoint(self) -> KnowledgeSettings:
+        if self.pdf_parser == "document_intelligence" and not self.document_intelligence.endpoint:
+            raise ValueError(
+                "document_intelligence.endpoint is required when pdf_parser is "
+                "document_intelligence: set LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT"
+            )
+        return self
 
 
 class AzureSearchSettings(BaseModel):
@@ -86,4 +108,32 @@ class AzureSearchSettings(BaseModel):
     batch_size: int = Field(default=500, ge=1, le=1000, description="Documents per upload")
     max_retries: int = Field(
         default=5, ge=0, le=20, description="Retries of a throttled (429/503) request"
+    )
+
+
+class DocumentIntelligenceSettings(BaseModel):
+    """``LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__*``: the Azure AI Document Intelligence
+    resource that parses PDFs when ``pdf_parser`` is ``document_intelligence``. Without
+    ``api_key`` it is reached with Entra ID (managed identity in Azure)."""
+
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="https://<resource>.cognitiveservices.azure.com",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="Resource key; unset: Entra ID (DefaultAzureCredential, needs the "
+        "'Cognitive Services User' role)",
+    )
+    model_id: str = Field(
+        default="prebuilt-layout",
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._~-]{1,63}$",
+        description="Analysis model; prebuilt-layout finds titles, headings and tables",
+    )
+    timeout_s: float = Field(
+        default=600,
+        gt=0,
+        le=3600,
+        description="Longest wait for one PDF's analysis; a PDF not done by then is skipped",
     )

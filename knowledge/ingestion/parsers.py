@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import yaml
 from markdown_it import MarkdownIt
@@ -38,6 +38,19 @@ class ParsedDocument:
 
     title: str
     sections: tuple[ParsedSection, ...]
+
+
+class DocumentParser(Protocol):
+    """A parser that can stand in for a built-in one (the PDF parser, by settings).
+
+    ``name`` enters every content hash of the files it parses, so switching parser
+    re-indexes them. Parsing is blocking; a file that cannot be parsed raises
+    :class:`DocumentParseError` (it is skipped), any other error stops ingestion."""
+
+    @property
+    def name(self) -> str: ...
+
+    def __call__(self, path: Path) -> ParsedDocument: ...
 
 
 _MAX_TITLE_CHARS = 120
@@ -330,13 +343,14 @@ def is_supported(path: Path) -> bool:
     return path.suffix.lower() in SUPPORTED_EXTENSIONS
 
 
-def parse_document(path: Path) -> ParsedDocument:
-    """Parse ``path`` by its extension. Blocking.
+def parse_document(path: Path, *, pdf: DocumentParser | None = None) -> ParsedDocument:
+    """Parse ``path`` by its extension, PDFs with ``pdf`` when one is given. Blocking.
 
     Raises :class:`DocumentParseError` for unsupported, unreadable, corrupt,
     encrypted or text-less files.
     """
-    parser = _PARSERS.get(path.suffix.lower())
+    suffix = path.suffix.lower()
+    parser = pdf if pdf is not None and suffix == ".pdf" else _PARSERS.get(suffix)
     if parser is None:
         raise DocumentParseError(f"{path.name}: unsupported file type '{path.suffix or path.name}'")
     try:

@@ -39,7 +39,7 @@ from knowledge.contracts import (
 )
 from knowledge.ingestion.acl import AccessRules
 from knowledge.ingestion.chunking import chunk_sections
-from knowledge.ingestion.parsers import is_supported, parse_document
+from knowledge.ingestion.parsers import DocumentParser, is_supported, parse_document
 from knowledge.settings import KnowledgeSettings
 
 PIPELINE_VERSION = "2"
@@ -128,20 +128,25 @@ def _file_sha256(path: Path) -> str:
 
 
 def _content_hash(
-    file_sha256: str, settings: KnowledgeSettings, model: EmbeddingIdentity | None
+    file_sha256: str,
+    settings: KnowledgeSettings,
+    model: EmbeddingIdentity | None,
+    parser: str | None = None,
 ) -> str:
     """The hash stored with a document: its bytes plus everything else that shapes its
-    chunks and vectors, so changing any of them re-indexes the file."""
-    recipe = "\0".join(
-        (
-            PIPELINE_VERSION,
-            str(settings.chunk_tokens),
-            str(settings.chunk_overlap),
-            f"{model.model}/{model.dimensions}" if model is not None else "text-only",
-            file_sha256,
-        )
-    )
-    return "sha256:" + hashlib.sha256(recipe.encode()).hexdigest()
+    chunks and vectors, so changing any of them re-indexes the file. ``parser`` names a
+    parser standing in for the built-in one (the built-in ones add nothing, so their
+    hashes stay as they were)."""
+    parts = [
+        PIPELINE_VERSION,
+        str(settings.chunk_tokens),
+        str(settings.chunk_overlap),
+        f"{model.model}/{model.dimensions}" if model is not None else "text-only",
+        file_sha256,
+    ]
+    if parser is not None:
+        parts.append(parser)
+    return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _unindexable_reason(
@@ -160,10 +165,13 @@ def _unindexable_reason(
 
 
 def _prepare(
-    candidate: _Candidate, access: AccessControl, settings: KnowledgeSettings
+    candidate: _Candidate,
+    access: AccessControl,
+    settings: KnowledgeSettings,
+    pdf_parser: DocumentParser | None = None,
 ) -> list[Chunk]:
     """Parse and chunk one file. Blocking: runs in a worker thread."""
-    parsed = parse_document(candidate.path)
+    parsed = parse_document(candidate.path, pdf=pdf_parser)
     pieces = chunk_sections(
         parsed.sections, chunk_words=settings.chunk_tokens, overlap_words=settings.chunk_overlap
     )
@@ -198,6 +206,11 @@ class IngestionPipeline:
     indexed is reported in :attr:`IngestionReport.skipped` and ingestion continues;
     its chunks from any earlier run are deleted, so a revoked or broken file stops
     being served. With no ``embedder`` the index gets text only (BM25 search).
+
+    PDFs are parsed by ``pdf_parser`` when given (the composition root builds the one
+    ``LAMINA_KNOWLEDGE__PDF_PARSER`` names), else locally; other files always locally.
+    A parser failure that is not a :class:`DocumentParseError` (a parsing service that
+    cannot be used) stops the run instead of skipping every file.
     """
 
     def __init__(
@@ -207,6 +220,7 @@ class IngestionPipeline:
         *,
         embedder: Embedder | None = None,
         embed_batch_size: int = EMBED_BATCH_SIZE,
+        pdf_parser: DocumentParser | None = None,
     ) -> None:
         if embed_batch_size < 1:
             raise ValueError("embed_batch_size must be positive")
@@ -214,6 +228,7 @@ class IngestionPipeline:
         self._settings = settings
         self._embedder = embedder
         self._batch_size = embed_batch_size
+        self._pdf_parser = pdf_parser
 
     async def ingest(
         self,
@@ -245,6 +260,7 @@ class IngestionPipeline:
             self._settings,
             self._embedder,
             self._batch_size,
+            pdf_parser=self._pdf_parser,
             tenants=rules.tenants,
             indexed=indexed,
             total=len(candidates),
@@ -292,6 +308,7 @@ class _Run:
         embedder: Embedder | None,
         batch_size: int,
         *,
+        pdf_parser: DocumentParser | None,
         tenants: frozenset[str],
         indexed: dict[str, DocumentState],
         total: int,
@@ -301,6 +318,7 @@ class _Run:
         self._settings = settings
         self._embedder = embedder
         self._batch_size = batch_size
+        self._pdf_parser = pdf_parser
         self._tenants = tenants
         self._indexed = indexed
         self._total = total
@@ -323,7 +341,10 @@ class _Run:
             await self._skip(candidate, f"cannot read file ({exc.strerror})")
             return
         model = self._embedder.identity if self._embedder is not None else None
-        content_hash = _content_hash(file_hash, self._settings, model)
+        pdf = self._pdf_parser if candidate.path.suffix.lower() == ".pdf" else None
+        content_hash = _content_hash(
+            file_hash, self._settings, model, pdf.name if pdf is not None else None
+        )
         document_id = document_id_for(access.tenant_id, candidate.source)
         # The same path indexed under another tenant by an earlier ACL is stale now.
         await self._forget(candidate.source, keep=access.tenant_id)
@@ -337,7 +358,7 @@ class _Run:
             self._announce(candidate.relative)
             return
         try:
-            chunks = await asyncio.to_thread(_prepare, candidate, access, self._settings)
+            chunks = await asyncio.to_thread(_prepare, candidate, access, self._settings, pdf)
         except DocumentParseError as exc:
             await self._skip(candidate, str(exc))
             return
