@@ -118,7 +118,7 @@ class DocumentIntelligenceSettings(BaseModel):
 
     endpoint: str | None = Field(
         default=None,
-        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        pattern=r"^https://[^\s/]+(/\S*)?$",
         description="https://<resource>.cognitiveservices.azure.com",
     )
     api_key: SecretStr | None = Field(

@@ -23,16 +23,19 @@ and transient 5xx answers are retried by azure-core's retry policy (``retry_tota
 
 Failures come in two kinds, handled differently:
 
-- the service rejects *this file* (400, 413, 415: corrupt, encrypted, too large or too
-  many pages for the tier; or an analysis that ends ``failed``; or one that outlasts
+- the service rejects *this file* (400, 413: corrupt, encrypted, too large or too many
+  pages for the tier; or an analysis that ends ``failed``; or one that outlasts
   ``timeout_s``): :class:`DocumentParseError`, so ingestion reports the file as skipped
   and goes on with the rest;
 - the service *cannot be used* (the SDK is not installed; a wrong endpoint or model,
-  404; a key or Entra identity refused, 401/403; unreachable; still throttled or
-  failing after the retries): :class:`DocumentIntelligenceUnavailable`, which stops the
-  run. Skipping would be wrong here: every PDF would fail the same way, and skipping a
-  file deletes its chunks from the index, so a wrong key would quietly empty the index
-  of every PDF. Stopped, the run leaves what it committed; the next run resumes.
+  404; a key or Entra identity refused, 401/403, or no token from Entra ID, whatever
+  status Entra answered; unreachable, or a client setting that cannot be read, such as
+  a missing CA bundle; any other status, 415 included, since every request is sent
+  alike; still throttled or failing after the retries):
+  :class:`DocumentIntelligenceUnavailable`, which stops the run. Skipping would be
+  wrong here: every PDF would fail the same way, and skipping a file deletes its chunks
+  from the index, so a wrong key would quietly empty the index of every PDF. Stopped,
+  the run leaves what it committed; the next run resumes.
 """
 
 from __future__ import annotations
@@ -48,10 +51,9 @@ from typing import TYPE_CHECKING, Any
 from knowledge.contracts import DocumentParseError, KnowledgeError
 from knowledge.ingestion.parsers import (
     ParsedDocument,
-    ParsedSection,
     _finish,
-    _normalise,
     _one_line,
+    _SectionBuilder,
     _short_title,
 )
 from knowledge.settings import DocumentIntelligenceSettings
@@ -72,8 +74,11 @@ INSTALL_HINT = "pip install 'lamina[document-intelligence]'"
 DEFAULT_MODEL = "prebuilt-layout"
 _SDK = "azure.ai.documentintelligence"
 _DROPPED_ROLES = frozenset({"pageHeader", "pageFooter", "pageNumber"})
-_REJECTED_FILE = frozenset({400, 413, 415})
-"""Statuses that say the request's document is at fault, not the service or the caller."""
+_REJECTED_FILE = frozenset({400, 413})
+"""Statuses that say the request's document is at fault, not the service or the caller.
+Not 415: it refuses the request's content type, the same for every file."""
+_RETRIED = frozenset({408, 429, 500, 502, 503, 504})
+"""Statuses azure-core's retry policy retries."""
 _MAX_REASON_CHARS = 300
 
 
@@ -170,6 +175,10 @@ class DocumentIntelligenceParser:
             ) from exc
 
         try:
+            document = path.open("rb")
+        except OSError as exc:
+            raise DocumentParseError(f"{path.name}: cannot read file ({exc.strerror})") from exc
+        try:
             client = DocumentIntelligenceClient(
                 self._endpoint,
                 self._credential_or_default(),
@@ -179,7 +188,7 @@ class DocumentIntelligenceParser:
             try:
                 # Streamed from the file (sent as application/octet-stream); the retry
                 # policy rewinds it to send it again after a 429.
-                with path.open("rb") as document:
+                with document:
                     poller = client.begin_analyze_document(self._model_id, document)
                 poller.wait(self._timeout_s)
             except BaseException:
@@ -200,12 +209,16 @@ class DocumentIntelligenceParser:
             return result
         except HttpResponseError as exc:
             raise self._failure(path, exc) from exc
-        except AzureError as exc:
+        except (AzureError, OSError) as exc:
+            # An OSError here is not the file's (it is open): the client's configuration
+            # (a CA bundle that cannot be read, ...) fails every file alike.
             log.warning("Document Intelligence at %s: %s", self._endpoint, exc)
             raise DocumentIntelligenceUnavailable(
                 f"Document Intelligence at {self._endpoint} could not be reached while "
                 f"analysing {path.name} ({type(exc).__name__}); ingestion stopped"
             ) from exc
+        finally:
+            document.close()  # already closed unless the client could not be built
 
     def _credential_or_default(self) -> AzureKeyCredential | TokenCredential:
         with self._lock:
@@ -218,14 +231,16 @@ class DocumentIntelligenceParser:
     def _failure(self, path: Path, exc: HttpResponseError) -> KnowledgeError:
         """The error of an HTTP failure: the file's fault (skip it) or the service's
         (stop the run)."""
+        from azure.core.exceptions import ClientAuthenticationError
         from azure.core.polling.base_polling import OperationFailed
 
         status = exc.status_code
-        # No status: the credential failed before any request (Entra ID refused it).
+        # The credential failed before any request reached the service: no status, or,
+        # from a credential that keeps Entra ID's (or the managed identity endpoint's)
+        # answer, that answer's status, often 400. The service itself refuses with 401.
+        no_token = status is None or (isinstance(exc, ClientAuthenticationError) and status != 401)
         detail = (
-            _service_message(exc)
-            if status is not None
-            else f": {_one_line(str(exc))[:_MAX_REASON_CHARS]}"
+            f": {_one_line(str(exc))[:_MAX_REASON_CHARS]}" if no_token else _service_message(exc)
         )
         log.warning(
             "Document Intelligence at %s, %s: %s%s", self._endpoint, path.name, status, detail
@@ -234,15 +249,15 @@ class DocumentIntelligenceParser:
             return DocumentParseError(
                 f"{path.name}: Document Intelligence failed to analyse it{detail}"
             )
-        if status in _REJECTED_FILE:
-            return DocumentParseError(f"{path.name}: Document Intelligence rejected it{detail}")
-        if status in (401, 403) or status is None:
-            cause = "refused the credentials" if status is not None else "got no token"
+        if no_token or status in (401, 403):
+            cause = "got no token" if no_token else "refused the credentials"
             return DocumentIntelligenceUnavailable(
                 f"Document Intelligence at {self._endpoint} {cause}{detail}: check "
                 "LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__API_KEY, or the Entra identity's "
                 "'Cognitive Services User' role on the resource; ingestion stopped"
             )
+        if status in _REJECTED_FILE:
+            return DocumentParseError(f"{path.name}: Document Intelligence rejected it{detail}")
         if status == 404:
             return DocumentIntelligenceUnavailable(
                 f"Document Intelligence at {self._endpoint} has no model "
@@ -250,9 +265,10 @@ class DocumentIntelligenceParser:
                 "LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT and MODEL_ID; "
                 "ingestion stopped"
             )
+        retried = ", after retries" if status in _RETRIED else ""
         return DocumentIntelligenceUnavailable(
             f"Document Intelligence at {self._endpoint} answered {status} while analysing "
-            f"{path.name}, after retries{detail}; ingestion stopped"
+            f"{path.name}{retried}{detail}; ingestion stopped"
         )
 
 
@@ -298,46 +314,8 @@ class _Block:
     """A one-column table's rows, each its own paragraph."""
 
 
-class _PagedSections:
-    """Sections split at headings and at page changes; a section's page is its first
-    paragraph's."""
-
-    def __init__(self) -> None:
-        self._sections: list[ParsedSection] = []
-        self._heading: str | None = None
-        self._page: int | None = None
-        self._paragraphs: list[str] = []
-
-    def start(self, heading: str | None) -> None:
-        self._flush()
-        self._heading = heading
-
-    def add(self, paragraph: str, page: int | None) -> None:
-        text = _normalise(paragraph)
-        if not text:
-            return
-        if self._paragraphs and page is not None and page != self._page:
-            self._flush()  # the heading carries on over the page break
-        if not self._paragraphs and page is not None:
-            self._page = page
-        self._paragraphs.append(text)
-
-    def build(self) -> tuple[ParsedSection, ...]:
-        self._flush()
-        return tuple(self._sections)
-
-    def _flush(self) -> None:
-        if self._paragraphs:
-            self._sections.append(
-                ParsedSection(
-                    text="\n\n".join(self._paragraphs), page=self._page, heading=self._heading
-                )
-            )
-        self._paragraphs = []
-
-
 def _role(role: str | Enum | None) -> str | None:
-    # The SDK's enums hash by member name, not value: compare plain strings.
+    # Plain strings: the SDK answers its str enum for a known role, a str for a new one.
     return role.value if isinstance(role, Enum) else role
 
 
@@ -406,7 +384,7 @@ def layout_document(
 ) -> ParsedDocument:
     """Map a layout :class:`AnalyzeResult` of ``path`` to a :class:`ParsedDocument`
     (see the module docstring). Raises :class:`DocumentParseError` if no text is left."""
-    builder = _PagedSections()
+    builder = _SectionBuilder()
     title: str | None = None
     first_heading: str | None = None
     for block in _blocks(result):

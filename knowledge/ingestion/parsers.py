@@ -45,7 +45,8 @@ class DocumentParser(Protocol):
 
     ``name`` enters every content hash of the files it parses, so switching parser
     re-indexes them. Parsing is blocking; a file that cannot be parsed raises
-    :class:`DocumentParseError` (it is skipped), any other error stops ingestion."""
+    :class:`DocumentParseError` (it is skipped; so is an ``OSError``, taken for the
+    file's), any other error stops ingestion."""
 
     @property
     def name(self) -> str: ...
@@ -90,21 +91,29 @@ def _decode(data: bytes, path: Path) -> str:
 
 
 class _SectionBuilder:
-    """Accumulates paragraphs under the current heading into sections."""
+    """Accumulates paragraphs under the current heading into sections. Paragraphs given
+    a page (a PDF's layout) also end a section where the page changes, the heading
+    carrying on, so a section has one page: its first paragraph's."""
 
     def __init__(self) -> None:
         self._sections: list[ParsedSection] = []
         self._heading: str | None = None
+        self._page: int | None = None
         self._paragraphs: list[str] = []
 
     def start(self, heading: str | None) -> None:
         self._flush()
         self._heading = heading
 
-    def add(self, paragraph: str) -> None:
+    def add(self, paragraph: str, page: int | None = None) -> None:
         text = _normalise(paragraph)
-        if text:
-            self._paragraphs.append(text)
+        if not text:
+            return
+        if self._paragraphs and page is not None and page != self._page:
+            self._flush()
+        if not self._paragraphs:
+            self._page = page
+        self._paragraphs.append(text)
 
     def build(self) -> tuple[ParsedSection, ...]:
         self._flush()
@@ -113,7 +122,9 @@ class _SectionBuilder:
     def _flush(self) -> None:
         if self._paragraphs:
             self._sections.append(
-                ParsedSection(text="\n\n".join(self._paragraphs), heading=self._heading)
+                ParsedSection(
+                    text="\n\n".join(self._paragraphs), page=self._page, heading=self._heading
+                )
             )
         self._paragraphs = []
 

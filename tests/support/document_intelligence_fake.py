@@ -66,6 +66,10 @@ ACCESS_DENIED = {
     "sure to provide a valid key for an active subscription and use a correct regional API "
     "endpoint for your resource.",
 }
+UNSUPPORTED_MEDIA_TYPE = {
+    "code": "UnsupportedMediaType",
+    "message": "Request content type is not supported.",
+}
 _ANALYZE = re.compile(r"^/documentintelligence/documentModels/([^/:]+):analyze$")
 _RESULT = re.compile(r"^/documentintelligence/documentModels/([^/:]+)/analyzeResults/([^/]+)$")
 
@@ -293,6 +297,8 @@ class FakeDocumentIntelligence:
             if not self._failures or self._failures[0][0] != on:
                 return None
             _, status, headers = self._failures.popleft()
+        if status == 415:
+            return status, {"error": UNSUPPORTED_MEDIA_TYPE}, headers
         codes = {429: "429", 503: "ServiceUnavailable", 500: "InternalServerError"}
         body = {
             "error": {
@@ -351,13 +357,7 @@ class FakeDocumentIntelligence:
         elif content_type == "application/octet-stream":
             document = body
         else:
-            return _error(
-                415,
-                {
-                    "code": "UnsupportedMediaType",
-                    "message": "Request content type is not supported.",
-                },
-            )
+            return _error(415, UNSUPPORTED_MEDIA_TYPE)
         digest = hashlib.sha256(document).hexdigest()
         error: dict[str, Any] | None = None
         layout = self.layouts.get(digest)

@@ -6,14 +6,19 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.core.credentials import AzureKeyCredential
-from azure.identity import ClientSecretCredential
+from azure.identity import ClientAssertionCredential, ClientSecretCredential
 from fpdf import FPDF
 from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from client_api.settings import SettingsError, load_settings
 from knowledge.contracts import DocumentParseError
@@ -31,6 +36,7 @@ from tests.support.document_intelligence_fake import (
     Layout,
     serve_document_intelligence,
 )
+from tests.support.https import serve_https
 from tests.support.processes import free_port
 
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -305,6 +311,14 @@ def test_a_corrupt_file_is_a_parse_error_naming_the_service_reason(
     assert "(InvalidContent)" in str(caught.value)
 
 
+def test_a_pdf_that_cannot_be_opened_is_a_parse_error(
+    tmp_path: Path, service: FakeDocumentIntelligence
+) -> None:
+    with pytest.raises(DocumentParseError, match=r"gone.pdf: cannot read file"):
+        parse_document(tmp_path / "gone.pdf", pdf=di_parser(service))
+    assert service.calls == []
+
+
 def test_an_analysis_that_fails_is_a_parse_error(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
@@ -378,6 +392,29 @@ def test_a_wrong_key_is_a_clear_stop(tmp_path: Path, service: FakeDocumentIntell
     assert not isinstance(caught.value, DocumentParseError)
 
 
+def test_a_refused_content_type_is_a_clear_stop_not_a_skip(
+    tmp_path: Path, service: FakeDocumentIntelligence
+) -> None:
+    # 415 refuses the request's content type, which is the same for every PDF.
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    service.fail_next(415)
+    with pytest.raises(DocumentIntelligenceUnavailable) as caught:
+        parse_document(path, pdf=di_parser(service))
+    assert "answered 415 while analysing travel.pdf: Request content type" in str(caught.value)
+    assert [call.method for call in service.calls] == ["POST"]  # not retried
+
+
+def test_a_client_setting_that_cannot_be_read_is_a_clear_stop_not_a_skip(
+    tmp_path: Path, service: FakeDocumentIntelligence
+) -> None:
+    # The HTTP client reads its CA bundle when it connects, raising an OSError of its own.
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    parser = di_parser(service, connection_verify=str(tmp_path / "missing-ca.pem"))
+    with pytest.raises(DocumentIntelligenceUnavailable, match="could not be reached"):
+        parse_document(path, pdf=parser)
+    assert service.calls == []
+
+
 def test_an_unknown_model_is_a_clear_stop(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
@@ -441,6 +478,46 @@ def test_an_identity_entra_refuses_is_a_clear_stop(
     assert service.calls == []
 
 
+UNKNOWN_APPLICATION = {
+    "error": "unauthorized_client",
+    "error_description": "AADSTS700016: Application with identifier 'lamina-ingest' was not "
+    "found in the directory 'contoso'.",
+    "error_codes": [700016],
+}
+
+
+@contextmanager
+def entra_not_knowing_the_application() -> Iterator[tuple[str, str]]:
+    """A token endpoint answering as Entra ID does for an application it does not know
+    (400); yields its authority and the CA file to trust it."""
+
+    async def token(request: Request) -> JSONResponse:
+        return JSONResponse(UNKNOWN_APPLICATION, status_code=400)
+
+    app = Starlette(routes=[Route("/{tenant}/oauth2/v2.0/token", token, methods=["POST"])])
+    with serve_https(app, "the Entra ID token endpoint") as (port, cert):
+        yield f"https://127.0.0.1:{port}", str(cert)
+
+
+def test_a_token_request_entra_refuses_with_400_is_a_clear_stop_not_a_skip(
+    tmp_path: Path, service: FakeDocumentIntelligence
+) -> None:
+    # This credential keeps Entra's answer on its error, so the error carries Entra's
+    # 400; it must not pass for the service's 400 about the file.
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    with entra_not_knowing_the_application() as (authority, ca_file):
+        credential = ClientAssertionCredential(
+            "contoso",
+            "lamina-ingest",
+            lambda: "federated-assertion",
+            authority=authority,
+            connection_verify=ca_file,
+        )
+        with pytest.raises(DocumentIntelligenceUnavailable, match=r"got no token: .*AADSTS700016"):
+            parse_document(path, pdf=di_parser(service, credential))
+    assert service.calls == []
+
+
 # --- installation and settings ------------------------------------------------------------
 
 
@@ -474,6 +551,10 @@ def test_a_missing_endpoint_is_a_settings_error_naming_the_variable(
     with pytest.raises(SettingsError, match="LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT"):
         load_settings()
     monkeypatch.setenv("LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT", "not a url")
+    with pytest.raises(SettingsError, match="LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT"):
+        load_settings()
+    # The key travels in a header: never over plain HTTP.
+    monkeypatch.setenv("LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT", "http://di.example")
     with pytest.raises(SettingsError, match="LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT"):
         load_settings()
     monkeypatch.setenv("LAMINA_KNOWLEDGE__DOCUMENT_INTELLIGENCE__ENDPOINT", "https://di.example")
