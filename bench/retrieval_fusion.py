@@ -22,7 +22,12 @@ queries). Fusion depth is that of the product for ``top_k = 5`` (50 chunks per l
 unless ``--fusion-depth`` says otherwise. Metrics are those of the quality benchmark,
 per page (a page ranks by its best chunk): nDCG@10, recall@10, recall@100.
 
-    .venv/bin/python -m bench.retrieval_fusion [--pages 2000] [--max-words 1000]
+Two ceilings close the report: nDCG@10 when every query, knowing its answer, takes the
+better of the two lists, or the best vector share of the product's fusion for it. No
+fusion with one set of parameters for every query can beat the second.
+
+    .venv/bin/python -m bench.retrieval_fusion [--pages 2000] [--max-words 1000] \
+        [--corpus debian|installed]
 
 Writes bench/results/retrieval_fusion.json.
 """
@@ -45,7 +50,14 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.knowledge_support import LocalEmbedder, VectorCache, machine, write_result
-from bench.retrieval_quality import CACHE, chunks_of, embed_all, index_pages, load_pages
+from bench.retrieval_quality import (
+    CACHE,
+    add_corpus_argument,
+    chunks_of,
+    embed_all,
+    index_pages,
+    load_pages,
+)
 from knowledge.backends.fusion import score_fusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex, to_match_expression
 from knowledge.ingestion.pipeline import embedding_text
@@ -88,7 +100,7 @@ def _weights_key(weights: Iterable[float]) -> str:
 
 
 async def collect(args: argparse.Namespace) -> Lists:
-    path = CACHE / f"fusion-lists-{args.pages}-{args.max_words}-{args.depth}.npz"
+    path = CACHE / f"fusion-lists-{args.corpus}-{args.pages}-{args.max_words}-{args.depth}.npz"
     if path.exists():
         with np.load(path) as stored:
             keys = [str(k) for k in stored["weight_keys"]]
@@ -102,7 +114,7 @@ async def collect(args: argparse.Namespace) -> Lists:
                 {k: stored[f"text_scores_{i}"] for i, k in enumerate(keys)},
             )
     settings = KnowledgeSettings()
-    pages = load_pages(args.pages, args.seed)
+    pages = load_pages(args.pages, args.seed, args.corpus)
     chunks = {page.name: chunks_of(page, settings, args.max_words) for page in pages}
     all_chunks = [c for page_chunks in chunks.values() for c in page_chunks]
     queries = [page.summary for page in pages]
@@ -466,11 +478,52 @@ def study(lists: Lists, fusion_depths: Sequence[int]) -> dict[str, object]:
                 f"{choice['family']} {params} bm25({weights})",
                 Variant(str(choice["family"]), params, fusion, weights, fusion_depths[0]),
             )
+    ceilings = oracle_ceilings(
+        lists, cache_candidates(cache, lists, base_weights, fusion_depths[0])
+    )
     return {
         "rows": rows,
         "chosen": chosen,
+        "ceilings": ceilings,
         "best_single_held_out": max(r["held_out"]["ndcg@10"] for r in reference.values()),
         "best_single_all": max(r["all"]["ndcg@10"] for r in reference.values()),
+    }
+
+
+def cache_candidates(
+    cache: dict[tuple[str, int], list[Candidates]], lists: Lists, weights: str, depth: int
+) -> list[Candidates]:
+    if (weights, depth) not in cache:
+        cache[weights, depth] = candidates(lists, weights, depth)
+    return cache[weights, depth]
+
+
+ORACLE_SHARES = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def oracle_ceilings(lists: Lists, cands: Sequence[Candidates]) -> dict[str, float]:
+    """How far fusing these two lists *could* go: nDCG@10 when each query, knowing its
+    answer, picks the better of the two lists, or the best vector share of the product's
+    score fusion (0, text alone, to 1, vector alone, in steps of 0.05). No fusion with
+    one set of parameters for all queries can beat the second figure."""
+    depth = int(max((c.rows.size for c in cands), default=0))
+
+    def gains(ranks: Ints) -> Floats:
+        hit = (ranks > 0) & (ranks <= 10)
+        return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)
+
+    text = gains(page_ranks(lists, cands, single("text"), single_mode=True))
+    vector = gains(page_ranks(lists, cands, single("vector"), single_mode=True))
+    per_share = np.stack(
+        [gains(page_ranks(lists, cands, product(share, depth))) for share in ORACLE_SHARES]
+    )
+    best_share = per_share.max(axis=0)
+    return {
+        "better_list_per_query": round(float(np.maximum(text, vector).mean()), 4),
+        "best_share_per_query": round(
+            float(np.maximum(best_share, np.maximum(text, vector)).mean()), 4
+        ),
+        "vector": round(float(vector.mean()), 4),
     }
 
 
@@ -494,6 +547,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=2000)
     parser.add_argument("--max-words", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=9)
+    add_corpus_argument(parser)
     parser.add_argument("--depth", type=int, default=300, help="chunks collected per list")
     parser.add_argument("--fusion-depth", default="50,300", help="chunks fused per list")
     args = parser.parse_args()
@@ -510,6 +564,13 @@ def main() -> None:
             f" {every['recall@10']:>6.3f} {every['recall@100']:>6.3f} {tune['ndcg@10']:>6.4f}"
         )
     path = write_result("retrieval_fusion", {"pages": len(lists.names), **result, **machine()})
+    ceilings = result["ceilings"]
+    assert isinstance(ceilings, dict)
+    print(
+        "ceilings (each query picks with its answer known): better list"
+        f" {ceilings['better_list_per_query']}, best vector share"
+        f" {ceilings['best_share_per_query']} (vector alone {ceilings['vector']})"
+    )
     print(
         f"best single mode: held-out {result['best_single_held_out']},"
         f" all {result['best_single_all']}. Wrote {path}"

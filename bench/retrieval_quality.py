@@ -5,10 +5,15 @@ for ls(1)); its one relevant document is that page, indexed *without* its NAME s
 so the query's wording is never copied verbatim from the target. Pages come from
 ``/usr/share/man/man[1-8]`` (English): a seeded sample of regular files (no links, no
 ``.so`` stubs) whose summary has at least three words and belongs to no other page of
-the sample. Pages are rendered with ``man -P cat -l``, cut into sections at their
-headings, chunked and embedded as ingestion does (``KnowledgeSettings`` defaults; each
-chunk's vector is of its title, heading and text); a page contributes at most
-``--max-words`` words, which bounds the embedding time.
+the sample. By default (``--corpus debian``) only pages of packages that Debian's
+archive carries count (dpkg names a page's package, ``apt-cache policy`` its origin): a
+vendor's repository can install far more pages than Debian (google-cloud-cli alone ships
+some 16,000 generated, near-identical command pages), which would make the sample mostly
+one vendor's reference; ``--corpus installed`` takes every installed page. Pages are
+rendered with ``man -P cat -l``, cut into sections at their headings, chunked and
+embedded as ingestion does (``KnowledgeSettings`` defaults; each chunk's vector is of
+its title, heading and text); a page contributes at most ``--max-words`` words, which
+bounds the embedding time.
 
 Everything goes through the knowledge contracts: the real ``SqliteKnowledgeIndex``,
 vectors from the local model (all-MiniLM-L6-v2 int8) via ``replace_document``, and
@@ -26,9 +31,10 @@ images use to strip them). Rendered pages and vectors are cached under
 ``bench/results/retrieval_quality_cache/``: a rerun embeds nothing.
 
     .venv/bin/python -m bench.retrieval_quality [--pages 2000] [--max-words 1000] \
-        [--fusion score|rrf] [--vector-share 0.75]
+        [--corpus debian|installed] [--fusion score|rrf] [--vector-share 0.75]
 
-Writes bench/results/retrieval_quality.json.
+Writes bench/results/retrieval_quality.json (``retrieval_quality-installed.json`` for
+``--corpus installed``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from bench.knowledge_support import RESULTS, LocalEmbedder, VectorCache, machine, write_result
 from knowledge.backends.fusion import HybridFusion
@@ -88,12 +95,50 @@ class ManPage:
         return f"{stem}({section})"
 
 
-def _candidates() -> list[Path]:
+Corpus = Literal["debian", "installed"]
+"""Which pages: those Debian's archive ships, or every installed page."""
+
+
+def _debian_pages() -> set[str]:
+    """Paths of the installed pages whose package Debian's archive carries: dpkg says
+    which package installed a file, ``apt-cache policy`` where the package comes from.
+    Pages of packages from elsewhere (a vendor's repository, a local build) are left
+    out: one vendor's generated command reference (google-cloud-cli ships some 16,000
+    near-identical pages) would otherwise be most of the sample."""
+    owner: dict[str, str] = {}
+    for listing in Path("/var/lib/dpkg/info").glob("*.list"):
+        package = listing.stem.split(":")[0]
+        for line in listing.read_text(errors="replace").splitlines():
+            if line.startswith(f"{MAN_ROOT}/man"):
+                owner[line] = package
+    packages = sorted(set(owner.values()))
+    policy = subprocess.run(
+        ["apt-cache", "policy", *packages], capture_output=True, text=True, check=False
+    ).stdout
+    debian: set[str] = set()
+    current = ""
+    for line in policy.splitlines():
+        if not line.startswith(" "):
+            current = line.rstrip(":").split(":")[0]
+        elif ".debian.org/" in line:
+            debian.add(current)
+    if not debian:
+        sys.exit(
+            "apt knows no package from Debian's archive: run apt-get update, or pass"
+            " --corpus installed"
+        )
+    return {path for path, package in owner.items() if package in debian}
+
+
+def _candidates(corpus: Corpus) -> list[Path]:
     """Regular page files of the English sections; links and ``.so`` stubs are aliases."""
+    allowed = _debian_pages() if corpus == "debian" else None
     found: list[Path] = []
     for directory in sorted(MAN_ROOT.glob("man[1-8]")):
         for path in sorted(directory.iterdir()):
             if path.is_symlink() or not path.is_file():
+                continue
+            if allowed is not None and str(path) not in allowed:
                 continue
             opener = gzip.open if path.suffix == ".gz" else open
             with opener(path, "rb") as handle:
@@ -131,10 +176,10 @@ def _render(path: Path) -> ManPage | None:
     return ManPage(path.name.removesuffix(".gz"), summary.strip(), rest)
 
 
-def load_pages(count: int, seed: int) -> list[ManPage]:
+def load_pages(count: int, seed: int, corpus: Corpus = "debian") -> list[ManPage]:
     """``count`` pages with distinct summaries, rendered once and cached (a smaller
     ``count`` takes the first pages of a larger cached sample)."""
-    cache = CACHE / f"pages-{seed}.json"
+    cache = CACHE / f"pages-{corpus}-{seed}.json"
     if cache.exists():
         raw = json.loads(cache.read_text())
         if len(raw) >= count:
@@ -142,7 +187,7 @@ def load_pages(count: int, seed: int) -> list[ManPage]:
                 ManPage(p["name"], p["summary"], tuple(map(tuple, p["sections"])))
                 for p in raw[:count]
             ]
-    candidates = _candidates()
+    candidates = _candidates(corpus)
     random.Random(seed).shuffle(candidates)
     rendered: list[ManPage] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -165,6 +210,15 @@ def _distinct(pages: Sequence[ManPage]) -> list[ManPage]:
     for page in pages:
         counts[page.summary.lower()] = counts.get(page.summary.lower(), 0) + 1
     return [p for p in pages if counts[p.summary.lower()] == 1]
+
+
+def add_corpus_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus",
+        choices=("debian", "installed"),
+        default="debian",
+        help="pages of packages from Debian's archive (default), or every installed page",
+    )
 
 
 def chunks_of(page: ManPage, settings: KnowledgeSettings, max_words: int) -> list[Chunk]:
@@ -246,7 +300,7 @@ def _rank_of(target: str, passages_pages: Sequence[str]) -> int | None:
 
 async def evaluate(args: argparse.Namespace) -> dict[str, object]:
     settings = KnowledgeSettings()
-    pages = load_pages(args.pages, args.seed)
+    pages = load_pages(args.pages, args.seed, args.corpus)
     chunks = {page.name: chunks_of(page, settings, args.max_words) for page in pages}
     all_chunks = [c for page_chunks in chunks.values() for c in page_chunks]
     queries = [page.summary for page in pages]
@@ -296,6 +350,7 @@ async def evaluate(args: argparse.Namespace) -> dict[str, object]:
     gain = round(100 * (modes["hybrid"]["ndcg@10"] - best_single), 2)
     return {
         "benchmark": "known-item retrieval, Debian manual pages (NAME summary -> page)",
+        "corpus": args.corpus,
         "pages": len(pages),
         "queries": len(queries),
         "chunks": len(all_chunks),
@@ -328,6 +383,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=2000, help="queries (one per page)")
     parser.add_argument("--max-words", type=int, default=1000, help="words indexed per page")
     parser.add_argument("--seed", type=int, default=9)
+    add_corpus_argument(parser)
     defaults = KnowledgeSettings()
     parser.add_argument("--fusion", choices=("score", "rrf"), default=defaults.hybrid_fusion)
     parser.add_argument(
@@ -337,7 +393,8 @@ def main() -> None:
     if shutil.which("man") is None or not any(MAN_ROOT.glob("man1/*")):
         raise SystemExit(f"needs Debian's manual pages and man-db: {INSTALL}")
     result = asyncio.run(evaluate(args))
-    path = write_result("retrieval_quality", result)
+    name = "retrieval_quality" if args.corpus == "debian" else f"retrieval_quality-{args.corpus}"
+    path = write_result(name, result)
     print(f"{'mode':<8} {'nDCG@10':>8} {'R@10':>6} {'R@100':>6} {'MRR':>6} {'ms/q':>6}")
     modes = result["modes"]
     assert isinstance(modes, dict)
