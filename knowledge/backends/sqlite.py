@@ -292,6 +292,7 @@ _MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+")
 # Bounds of the per-process caches: query term → FTS5 tokens, and token → postings.
 _TOKENIZED_TERMS = 10_000
+_CACHED_TERM_CHARS = 64
 _CACHED_POSTINGS = 2_000_000  # row ids and frequencies: some 32 MB
 # Writes by this process held for the next search; past this, it reloads instead.
 _PENDING_ROWS = 50_000
@@ -843,11 +844,14 @@ class SqliteKnowledgeIndex:
         """The postings of each query term, in order; ``None`` when FTS5 reads a term as
         other than one token (then it is a phrase, which only FTS5 can match)."""
         unknown = [term for term in terms if term not in self._tokenized]
-        if unknown:
-            if len(self._tokenized) + len(unknown) > _TOKENIZED_TERMS:
-                self._tokenized.clear()
-            self._tokenized.update(await _tokenize(db, unknown))
-        tokenized = [self._tokenized[term] for term in terms]
+        fresh = await _tokenize(db, unknown) if unknown else {}
+        # Only short terms are kept: the cache's bound is a count of terms, so a query of
+        # long made-up words must not be able to fill it with megabytes.
+        kept = {term: tokens for term, tokens in fresh.items() if len(term) <= _CACHED_TERM_CHARS}
+        if len(self._tokenized) + len(kept) > _TOKENIZED_TERMS:
+            self._tokenized.clear()
+        self._tokenized.update(kept)
+        tokenized = [fresh[term] if term in fresh else self._tokenized[term] for term in terms]
         if any(len(tokens) != 1 for tokens in tokenized):
             return None
         phrases: list[TermPostings] = []

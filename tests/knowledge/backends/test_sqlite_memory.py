@@ -153,6 +153,20 @@ async def test_a_term_fts5_splits_is_searched_as_a_phrase(index: SqliteKnowledge
     assert hits.trimmed == 1
 
 
+async def test_long_query_words_are_searched_but_not_cached(index: SqliteKnowledgeIndex) -> None:
+    long_word = "x" * 5_000
+    await put(index, "a", make_chunks("a", f"rota {long_word}", acl=access(public=True)))
+    await put(index, "b", make_chunks("b", "rota audit", acl=access(public=True)))
+    reader = caller_filter("contoso", "reader@contoso.com")
+    for _ in range(2):
+        hits = await index.search(SearchRequest(f"{long_word} audit", 5, SearchMode.TEXT), reader)
+        # Each document matches one of the two words.
+        assert {p.chunk.chunk_id for p in hits.passages} == {"a-0", "b-0"}
+    # The term cache holds the short word only: its bound is a count of terms.
+    assert "audit" in index._tokenized
+    assert long_word not in index._tokenized
+
+
 async def test_own_writes_update_the_arrays_as_a_reload_would(
     index: SqliteKnowledgeIndex, tmp_path: Path
 ) -> None:
