@@ -6,6 +6,7 @@ toolset, chat model, planner, stores and the orchestrator.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -70,7 +71,6 @@ from knowledge.backends.fusion import HybridFusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex
 from knowledge.contracts import Embedder, Ingestor, KnowledgeIndex, Retriever
 from knowledge.ingestion.acl import AccessRules
-from knowledge.ingestion.parsers import DocumentParser
 from knowledge.ingestion.pipeline import IngestionPipeline
 from knowledge.retrieval import SecurityTrimmedRetriever
 from tools.approvals.factory import open_approval_store
@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from client_api.teams.conversations import TeamsConversationMap
     from intelligence.stores.cosmos import CosmosConversationStore
     from intelligence.stores.cosmos_audit import CosmosAuditLog
+    from knowledge.ingestion.document_intelligence import DocumentIntelligenceParser
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +357,14 @@ async def open_teams_conversations(
 
 
 def build_knowledge(
-    settings: LaminaSettings, embedder: Embedder | None = None
+    settings: LaminaSettings,
+    embedder: Embedder | None = None,
+    stack: AsyncExitStack | None = None,
 ) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
     """The index of ``LAMINA_KNOWLEDGE__BACKEND``, the pipeline that fills it and the
-    retriever over it, all with ``embedder`` (``None``: text only)."""
+    retriever over it, all with ``embedder`` (``None``: text only). With ``stack``, what
+    the pipeline holds open (the credential the PDF parser makes for Entra ID) is
+    closed with it."""
     index: KnowledgeIndex
     if settings.knowledge.backend == "azure_search":
         if embedder is None:
@@ -383,13 +388,16 @@ def build_knowledge(
         default_mode=settings.knowledge.search_mode,
         capture_content=settings.telemetry.capture_content,
     )
+    pdf_parser = build_pdf_parser(settings)
+    if pdf_parser is not None and stack is not None:
+        stack.push_async_callback(asyncio.to_thread, pdf_parser.close)
     pipeline = IngestionPipeline(
-        index, settings.knowledge, embedder=embedder, pdf_parser=build_pdf_parser(settings)
+        index, settings.knowledge, embedder=embedder, pdf_parser=pdf_parser
     )
     return index, pipeline, retriever
 
 
-def build_pdf_parser(settings: LaminaSettings) -> DocumentParser | None:
+def build_pdf_parser(settings: LaminaSettings) -> DocumentIntelligenceParser | None:
     """The PDF parser ``LAMINA_KNOWLEDGE__PDF_PARSER`` names; ``None``: the local one."""
     if settings.knowledge.pdf_parser != "document_intelligence":
         return None
@@ -403,11 +411,12 @@ def build_pdf_parser(settings: LaminaSettings) -> DocumentParser | None:
 async def open_knowledge(
     settings: LaminaSettings, stack: AsyncExitStack
 ) -> tuple[KnowledgeIndex, Ingestor, Retriever]:
-    """:func:`build_knowledge` with the configured embedder, the index opened; both are
-    closed with ``stack``. What ``lamina serve``, ``lamina ingest`` and ``lamina eval``
-    share, so the vectors a query is compared with were made by the same model."""
+    """:func:`build_knowledge` with the configured embedder, the index opened; both, and
+    the PDF parser's credential, are closed with ``stack``. What ``lamina serve``,
+    ``lamina ingest`` and ``lamina eval`` share, so the vectors a query is compared with
+    were made by the same model."""
     embedder = await build_knowledge_embedder(settings, stack)
-    index, ingestor, retriever = build_knowledge(settings, embedder)
+    index, ingestor, retriever = build_knowledge(settings, embedder, stack)
     await index.open()
     stack.push_async_callback(index.close)
     return index, ingestor, retriever

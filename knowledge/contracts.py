@@ -310,7 +310,9 @@ class IngestionReport:
     """Files (re-)chunked and (re-)embedded: new or changed content."""
     chunks_indexed: int
     skipped: tuple[SkippedFile, ...] = field(default=())
-    """Corrupt, encrypted, empty, unsupported or too large: reported, never fatal."""
+    """Corrupt, encrypted, empty, unsupported or too large: reported, never fatal. Also
+    files whose parsing was deferred (:class:`DocumentParseDeferred`): still served as
+    indexed before, retried by the next run."""
     files_unchanged: int = 0
     """Same content hash and same ACL as indexed: no work at all."""
     access_updated: int = 0
@@ -359,7 +361,16 @@ class AccessRulesError(KnowledgeError):
 
 
 class DocumentParseError(KnowledgeError):
-    """A document could not be parsed (corrupt, encrypted or unsupported)."""
+    """A document could not be parsed (corrupt, encrypted or unsupported). Ingestion
+    skips the file and deletes what the index held of it: a broken file stops being
+    served."""
+
+
+class DocumentParseDeferred(DocumentParseError):
+    """A document could not be parsed *now*, through no fault of its own (a parsing
+    service that failed or ran out of time on it). Ingestion skips the file but keeps
+    what the index holds of it, and records no new content hash, so the next run
+    parses it again."""
 
 
 class IndexUnavailable(KnowledgeError):

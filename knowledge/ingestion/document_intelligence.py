@@ -21,12 +21,19 @@ client is used: parsing runs in a worker thread. Throttling (429 with ``Retry-Af
 and transient 5xx answers are retried by azure-core's retry policy (``retry_total``,
 ``retry_backoff_factor``, ... as client options).
 
-Failures come in two kinds, handled differently:
+Failures come in three kinds, handled differently:
 
 - the service rejects *this file* (400, 413: corrupt, encrypted, too large or too many
-  pages for the tier; or an analysis that ends ``failed``; or one that outlasts
-  ``timeout_s``): :class:`DocumentParseError`, so ingestion reports the file as skipped
-  and goes on with the rest;
+  pages for the tier; or an analysis that ends ``failed`` with any other error, such
+  as ``InvalidRequest`` / ``InvalidContent``): :class:`DocumentParseError`, so
+  ingestion reports the file as skipped, deletes what the index held of it and goes on
+  with the rest;
+- the service failed *on this file, this time* (an analysis that ends ``failed`` with
+  a service-side error, ``InternalServerError`` or ``ServiceUnavailable``, the error
+  guide's 500 and 503 codes, or ``Timeout``; or one still running after
+  ``timeout_s``): :class:`DocumentParseDeferred`, so ingestion reports the file as
+  skipped but keeps what the index held of it, and the next run tries again. A passing
+  fault of the service must not delete good content;
 - the service *cannot be used* (the SDK is not installed; a wrong endpoint or model,
   404; a key or Entra identity refused, 401/403, or no token from Entra ID, whatever
   status Entra answered; unreachable, or a client setting that cannot be read, such as
@@ -48,7 +55,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowledge.contracts import DocumentParseError, KnowledgeError
+from knowledge.contracts import DocumentParseDeferred, DocumentParseError, KnowledgeError
 from knowledge.ingestion.parsers import (
     ParsedDocument,
     _finish,
@@ -67,6 +74,7 @@ if TYPE_CHECKING:
     )
     from azure.core.credentials import AzureKeyCredential, TokenCredential
     from azure.core.exceptions import HttpResponseError
+    from azure.identity import DefaultAzureCredential
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,11 @@ _REJECTED_FILE = frozenset({400, 413})
 Not 415: it refuses the request's content type, the same for every file."""
 _RETRIED = frozenset({408, 429, 500, 502, 503, 504})
 """Statuses azure-core's retry policy retries."""
+_SERVICE_FAULTS = frozenset({"InternalServerError", "ServiceUnavailable", "Timeout"})
+"""Top-level codes of a failed analysis that say the service failed, not the file: the
+error guide's 500 and 503 codes (for an analysis with several errors, the top-level
+code is the most severe one), and ``Timeout``, not in the guide's table, but a time
+limit of the service's own, treated as reaching ``timeout_s`` is."""
 _MAX_REASON_CHARS = 300
 
 
@@ -109,7 +122,8 @@ class DocumentIntelligenceParser:
     means Entra ID through ``DefaultAzureCredential`` (managed identity in Azure), made
     on first use and kept for its token cache. ``client_options`` go to each
     ``DocumentIntelligenceClient`` (``retry_total``, ``retry_backoff_factor``,
-    ``connection_verify``, ``read_timeout``, ...).
+    ``connection_verify``, ``read_timeout``, ...). :meth:`close` closes the credential
+    the parser made; one passed in is its owner's to close.
     """
 
     def __init__(
@@ -125,6 +139,8 @@ class DocumentIntelligenceParser:
         require_sdk()
         self._endpoint = endpoint.rstrip("/")
         self._credential = credential
+        self._owned: DefaultAzureCredential | None = None
+        """The credential this parser made, and so closes."""
         self._model_id = model_id
         self._timeout_s = timeout_s
         # The SDK's own default is 30 s when the service sends no Retry-After.
@@ -160,6 +176,17 @@ class DocumentIntelligenceParser:
     @property
     def name(self) -> str:
         return f"document_intelligence/{self._model_id}"
+
+    def close(self) -> None:
+        """Close the ``DefaultAzureCredential`` this parser made, if it made one (its
+        HTTP sessions); a credential passed in is left open. Blocking. The parser stays
+        usable: the next PDF makes a new credential."""
+        with self._lock:
+            owned, self._owned = self._owned, None
+            if owned is not None:
+                self._credential = None
+        if owned is not None:
+            owned.close()
 
     def __call__(self, path: Path) -> ParsedDocument:
         result = self._analyze(path)
@@ -198,7 +225,7 @@ class DocumentIntelligenceParser:
                 # The SDK's polling thread cannot be cancelled: it closes the client
                 # once the service finishes (the service bounds every analysis).
                 poller.add_done_callback(lambda _: client.close())
-                raise DocumentParseError(
+                raise DocumentParseDeferred(
                     f"{path.name}: Document Intelligence did not finish analysing it "
                     f"within {self._timeout_s:g} s"
                 )
@@ -225,7 +252,7 @@ class DocumentIntelligenceParser:
             if self._credential is None:
                 from azure.identity import DefaultAzureCredential
 
-                self._credential = DefaultAzureCredential()
+                self._credential = self._owned = DefaultAzureCredential()
             return self._credential
 
     def _failure(self, path: Path, exc: HttpResponseError) -> KnowledgeError:
@@ -246,6 +273,10 @@ class DocumentIntelligenceParser:
             "Document Intelligence at %s, %s: %s%s", self._endpoint, path.name, status, detail
         )
         if isinstance(exc.inner_exception, OperationFailed):
+            if exc.error is not None and exc.error.code in _SERVICE_FAULTS:
+                return DocumentParseDeferred(
+                    f"{path.name}: Document Intelligence could not analyse it this time{detail}"
+                )
             return DocumentParseError(
                 f"{path.name}: Document Intelligence failed to analyse it{detail}"
             )

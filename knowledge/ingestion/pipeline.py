@@ -8,7 +8,9 @@ then, per file:
 
 - same hash, same ACL: nothing to do (the file is hashed, never parsed or embedded);
 - same hash, new ACL: :meth:`KnowledgeIndex.update_access` only, no re-embedding;
-- new or changed: parse, chunk, embed, :meth:`KnowledgeIndex.replace_document`.
+- new or changed: parse, chunk, embed, :meth:`KnowledgeIndex.replace_document`;
+- new or changed, but its parse deferred (:class:`DocumentParseDeferred`): kept as
+  indexed, under its current ACL, and its old hash with it, so the next run retries.
 
 Each document is committed on its own, so an interrupted run leaves a usable index,
 and running again redoes only what was not committed.
@@ -26,6 +28,7 @@ from pathlib import Path
 from knowledge.contracts import (
     AccessControl,
     Chunk,
+    DocumentParseDeferred,
     DocumentParseError,
     DocumentState,
     Embedder,
@@ -205,7 +208,9 @@ class IngestionPipeline:
     batch plus the largest document, never by the corpus. A file that cannot be
     indexed is reported in :attr:`IngestionReport.skipped` and ingestion continues;
     its chunks from any earlier run are deleted, so a revoked or broken file stops
-    being served. With no ``embedder`` the index gets text only (BM25 search).
+    being served. A file whose parse is deferred (:class:`DocumentParseDeferred`: the
+    parser's fault, not the file's) is reported too, but keeps its chunks. With no
+    ``embedder`` the index gets text only (BM25 search).
 
     PDFs are parsed by ``pdf_parser`` when given (the composition root builds the one
     ``LAMINA_KNOWLEDGE__PDF_PARSER`` names), else locally; other files always locally.
@@ -359,6 +364,9 @@ class _Run:
             return
         try:
             chunks = await asyncio.to_thread(_prepare, candidate, access, self._settings, pdf)
+        except DocumentParseDeferred as exc:
+            await self._defer(candidate, document_id, access, str(exc))
+            return
         except DocumentParseError as exc:
             await self._skip(candidate, str(exc))
             return
@@ -429,6 +437,22 @@ class _Run:
     async def _skip(self, candidate: _Candidate, reason: str) -> None:
         self.tally.skipped.append(SkippedFile(candidate.relative, reason))
         await self._forget(candidate.source, keep=None)
+        self._announce(candidate.relative)
+
+    async def _defer(
+        self, candidate: _Candidate, document_id: str, access: AccessControl, reason: str
+    ) -> None:
+        """Skip a file whose parse was deferred, keeping what the index holds of it. Its
+        old content hash stays too, so the next run parses it again; only its ACL is
+        brought up to date, so a revoked reader loses it now, as with any other file."""
+        state = self._indexed.get(document_id)
+        if state is None:
+            reason += "; the next run retries it"
+        else:
+            if state.access != access:
+                await self._index.update_access(document_id, access)
+            reason += "; the indexed version is kept and the next run retries it"
+        self.tally.skipped.append(SkippedFile(candidate.relative, reason))
         self._announce(candidate.relative)
 
     async def _forget(self, source: str, *, keep: str | None) -> None:

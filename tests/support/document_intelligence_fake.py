@@ -23,7 +23,8 @@ reading order and paragraphs, table cells and tables point into it with spans; c
 text is also reported as paragraphs, as the service does), else a plain layout read
 with pypdf: each line of each page a paragraph, without roles. :meth:`fail_next`
 injects failures (429 with ``Retry-After``, 503, ...) into the next analyze requests or
-polls; ``hold`` keeps analyses running until it is cleared.
+polls; ``hold`` keeps analyses running until it is cleared; ``failing`` makes every
+analysis end ``failed`` with the given error (:data:`INTERNAL_SERVER_ERROR`, ...).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,6 +49,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.support.https import serve_https
+
+if TYPE_CHECKING:
+    from azure.core.credentials import AccessToken
+    from azure.identity import ClientSecretCredential
 
 API_VERSION = "2024-11-30"
 MODELS = frozenset({"prebuilt-layout", "prebuilt-read"})
@@ -59,6 +64,11 @@ INVALID_CONTENT = {
         "message": "The file is corrupted or format is unsupported. Refer to documentation "
         "for the list of supported formats.",
     },
+}
+INTERNAL_SERVER_ERROR = {"code": "InternalServerError", "message": "An unexpected error occurred."}
+SERVICE_UNAVAILABLE = {
+    "code": "ServiceUnavailable",
+    "message": "A transient error occurred. Try again.",
 }
 ACCESS_DENIED = {
     "code": "401",
@@ -246,6 +256,8 @@ class FakeDocumentIntelligence:
     """Polls answered ``running`` before an analysis ends."""
     hold: bool = False
     """While set, every analysis stays ``running``."""
+    failing: dict[str, Any] | None = None
+    """While set, every analysis accepted ends ``failed`` with this error."""
     endpoint: str = ""
     ca_file: str = ""
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -359,7 +371,7 @@ class FakeDocumentIntelligence:
         else:
             return _error(415, UNSUPPORTED_MEDIA_TYPE)
         digest = hashlib.sha256(document).hexdigest()
-        error: dict[str, Any] | None = None
+        error: dict[str, Any] | None = self.failing
         layout = self.layouts.get(digest)
         if layout is None:
             if not document.startswith(b"%PDF-"):
@@ -368,7 +380,7 @@ class FakeDocumentIntelligence:
                 from pypdf import PdfReader
 
                 if PdfReader(io.BytesIO(document)).is_encrypted:
-                    error = INVALID_CONTENT
+                    error = error or INVALID_CONTENT
                 else:
                     layout = plain_layout(document, model_id)
             except Exception:
@@ -451,3 +463,23 @@ def serve_document_intelligence(
         fake.endpoint = f"https://127.0.0.1:{port}"
         fake.ca_file = str(cert)
         yield fake
+
+
+# --- the parser's own credential ---------------------------------------------------------
+
+
+class CountedCloses:
+    """A real Entra ID credential (of the loopback tenant) that counts the calls to its
+    ``close``: what a test puts in place of ``DefaultAzureCredential``, which would look
+    for an identity on this machine, to see whether the parser closes what it made."""
+
+    def __init__(self, credential: ClientSecretCredential) -> None:
+        self._credential = credential
+        self.closes = 0
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return self._credential.get_token(*scopes, **kwargs)
+
+    def close(self) -> None:
+        self.closes += 1
+        self._credential.close()

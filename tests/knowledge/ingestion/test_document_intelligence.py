@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import azure.identity
 import pytest
 from azure.core.credentials import AzureKeyCredential
 from azure.identity import ClientAssertionCredential, ClientSecretCredential
@@ -21,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from client_api.settings import SettingsError, load_settings
-from knowledge.contracts import DocumentParseError
+from knowledge.contracts import DocumentParseDeferred, DocumentParseError
 from knowledge.ingestion.chunking import chunk_sections
 from knowledge.ingestion.document_intelligence import (
     INSTALL_HINT,
@@ -32,6 +33,9 @@ from knowledge.ingestion.parsers import ParsedDocument, ParsedSection, parse_doc
 from knowledge.settings import DocumentIntelligenceSettings, KnowledgeSettings
 from tests.support.bot_framework import EntraTenant, running_entra_tenant
 from tests.support.document_intelligence_fake import (
+    INTERNAL_SERVER_ERROR,
+    SERVICE_UNAVAILABLE,
+    CountedCloses,
     FakeDocumentIntelligence,
     Layout,
     serve_document_intelligence,
@@ -53,6 +57,7 @@ def service(served: FakeDocumentIntelligence) -> Iterator[FakeDocumentIntelligen
     served.calls.clear()
     yield served
     served.hold = False
+    served.failing = None
     served.running_polls = 1
     served.accept_token = None
     served._failures.clear()
@@ -330,18 +335,40 @@ def test_an_analysis_that_fails_is_a_parse_error(
     path = tmp_path / "locked.pdf"
     pdf.output(str(path))
 
-    with pytest.raises(DocumentParseError, match=r"locked.pdf: .* failed to analyse it: .*"):
+    with pytest.raises(
+        DocumentParseError, match=r"locked.pdf: .* failed to analyse it: .*"
+    ) as caught:
         di_parser(service)(path)
+    assert "(InvalidContent)" in str(caught.value)
+    assert not isinstance(caught.value, DocumentParseDeferred)  # the file's fault: skipped
     assert [call.method for call in service.calls] == ["POST", "GET", "GET"]
 
 
-def test_an_analysis_over_its_time_limit_is_a_parse_error(
+# --- the service failing on a file, this time: deferred ------------------------------------
+
+
+@pytest.mark.parametrize("error", [INTERNAL_SERVER_ERROR, SERVICE_UNAVAILABLE])
+def test_an_analysis_the_service_fails_is_deferred(
+    tmp_path: Path, service: FakeDocumentIntelligence, error: dict[str, str]
+) -> None:
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    service.failing = error
+    with pytest.raises(DocumentParseDeferred) as caught:
+        di_parser(service)(path)
+    assert str(caught.value).startswith("travel.pdf: Document Intelligence could not analyse it")
+    assert f"({error['code']})" in str(caught.value)
+
+    service.failing = None  # the next try succeeds
+    assert di_parser(service)(path).title == "Travel Policy 2025"
+
+
+def test_an_analysis_over_its_time_limit_is_deferred(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
     path = tmp_path / "slow.pdf"
     make_pdf(path, [["Slow"]])
     service.hold = True
-    with pytest.raises(DocumentParseError, match=r"slow.pdf: .* did not finish .* within 0.2 s"):
+    with pytest.raises(DocumentParseDeferred, match=r"slow.pdf: .* did not finish .* within 0.2 s"):
         di_parser(service, timeout_s=0.2)(path)
 
     # The SDK's poller carries on in its thread until the service ends the analysis.
@@ -476,6 +503,53 @@ def test_an_identity_entra_refuses_is_a_clear_stop(
     ):
         di_parser(service, credential)(path)
     assert service.calls == []
+
+
+def test_close_closes_the_credential_the_parser_made(
+    tmp_path: Path, service: FakeDocumentIntelligence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    made: list[CountedCloses] = []
+    with running_entra_tenant() as tenant:
+        service.accept_token = lambda token: token in tenant.issued
+
+        def default_credential() -> CountedCloses:
+            made.append(CountedCloses(client_secret_credential(tenant, tenant.client_secret)))
+            return made[-1]
+
+        monkeypatch.setattr(azure.identity, "DefaultAzureCredential", default_credential)
+        parser = DocumentIntelligenceParser(
+            service.endpoint, polling_interval_s=0.01, connection_verify=service.ca_file
+        )
+        parser.close()  # nothing made yet: nothing to close
+        assert made == []
+
+        parser(path)
+        parser(path)
+        assert [credential.closes for credential in made] == [0]  # one, kept for its cache
+        parser.close()
+        parser.close()
+        assert [credential.closes for credential in made] == [1]
+
+        assert parser(path).title == "Travel Policy 2025"  # usable again, with a new one
+        parser.close()
+        assert [credential.closes for credential in made] == [1, 1]
+    assert {call.authorization for call in service.calls} == {"bearer"}
+
+
+def test_close_leaves_a_credential_passed_in_open(
+    tmp_path: Path, service: FakeDocumentIntelligence
+) -> None:
+    path = travel_policy(tmp_path / "travel.pdf", service)
+    with running_entra_tenant() as tenant:
+        service.accept_token = lambda token: token in tenant.issued
+        credential = CountedCloses(client_secret_credential(tenant, tenant.client_secret))
+        parser = di_parser(service, credential)
+        parser(path)
+        parser.close()
+        assert credential.closes == 0  # its owner's to close
+        parser(path)
+        credential.close()
 
 
 UNKNOWN_APPLICATION = {
