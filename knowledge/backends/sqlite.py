@@ -290,7 +290,8 @@ _STOPWORDS = frozenset({
 })  # fmt: skip
 _MAX_QUERY_TERMS = 64
 _TERM = re.compile(r"\w+")
-# Bounds of the per-process caches: query term → FTS5 tokens, and token → postings.
+# Bounds of the per-process caches: query term → FTS5 tokens, and token → postings
+# (entries, and rows); longer terms and tokens are never cached.
 _TOKENIZED_TERMS = 10_000
 _CACHED_TERM_CHARS = 64
 _CACHED_POSTINGS = 2_000_000  # row ids and frequencies: some 32 MB
@@ -843,15 +844,17 @@ class SqliteKnowledgeIndex:
     ) -> list[TermPostings] | None:
         """The postings of each query term, in order; ``None`` when FTS5 reads a term as
         other than one token (then it is a phrase, which only FTS5 can match)."""
-        unknown = [term for term in terms if term not in self._tokenized]
+        known = {term: self._tokenized[term] for term in terms if term in self._tokenized}
+        unknown = [term for term in terms if term not in known]
         fresh = await _tokenize(db, unknown) if unknown else {}
         # Only short terms are kept: the cache's bound is a count of terms, so a query of
         # long made-up words must not be able to fill it with megabytes.
         kept = {term: tokens for term, tokens in fresh.items() if len(term) <= _CACHED_TERM_CHARS}
         if len(self._tokenized) + len(kept) > _TOKENIZED_TERMS:
+            # Clearing drops this query's cached terms too: ``known`` holds them.
             self._tokenized.clear()
         self._tokenized.update(kept)
-        tokenized = [fresh[term] if term in fresh else self._tokenized[term] for term in terms]
+        tokenized = [known[term] if term in known else fresh[term] for term in terms]
         if any(len(tokens) != 1 for tokens in tokenized):
             return None
         phrases: list[TermPostings] = []
@@ -866,11 +869,17 @@ class SqliteKnowledgeIndex:
                     )
                 except ValueError as exc:
                     raise IndexUnavailable("the knowledge index is inconsistent") from exc
-                if self._postings_size + postings.rows.size > _CACHED_POSTINGS:
-                    self._postings.clear()
-                    self._postings_size = 0
-                self._postings[token] = postings
-                self._postings_size += int(postings.rows.size)
+                # Bounded by rows and by entries: a word found nowhere has no rows, so a
+                # stream of made-up words would otherwise grow it without limit.
+                if len(token) <= _CACHED_TERM_CHARS:
+                    if (
+                        self._postings_size + postings.rows.size > _CACHED_POSTINGS
+                        or len(self._postings) >= _TOKENIZED_TERMS
+                    ):
+                        self._postings.clear()
+                        self._postings_size = 0
+                    self._postings[token] = postings
+                    self._postings_size += int(postings.rows.size)
             phrases.append(postings)
         return phrases
 

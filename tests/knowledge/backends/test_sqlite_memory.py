@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from knowledge.backends import sqlite as sqlite_backend
 from knowledge.backends.sqlite import (
     _COUNT_MATCHES,
     _TEXT_SEARCH,
@@ -162,9 +163,39 @@ async def test_long_query_words_are_searched_but_not_cached(index: SqliteKnowled
         hits = await index.search(SearchRequest(f"{long_word} audit", 5, SearchMode.TEXT), reader)
         # Each document matches one of the two words.
         assert {p.chunk.chunk_id for p in hits.passages} == {"a-0", "b-0"}
-    # The term cache holds the short word only: its bound is a count of terms.
+    # The caches hold the short word only: their bounds are counts of terms and rows.
     assert "audit" in index._tokenized
     assert long_word not in index._tokenized
+    assert "audit" in index._postings
+    assert long_word not in index._postings
+
+
+async def test_words_found_nowhere_do_not_grow_the_postings_cache_without_bound(
+    index: SqliteKnowledgeIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "_TOKENIZED_TERMS", 3)
+    await put(index, "a", make_chunks("a", "rota audit", acl=access(public=True)))
+    reader = caller_filter("contoso", "reader@contoso.com")
+    for n in range(10):
+        # A made-up word has no postings, so it adds nothing to the count of rows.
+        await index.search(SearchRequest(f"rota zq{n}", 5, SearchMode.TEXT), reader)
+        assert len(index._postings) <= 3
+    hits = await index.search(SearchRequest("rota", 5, SearchMode.TEXT), reader)
+    assert [p.chunk.chunk_id for p in hits.passages] == ["a-0"]
+
+
+async def test_a_full_term_cache_is_cleared_without_losing_the_query_s_terms(
+    index: SqliteKnowledgeIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_backend, "_TOKENIZED_TERMS", 2)
+    await put(index, "a", make_chunks("a", "rota audit", acl=access(public=True)))
+    await put(index, "b", make_chunks("b", "falcon budget", acl=access(public=True)))
+    reader = caller_filter("contoso", "reader@contoso.com")
+    await index.search(SearchRequest("rota", 5, SearchMode.TEXT), reader)
+    # "rota" is cached; two new terms overflow the bound, which clears the cache.
+    hits = await index.search(SearchRequest("rota falcon budget", 5, SearchMode.TEXT), reader)
+    assert {p.chunk.chunk_id for p in hits.passages} == {"a-0", "b-0"}
+    assert set(index._tokenized) == {"falcon", "budget"}
 
 
 async def test_own_writes_update_the_arrays_as_a_reload_would(
