@@ -24,12 +24,13 @@ per page (a page ranks by its best chunk): nDCG@10, recall@10, recall@100.
 
 Two ceilings close the report: nDCG@10 when every query, knowing its answer, takes the
 better of the two lists, or the best vector share of the product's fusion for it. No
-fusion with one set of parameters for every query can beat the second.
+score fusion with one vector share for every query can beat the second.
 
     .venv/bin/python -m bench.retrieval_fusion [--pages 2000] [--max-words 1000] \
         [--corpus debian|installed]
 
-Writes bench/results/retrieval_fusion.json.
+Writes bench/results/retrieval_fusion.json (``retrieval_fusion-installed.json`` for
+``--corpus installed``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from bench.retrieval_quality import (
     embed_all,
     index_pages,
     load_pages,
+    result_name,
 )
 from knowledge.backends.fusion import score_fusion
 from knowledge.backends.sqlite import SqliteKnowledgeIndex, to_match_expression
@@ -479,7 +481,9 @@ def study(lists: Lists, fusion_depths: Sequence[int]) -> dict[str, object]:
                 Variant(str(choice["family"]), params, fusion, weights, fusion_depths[0]),
             )
     ceilings = oracle_ceilings(
-        lists, cache_candidates(cache, lists, base_weights, fusion_depths[0])
+        lists,
+        cache_candidates(cache, lists, base_weights, fusion_depths[0]),
+        fusion_depths[0],
     )
     return {
         "rows": rows,
@@ -501,12 +505,12 @@ def cache_candidates(
 ORACLE_SHARES = tuple(round(0.05 * i, 2) for i in range(21))
 
 
-def oracle_ceilings(lists: Lists, cands: Sequence[Candidates]) -> dict[str, float]:
+def oracle_ceilings(lists: Lists, cands: Sequence[Candidates], depth: int) -> dict[str, float]:
     """How far fusing these two lists *could* go: nDCG@10 when each query, knowing its
     answer, picks the better of the two lists, or the best vector share of the product's
-    score fusion (0, text alone, to 1, vector alone, in steps of 0.05). No fusion with
-    one set of parameters for all queries can beat the second figure."""
-    depth = int(max((c.rows.size for c in cands), default=0))
+    score fusion (0, text alone, to 1, vector alone, in steps of 0.05). No score fusion
+    with one vector share for all queries can beat the second figure. ``depth`` is the
+    depth ``cands`` were fused at: the product takes a shorter text list as complete."""
 
     def gains(ranks: Ints) -> Floats:
         hit = (ranks > 0) & (ranks <= 10)
@@ -563,7 +567,10 @@ def main() -> None:
             f"{str(row['label'])[:58]:<58} {held['ndcg@10']:>9.4f} {every['ndcg@10']:>8.4f}"
             f" {every['recall@10']:>6.3f} {every['recall@100']:>6.3f} {tune['ndcg@10']:>6.4f}"
         )
-    path = write_result("retrieval_fusion", {"pages": len(lists.names), **result, **machine()})
+    path = write_result(
+        result_name("retrieval_fusion", args.corpus),
+        {"corpus": args.corpus, "pages": len(lists.names), **result, **machine()},
+    )
     ceilings = result["ceilings"]
     assert isinstance(ceilings, dict)
     print(

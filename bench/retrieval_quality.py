@@ -31,7 +31,7 @@ images use to strip them). Rendered pages and vectors are cached under
 ``bench/results/retrieval_quality_cache/``: a rerun embeds nothing.
 
     .venv/bin/python -m bench.retrieval_quality [--pages 2000] [--max-words 1000] \
-        [--corpus debian|installed] [--fusion score|rrf] [--vector-share 0.75]
+        [--corpus debian|installed] [--fusion score|rrf] [--vector-share 0.6]
 
 Writes bench/results/retrieval_quality.json (``retrieval_quality-installed.json`` for
 ``--corpus installed``).
@@ -118,6 +118,9 @@ def _debian_pages() -> set[str]:
     debian: set[str] = set()
     current = ""
     for line in policy.splitlines():
+        # "libc6:" (or "libc6:i386:") opens a package; its version table follows,
+        # indented. A package counts when any version apt knows comes from Debian's
+        # archive: the installed one is often superseded there by a point release.
         if not line.startswith(" "):
             current = line.rstrip(":").split(":")[0]
         elif ".debian.org/" in line:
@@ -210,6 +213,12 @@ def _distinct(pages: Sequence[ManPage]) -> list[ManPage]:
     for page in pages:
         counts[page.summary.lower()] = counts.get(page.summary.lower(), 0) + 1
     return [p for p in pages if counts[p.summary.lower()] == 1]
+
+
+def result_name(benchmark: str, corpus: Corpus) -> str:
+    """The result file's name: ``benchmark`` for Debian's pages, suffixed otherwise, so a
+    run over every installed page never overwrites the figures the docs cite."""
+    return benchmark if corpus == "debian" else f"{benchmark}-{corpus}"
 
 
 def add_corpus_argument(parser: argparse.ArgumentParser) -> None:
@@ -393,8 +402,7 @@ def main() -> None:
     if shutil.which("man") is None or not any(MAN_ROOT.glob("man1/*")):
         raise SystemExit(f"needs Debian's manual pages and man-db: {INSTALL}")
     result = asyncio.run(evaluate(args))
-    name = "retrieval_quality" if args.corpus == "debian" else f"retrieval_quality-{args.corpus}"
-    path = write_result(name, result)
+    path = write_result(result_name("retrieval_quality", args.corpus), result)
     print(f"{'mode':<8} {'nDCG@10':>8} {'R@10':>6} {'R@100':>6} {'MRR':>6} {'ms/q':>6}")
     modes = result["modes"]
     assert isinstance(modes, dict)
