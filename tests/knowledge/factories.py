@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fpdf import FPDF
+
 from inferencing.providers.hashing_embeddings import HashingEmbeddingModel
 from knowledge.contracts import AccessControl, AccessFilter, Chunk, EmbeddingIdentity
 
@@ -120,3 +122,21 @@ class ConstantEmbedder:
 
     async def embed(self, texts: Sequence[str], *, tenant_id: str) -> list[tuple[float, ...]]:
         return [self._vector for _ in texts]
+
+
+def make_pdf(
+    path: Path, pages: list[list[str]], *, title: str | None = None, password: str | None = None
+) -> Path:
+    """A PDF at ``path`` with one page per list of lines (fpdf2), optionally encrypted."""
+    pdf = FPDF()
+    if title:
+        pdf.set_title(title)
+    if password:
+        pdf.set_encryption(owner_password="owner", user_password=password)
+    pdf.set_font("Helvetica", size=12)
+    for lines in pages:
+        pdf.add_page()
+        for line in lines:
+            pdf.cell(0, 10, line, new_x="LMARGIN", new_y="NEXT")
+    pdf.output(str(path))
+    return path

@@ -14,7 +14,6 @@ import azure.identity
 import pytest
 from azure.core.credentials import AzureKeyCredential
 from azure.identity import ClientAssertionCredential, ClientSecretCredential
-from fpdf import FPDF
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from knowledge.ingestion.document_intelligence import (
 )
 from knowledge.ingestion.parsers import ParsedDocument, ParsedSection, parse_document
 from knowledge.settings import DocumentIntelligenceSettings, KnowledgeSettings
+from tests.knowledge.factories import make_pdf
 from tests.support.bot_framework import EntraTenant, running_entra_tenant
 from tests.support.document_intelligence_fake import (
     INTERNAL_SERVER_ERROR,
@@ -38,18 +38,11 @@ from tests.support.document_intelligence_fake import (
     CountedCloses,
     FakeDocumentIntelligence,
     Layout,
-    serve_document_intelligence,
 )
 from tests.support.https import serve_https
 from tests.support.processes import free_port
 
 COGNITIVE_SERVICES_SCOPE = "https://cognitiveservices.azure.com/.default"
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FakeDocumentIntelligence]:
-    with serve_document_intelligence() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -79,19 +72,6 @@ def di_parser(
     )
 
 
-def make_pdf(path: Path, pages: list[list[str]], *, title: str | None = None) -> bytes:
-    pdf = FPDF()
-    if title:
-        pdf.set_title(title)
-    pdf.set_font("Helvetica", size=11)
-    for lines in pages:
-        pdf.add_page()
-        for line in lines:
-            pdf.cell(0, 8, line, new_x="LMARGIN", new_y="NEXT")
-    pdf.output(str(path))
-    return path.read_bytes()
-
-
 HEADER = "Contoso Ltd - Internal"
 INTRO = "This policy applies to every employee who travels for work."
 BOOKING = "Book flights at least 14 days ahead unless a manager approves."
@@ -110,7 +90,7 @@ def travel_policy(path: Path, service: FakeDocumentIntelligence) -> Path:
             [HEADER, "Travel Policy 2025", INTRO, "1. Booking", BOOKING, "Class | Who | Limit"],
             [HEADER, PORTAL, "2. Expenses", EXPENSES, "Category | Item | Cap", FOOTNOTE],
         ],
-    )
+    ).read_bytes()
     layout = (
         Layout()
         .paragraph(HEADER, page=1, role="pageHeader")
@@ -213,7 +193,7 @@ def test_long_tables_are_chunked_between_rows_with_their_header(
         [f"C{n:03d}", f"Office number {n}", f"{n} Harbour Street, Seaport district"]
         for n in range(60)
     ]
-    document = make_pdf(tmp_path / "offices.pdf", [["Offices"]])
+    document = make_pdf(tmp_path / "offices.pdf", [["Offices"]]).read_bytes()
     service.add_layout(
         document,
         Layout().paragraph("Offices", page=1, role="sectionHeading").table(rows, page=1),
@@ -236,7 +216,7 @@ def test_long_tables_are_chunked_between_rows_with_their_header(
 def test_a_table_across_pages_stays_whole_and_a_one_column_table_is_a_list(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
-    document = make_pdf(tmp_path / "steps.pdf", [["Steps"], ["More steps"]])
+    document = make_pdf(tmp_path / "steps.pdf", [["Steps"], ["More steps"]]).read_bytes()
     service.add_layout(
         document,
         Layout()
@@ -282,7 +262,7 @@ def test_without_a_title_paragraph_the_local_fallbacks_name_the_document(
     layout: Layout,
     expected: str,
 ) -> None:
-    document = make_pdf(tmp_path / "doc.pdf", [["Body text."]], title=metadata)
+    document = make_pdf(tmp_path / "doc.pdf", [["Body text."]], title=metadata).read_bytes()
     service.add_layout(document, layout)
     assert di_parser(service)(tmp_path / "doc.pdf").title == expected
 
@@ -290,7 +270,7 @@ def test_without_a_title_paragraph_the_local_fallbacks_name_the_document(
 def test_a_document_with_headers_and_footers_only_has_no_text(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
-    document = make_pdf(tmp_path / "blank.pdf", [["Header"]])
+    document = make_pdf(tmp_path / "blank.pdf", [["Header"]]).read_bytes()
     service.add_layout(
         document,
         Layout()
@@ -327,13 +307,7 @@ def test_a_pdf_that_cannot_be_opened_is_a_parse_error(
 def test_an_analysis_that_fails_is_a_parse_error(
     tmp_path: Path, service: FakeDocumentIntelligence
 ) -> None:
-    pdf = FPDF()
-    pdf.set_encryption(owner_password="owner", user_password="secret")
-    pdf.add_page()
-    pdf.set_font("Helvetica", size=11)
-    pdf.cell(0, 8, "Locked")
-    path = tmp_path / "locked.pdf"
-    pdf.output(str(path))
+    path = make_pdf(tmp_path / "locked.pdf", [["Locked"]], password="secret")
 
     with pytest.raises(
         DocumentParseError, match=r"locked.pdf: .* failed to analyse it: .*"

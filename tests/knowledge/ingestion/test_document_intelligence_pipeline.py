@@ -36,19 +36,12 @@ from tests.support.document_intelligence_fake import (
     CountedCloses,
     FakeDocumentIntelligence,
     Layout,
-    serve_document_intelligence,
 )
 
 ATLAS = "product/atlas-user-guide.pdf"
 ATLAS_TITLE = "Contoso Atlas 3.8 User Guide"
 README_SKIP = SkippedFile("README.md", "no access rule matches")
 READER = caller_filter("contoso", "anyone@contoso.com")
-
-
-@pytest.fixture(scope="module")
-def served() -> Iterator[FakeDocumentIntelligence]:
-    with serve_document_intelligence() as fake:
-        yield fake
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from docx import Document
-from fpdf import FPDF
 
 from knowledge.contracts import DocumentParseError
 from knowledge.ingestion.parsers import (
@@ -14,29 +13,13 @@ from knowledge.ingestion.parsers import (
     ParsedSection,
     parse_document,
 )
+from tests.knowledge.factories import make_pdf
 
 CORPUS = Path(__file__).resolve().parents[3] / "samples" / "corpus"
 
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
-    return path
-
-
-def make_pdf(
-    path: Path, pages: list[list[str]], *, title: str | None = None, password: str | None = None
-) -> Path:
-    pdf = FPDF()
-    if title:
-        pdf.set_title(title)
-    if password:
-        pdf.set_encryption(owner_password="owner", user_password=password)
-    pdf.set_font("Helvetica", size=12)
-    for lines in pages:
-        pdf.add_page()
-        for line in lines:
-            pdf.cell(0, 10, line, new_x="LMARGIN", new_y="NEXT")
-    pdf.output(str(path))
     return path
 
 
