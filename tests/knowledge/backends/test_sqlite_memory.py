@@ -115,14 +115,6 @@ async def _ranking(
 
 
 @pytest.fixture
-async def index(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
-    index = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
-    await index.open()
-    yield index
-    await index.close()
-
-
-@pytest.fixture
 async def other(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
     """A second handle on the same file: another process, as far as the index can tell."""
     other = SqliteKnowledgeIndex(tmp_path / "knowledge.db")

@@ -8,7 +8,7 @@ import hashlib
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -71,14 +71,6 @@ def corpus(tmp_path: Path, service: FakeDocumentIntelligence) -> Path:
         layout.paragraph(str(number), page=number, role="pageNumber")
     service.add_layout(guide.read_bytes(), layout)
     return root
-
-
-@pytest.fixture
-async def index(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
-    index = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
-    await index.open()
-    yield index
-    await index.close()
 
 
 def di_parser(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -69,14 +69,6 @@ class CountingEmbedder:
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return copy_of_samples(tmp_path)
-
-
-@pytest.fixture
-async def index(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
-    index = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
-    await index.open()
-    yield index
-    await index.close()
 
 
 @pytest.fixture

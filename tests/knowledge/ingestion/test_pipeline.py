@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ LYNNE = caller_filter("contoso", "lynne.robbins@contoso.com", "employees", "fina
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return copy_of_samples(tmp_path)
-
-
-@pytest.fixture
-async def index(tmp_path: Path) -> AsyncIterator[SqliteKnowledgeIndex]:
-    index = SqliteKnowledgeIndex(tmp_path / "knowledge.db")
-    await index.open()
-    yield index
-    await index.close()
 
 
 @pytest.fixture
