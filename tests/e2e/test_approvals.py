@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from inferencing.simulator import ScriptedReply, ScriptedToolCall, SimulatorServer
-from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.processes import free_port, ingest_corpus, lamina_process
 from tests.support.simulator import simulator_env
 from tests.support.sse import read_events
 
@@ -105,8 +105,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             LAMINA_TEST_PURGE_LOG=str(root / "purges.jsonl"),
             PYTHONPATH=str(plugin),
         )
-        ingest = run_lamina("ingest", str(corpus), env=env)
-        assert ingest.returncode == 0, ingest.stderr
+        ingest_corpus(corpus, env)
         yield Service(simulator, env, free_port(), root / "purges.jsonl")
 
 

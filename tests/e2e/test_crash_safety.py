@@ -41,7 +41,14 @@ from httpx_sse import connect_sse
 
 from inferencing.simulator import ConfigUpdate, SimulatorConfig, SimulatorServer
 from tests.e2e.conftest import write_corpus
-from tests.support.processes import REPO, free_port, lamina_env, lamina_process, run_lamina
+from tests.support.processes import (
+    REPO,
+    free_port,
+    ingest_corpus,
+    lamina_env,
+    lamina_process,
+    run_lamina,
+)
 from tests.support.simulator import simulator_env
 from tests.support.sqlite_inspection import (
     index_inconsistencies,
@@ -124,8 +131,7 @@ def test_a_kill_during_several_streams_loses_no_question_and_shows_no_half_reply
             LAMINA_CONVERSATIONS__TURN_LEASE_S="2",
             LAMINA_CONVERSATIONS__SWEEP_INTERVAL_S="1",
         )
-        ingest = run_lamina("ingest", str(corpus), env=env)
-        assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+        ingest_corpus(corpus, env)
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ import pytest
 
 from inferencing.simulator import Fault, ScriptedReply, SimulatorServer
 from tests.e2e.conftest import write_corpus
-from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.processes import free_port, ingest_corpus, lamina_process
 from tests.support.simulator import simulator_env
 
 pytestmark = pytest.mark.slow
@@ -46,8 +46,7 @@ def test_a_task_running_when_its_server_is_killed_completes_after_a_restart(
             LAMINA_JOBS__POLL_INTERVAL_S="0.2",
             LAMINA_CONVERSATIONS__TURN_LEASE_S="1",
         )
-        ingest = run_lamina("ingest", str(corpus), env=env)
-        assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+        ingest_corpus(corpus, env)
         simulator.script(ScriptedReply(fault=Fault(kind="timeout", hang_s=120)))
 
         port = free_port()

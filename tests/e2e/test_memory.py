@@ -34,7 +34,7 @@ import pytest
 from inferencing.simulator import SimulatorServer
 from tests.e2e.conftest import write_corpus
 from tests.support.collectable_serve import REPORT_VARIABLE
-from tests.support.processes import free_port, lamina_process, run_lamina
+from tests.support.processes import free_port, ingest_corpus, lamina_process
 from tests.support.simulator import simulator_env
 
 pytestmark = pytest.mark.slow
@@ -189,8 +189,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             LAMINA_INTELLIGENCE__PLANNER="deterministic",
             **{REPORT_VARIABLE: str(report)},
         )
-        ingest = run_lamina("ingest", str(corpus), env=env)
-        assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+        ingest_corpus(corpus, env)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         with lamina_process(

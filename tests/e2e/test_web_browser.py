@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from inferencing.simulator import Fault, ScriptedReply, ScriptedToolCall, SimulatorServer
-from tests.support.processes import REPO, free_port, lamina_process, run_lamina
+from tests.support.processes import REPO, free_port, ingest_corpus, lamina_process
 from tests.support.simulator import simulator_env
 
 pytestmark = pytest.mark.slow
@@ -85,8 +85,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     (corpus / "handbook" / "leave.md").write_text(f"# Leave\n\n{LEAVE}\n")
     with SimulatorServer() as simulator:
         env = simulator_env(simulator, data, LAMINA_WEB__DEV_USERS=json.dumps(USERS))
-        ingest = run_lamina("ingest", str(corpus), env=env)
-        assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+        ingest_corpus(corpus, env)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with lamina_process("serve", "--port", str(port), env=env, ready_url=f"{url}/readyz"):

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -82,6 +83,12 @@ def run_lamina(
     )
 
 
+def ingest_corpus(corpus: Path, env: Mapping[str, str]) -> None:
+    """``lamina ingest corpus``, which must succeed (its output tells why not)."""
+    ingest = run_lamina("ingest", str(corpus), env=env)
+    assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+
+
 @contextmanager
 def lamina_process(
     *args: str, env: Mapping[str, str], ready_url: str, module: str = "client_api.cli"
@@ -104,7 +111,7 @@ def lamina_process(
     reader.start()
 
     def output() -> str:
-        _stop(process)
+        stop_process(process)
         reader.join(timeout=10)
         return "".join(said)
 
@@ -123,7 +130,7 @@ def lamina_process(
             failure.add_note(f"lamina {' '.join(args)} said:\n{output()[-20_000:]}")
             raise
     finally:
-        _stop(process)
+        stop_process(process)
         reader.join(timeout=10)
 
 
@@ -133,11 +140,12 @@ def _keep_tail(process: subprocess.Popen[str], lines: deque[str]) -> None:
         lines.append(line)
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 15) -> None:
+    """Terminate ``process`` if it still runs; kill it if it has not ended in ``timeout_s``."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process
 
 
 def _answers_ping(port: int) -> bool:
@@ -75,14 +75,8 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server (its data is gone: it keeps none)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout_s=10)
 
     def __enter__(self) -> RedisServer:
         self.start()

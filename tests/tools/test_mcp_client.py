@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, stop_process
 from tools.contracts import (
     InvalidToolArguments,
     RiskLevel,
@@ -307,12 +307,7 @@ def fixture_over_http(port: int | None = None) -> Iterator[HttpServer]:
                 time.sleep(0.05)
         yield HttpServer(f"http://127.0.0.1:{port}/mcp", port)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=10)
 
 
 @dataclass(frozen=True)
