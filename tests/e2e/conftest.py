@@ -112,3 +112,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 def client(deployment: Deployment) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=deployment.base_url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[SimulatorServer]:
+    """An OpenAI-compatible simulator on loopback, one per test module (its script and
+    recorded calls are that module's)."""
+    with SimulatorServer() as sim:
+        yield sim

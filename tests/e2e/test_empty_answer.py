@@ -35,12 +35,6 @@ NO_TEXT = ScriptedReply(content="")
 
 
 @pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
 def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with served_in_model_mode(
         simulator, tmp_path_factory, intelligence={"planner": "escalate"}

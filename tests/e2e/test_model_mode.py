@@ -20,12 +20,6 @@ EMPLOYEE = {"X-Lamina-User": "ann", "X-Lamina-Groups": "alpha", "X-Lamina-Roles"
 
 
 @pytest.fixture(scope="module")
-def simulator() -> Iterator[SimulatorServer]:
-    with SimulatorServer() as sim:
-        yield sim
-
-
-@pytest.fixture(scope="module")
 def base_url(simulator: SimulatorServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # One attempt a call: the scripted failures below must reach the caller.
     with served_in_model_mode(simulator, tmp_path_factory) as url:
